@@ -1,0 +1,583 @@
+"""The replica engine: train R replicas of a Flax model at once, each source of randomness its key.
+
+Synopsis::
+
+    data = jaxrepro.datasets.mnist1d()
+    model = jaxrepro.models.MLP(widths=(256, 256), num_classes=10, activation="smelu")
+    run = jaxrepro.fit(model, optax.adam(1e-3), data, replicas=32, seed=0,
+                       vary=("init", "order"), batch_size=128, epochs=20)
+    probs_RxNxC = run.predict(data.x_test)
+
+One replica's training is written once, without a replica axis: ``train_step`` (one batch) and
+``train_epochs`` (a ``lax.scan`` over epochs and steps, with the data order and per-step keys
+derived inside). The replica axis enters at one place, ``_over_replicas``, by one of the
+batching strategies:
+
+- ``"map"``: ``lax.map`` over replicas, each running its own scan over all steps of the call.
+  Every replica executes the same program as a replica trained alone.
+- ``"vmap"``: ``vmap`` over replicas (batched matrix products).
+- ``"chunked:K"``: ``lax.map`` over chunks of K replicas, ``vmap`` inside a chunk.
+- ``"auto"``: ``"map"`` on CPU, ``"vmap"`` on accelerators (see BUILD_NOTES.md for the
+  measurements behind the rule).
+
+The whole training set lives on the device; each replica's batch is gathered inside the
+jitted step from its own order. Compiled functions are cached by the static description of the
+run (model, optimizer, loss, augmentation, shapes), so a second run of the same task with other
+seeds, other replicas or another window reuses them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from jaxrepro import randomness
+
+Array = jax.Array
+PyTree = Any
+
+DEFAULT_PERTURB_SCALE = 1e-6
+"""Relative size of the ``perturb`` source's change of the initial weights when it is varied."""
+
+STRATEGIES = ("auto", "map", "vmap", "chunked:K")
+
+# Incremented each time the epoch function is traced (never at run time): lets tests assert
+# that training compiles once across epochs and across runs of the same task.
+TRACE_COUNTS = {"train_epochs": 0, "init": 0}
+
+
+def softmax_cross_entropy(logits_BxC: Array, labels_B: Array) -> Array:
+    """Mean softmax cross-entropy with integer labels: the default task loss."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B).mean()
+
+
+class TrainState(NamedTuple):
+    """Everything one replica carries from step to step (stacked: a leading replica axis).
+
+    Attributes:
+      params: model parameters.
+      batch_stats: BatchNorm running statistics (an empty dict when the model has none).
+      opt_state: optax state, including per-replica hyperparameters when the optimizer was
+        built with ``optax.inject_hyperparams``.
+    """
+
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """The static description of one replica's training: hashable, a ``jit`` static argument.
+
+    Attributes:
+      model: a Flax linen module called as ``model(x, train=...)`` returning logits ``[B, C]``.
+      tx: any optax ``GradientTransformation``.
+      loss_fn: ``(logits_BxC, labels_B) -> scalar``.
+      augment: optional ``(key, x_B...) -> x_B...`` drawing from the ``augment`` source.
+    """
+
+    model: nn.Module
+    tx: optax.GradientTransformation
+    loss_fn: Callable[[Array, Array], Array] = softmax_cross_entropy
+    augment: Callable[[Array, Array], Array] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """How a set of replicas is trained; plain values, so it converts to JSON.
+
+    Attributes:
+      replicas: a count R (replicas 0..R-1) or explicit replica indices; replica ``r`` is the
+        same model whichever other replicas train beside it.
+      seed: the root seed.
+      vary: sources whose key differs per replica (others are fixed): any of
+        ``randomness.SOURCES``, or ``"all"``.
+      batch_size: examples per step per replica.
+      epochs: passes over the training set.
+      window: shuffling window w (``None``: the whole training set, a full shuffle; 1: one
+        fixed order for every replica and epoch).
+      perturb_scale: relative size eps of the initial-weight perturbation
+        ``w0 + eps * rms(w0) * N(0, 1)`` per parameter array (rms taken as 1 for an all-zero
+        array such as a fresh bias); ``None`` means ``DEFAULT_PERTURB_SCALE`` when ``perturb``
+        is varied and 0 otherwise. Scaling by the array's rms is the project's choice.
+      strategy: batching strategy over replicas, one of ``STRATEGIES``.
+      epochs_per_call: epochs run per dispatch of the compiled function (more: fewer host
+        round trips; fewer: more frequent callbacks and checkpoints).
+    """
+
+    replicas: int | tuple[int, ...] = 8
+    seed: int = 0
+    vary: tuple[str, ...] = ("init", "order")
+    batch_size: int = 128
+    epochs: int = 10
+    window: int | None = None
+    perturb_scale: float | None = None
+    strategy: str = "auto"
+    epochs_per_call: int = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "vary", randomness.check_sources(self.vary, what="vary"))
+        if isinstance(self.replicas, (int, np.integer)):
+            if self.replicas < 1:
+                raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        else:
+            ids = tuple(int(r) for r in self.replicas)
+            if not ids:
+                raise ValueError("replicas: the list of replica indices is empty")
+            if min(ids) < 0 or len(set(ids)) != len(ids):
+                raise ValueError(f"replicas: indices must be distinct and >= 0, got {ids}")
+            object.__setattr__(self, "replicas", ids)
+        for name in ("batch_size", "epochs", "epochs_per_call"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.window is not None and int(self.window) < 1:
+            raise ValueError(f"window must be >= 1 (or None for a full shuffle), got {self.window}")
+        if self.perturb_scale is not None and not (
+            math.isfinite(self.perturb_scale) and self.perturb_scale >= 0
+        ):
+            raise ValueError(f"perturb_scale must be finite and >= 0, got {self.perturb_scale}")
+        parse_strategy(self.strategy)
+
+    @property
+    def replica_ids(self) -> np.ndarray:
+        if isinstance(self.replicas, tuple):
+            return np.asarray(self.replicas, np.int32)
+        return np.arange(self.replicas, dtype=np.int32)
+
+    @property
+    def effective_perturb_scale(self) -> float:
+        if self.perturb_scale is not None:
+            return float(self.perturb_scale)
+        return DEFAULT_PERTURB_SCALE if "perturb" in self.vary else 0.0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["vary"] = list(self.vary)
+        if isinstance(self.replicas, tuple):
+            d["replicas"] = list(self.replicas)
+        return d
+
+
+def parse_strategy(strategy: str, num_replicas: int | None = None) -> tuple[str, int]:
+    """``strategy`` as ``(kind, chunk)``; resolves ``"auto"`` for the default backend."""
+    if strategy == "auto":
+        strategy = "map" if jax.default_backend() == "cpu" else "vmap"
+    if strategy in ("map", "vmap"):
+        return strategy, 0
+    if strategy.startswith("chunked:"):
+        try:
+            chunk = int(strategy.split(":", 1)[1])
+        except ValueError:
+            chunk = 0
+        if chunk >= 1:
+            return "chunked", chunk
+    raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# One replica (no replica axis anywhere below until `_over_replicas`).
+
+
+def init_replica(task: Task, x_example: Array, init_key: Array, perturb_key: Array,
+                 perturb_scale: Array, hparams: Mapping[str, Array]) -> TrainState:
+    """Initial state of one replica from its ``init`` and ``perturb`` keys."""
+    variables = task.model.init({"params": init_key}, x_example, train=False)
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    params = perturb_params(params, perturb_key, perturb_scale)
+    opt_state = task.tx.init(params)
+    if hparams:
+        opt_state = optax.tree_utils.tree_set(opt_state, **hparams)
+    return TrainState(params, batch_stats, opt_state)
+
+
+def perturb_params(params: PyTree, key: Array, scale: Array) -> PyTree:
+    """``w + scale * rms(w) * N(0, 1)`` for every parameter array (rms 1 for all-zero arrays).
+
+    With ``scale == 0`` the parameters come back bitwise unchanged.
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for leaf, k in zip(leaves, keys):
+        rms = jnp.sqrt(jnp.mean(jnp.square(leaf)))
+        rms = jnp.where(rms > 0, rms, 1.0)
+        noise = jax.random.normal(k, leaf.shape, leaf.dtype)
+        out.append(jnp.where(scale > 0, leaf + (scale * rms) * noise, leaf))
+    return jax.tree.unflatten(treedef, out)
+
+
+def train_step(task: Task, state: TrainState, x_B: Array, y_B: Array, dropout_key: Array,
+               augment_key: Array) -> tuple[TrainState, dict[str, Array]]:
+    """One optimisation step of one replica on one batch."""
+    if task.augment is not None:
+        x_B = task.augment(augment_key, x_B)
+    has_stats = bool(jax.tree.leaves(state.batch_stats))
+
+    def loss_of(params):
+        variables = {"params": params}
+        if has_stats:
+            variables["batch_stats"] = state.batch_stats
+            logits, updated = task.model.apply(
+                variables, x_B, train=True, rngs={"dropout": dropout_key}, mutable=["batch_stats"]
+            )
+            batch_stats = updated["batch_stats"]
+        else:
+            logits = task.model.apply(variables, x_B, train=True, rngs={"dropout": dropout_key})
+            batch_stats = state.batch_stats
+        return task.loss_fn(logits, y_B), (logits, batch_stats)
+
+    (loss, (logits_BxC, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+        state.params
+    )
+    updates, opt_state = task.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    accuracy = jnp.mean((jnp.argmax(logits_BxC, axis=-1) == y_B).astype(jnp.float32))
+    return TrainState(params, batch_stats, opt_state), {"loss": loss, "accuracy": accuracy}
+
+
+class ReplicaKeys(NamedTuple):
+    """One replica's keys for the sources drawn during training."""
+
+    order: Array
+    dropout: Array
+    augment: Array
+
+
+def train_epochs(task: Task, state: TrainState, keys: ReplicaKeys, x_N: Array, y_N: Array,
+                 base_N: Array, window: Array, epochs_E: Array, *, batch_size: int
+                 ) -> tuple[TrainState, dict[str, Array]]:
+    """Trains one replica for the epochs listed in ``epochs_E``; metrics are per-epoch means.
+
+    Each epoch draws the replica's order (``randomness.epoch_order``) and runs
+    ``N // batch_size`` steps; the ``N mod batch_size`` examples at the end of that epoch's
+    order are not visited in that epoch (with a shuffle they differ from epoch to epoch; with
+    window 1 they are always the same examples, the end of the base order). Step ``s`` of epoch
+    ``e`` is global step ``e * steps + s``, which the dropout and augment keys fold in.
+    """
+    steps = x_N.shape[0] // batch_size
+
+    def epoch_body(state, epoch):
+        order_SxB = randomness.epoch_order(keys.order, epoch, base_N, window)[: steps * batch_size]
+        order_SxB = order_SxB.reshape(steps, batch_size)
+
+        def step_body(state, inputs):
+            idx_B, step = inputs
+            return train_step(
+                task, state, x_N[idx_B], y_N[idx_B],
+                randomness.step_key(keys.dropout, step), randomness.step_key(keys.augment, step),
+            )
+
+        step_S = epoch * steps + jnp.arange(steps)
+        state, metrics = lax.scan(step_body, state, (order_SxB, step_S))
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    return lax.scan(epoch_body, state, epochs_E)
+
+
+# ---------------------------------------------------------------------------------------------
+# The replica axis.
+
+
+def _over_replicas(fn: Callable, strategy: tuple[str, int], *args):
+    """Applies ``fn`` to each replica's slice of ``args`` (leading replica axis) by strategy."""
+    kind, chunk = strategy
+    if kind == "vmap":
+        return jax.vmap(fn)(*args)
+    batch = chunk if kind == "chunked" else None
+    return lax.map(lambda a: fn(*a), args, batch_size=batch)
+
+
+def _keys_for(seed, replica: Array, vary: tuple[str, ...]) -> ReplicaKeys:
+    return ReplicaKeys(*(randomness.replica_key(seed, s, replica, varied=s in vary)
+                         for s in ("order", "dropout", "augment")))
+
+
+@functools.partial(jax.jit, static_argnames=("task", "vary", "strategy"))
+def _init_states(ids_R, seed, x_example, perturb_scale, hparams_R, *, task, vary, strategy):
+    TRACE_COUNTS["init"] += 1
+
+    def one(r, hparams):
+        init_key = randomness.replica_key(seed, "init", r, varied="init" in vary)
+        perturb_key = randomness.replica_key(seed, "perturb", r, varied="perturb" in vary)
+        return init_replica(task, x_example, init_key, perturb_key, perturb_scale, hparams)
+
+    return _over_replicas(one, strategy, ids_R, hparams_R)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("task", "vary", "strategy", "batch_size", "num_epochs"),
+    donate_argnames=("state_R",),
+)
+def _train_epochs_R(state_R, ids_R, seed, x_N, y_N, window, first_epoch, *, task, vary, strategy,
+                    batch_size, num_epochs):
+    TRACE_COUNTS["train_epochs"] += 1
+    base_N = randomness.base_order(seed, x_N.shape[0])
+    epochs_E = first_epoch + jnp.arange(num_epochs, dtype=jnp.int32)
+
+    def one(state, r):
+        return train_epochs(task, state, _keys_for(seed, r, vary), x_N, y_N, base_N, window,
+                            epochs_E, batch_size=batch_size)
+
+    return _over_replicas(one, strategy, state_R, ids_R)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _predict_chunk(params_R, batch_stats_R, x_B, *, model):
+    def one(params, batch_stats):
+        variables = {"params": params}
+        if jax.tree.leaves(batch_stats):
+            variables["batch_stats"] = batch_stats
+        return model.apply(variables, x_B, train=False)
+
+    return jax.vmap(one)(params_R, batch_stats_R)
+
+
+# ---------------------------------------------------------------------------------------------
+# The user-facing API.
+
+
+def _check_data(data) -> None:
+    for name in ("x_train", "y_train", "x_test", "y_test", "num_classes"):
+        if not hasattr(data, name):
+            raise TypeError(
+                f"data must be a jaxrepro.data.Dataset (or have x_train, y_train, x_test, y_test "
+                f"and num_classes); it has no {name!r}"
+            )
+
+
+def _check_hparams(hparams: Mapping[str, Any] | None, num_replicas: int, opt_state_example):
+    if not hparams:
+        return {}
+    out = {}
+    for name, values in hparams.items():
+        values = np.asarray(values, np.float32)
+        if values.ndim == 0:
+            values = np.full((num_replicas,), values, np.float32)
+        if values.shape != (num_replicas,):
+            raise ValueError(
+                f"hparams[{name!r}] must hold one value per replica, shape ({num_replicas},); "
+                f"got shape {values.shape}"
+            )
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"hparams[{name!r}] holds NaN or inf")
+        if optax.tree_utils.tree_get(opt_state_example, name, _MISSING) is _MISSING:
+            raise ValueError(
+                f"hparams[{name!r}]: the optimizer state has no hyperparameter {name!r}; build the "
+                f"optimizer with optax.inject_hyperparams(...) so it can differ per replica"
+            )
+        out[name] = jnp.asarray(values)
+    return out
+
+
+_MISSING = object()
+
+
+class Engine:
+    """Trains a set of replicas of one task on one dataset; the resumable core of ``fit``.
+
+    ``init()`` gives the stacked initial state; ``train(state, first_epoch, num_epochs)``
+    continues it. A checkpointed state and its epoch count are all a resumed run needs: every
+    draw derives from (seed, source, replica, step).
+    """
+
+    def __init__(self, task: Task, data, config: FitConfig, *,
+                 hparams: Mapping[str, Any] | None = None):
+        _check_data(data)
+        self.task, self.data, self.config = task, data, config
+        self.replica_ids = config.replica_ids
+        num_train = int(np.shape(data.x_train)[0])
+        if config.batch_size > num_train:
+            raise ValueError(
+                f"batch_size {config.batch_size} is larger than the training set "
+                f"({num_train} examples)"
+            )
+        self.steps_per_epoch = num_train // config.batch_size
+        self.window = num_train if config.window is None else min(int(config.window), num_train)
+        self.strategy = parse_strategy(config.strategy)
+        self._x_N = jnp.asarray(data.x_train)
+        self._y_N = jnp.asarray(data.y_train)
+        x_example = self._x_N[:1]
+        logits_shape = jax.eval_shape(
+            lambda x: task.model.init_with_output({"params": jax.random.key(0)}, x,
+                                                  train=False)[0], x_example
+        ).shape
+        if logits_shape[-1] != int(data.num_classes):
+            raise ValueError(
+                f"the model outputs {logits_shape[-1]} logits per example but the dataset "
+                f"{getattr(data, 'name', '')!r} has {data.num_classes} classes"
+            )
+        opt_example = jax.eval_shape(
+            lambda x: task.tx.init(task.model.init({"params": jax.random.key(0)}, x,
+                                                   train=False)["params"]), x_example
+        )
+        self._hparams_R = _check_hparams(hparams, len(self.replica_ids), opt_example)
+
+    @property
+    def num_replicas(self) -> int:
+        return len(self.replica_ids)
+
+    def init(self) -> TrainState:
+        """The stacked initial state ``[R, ...]``."""
+        c = self.config
+        return _init_states(
+            jnp.asarray(self.replica_ids), jnp.uint32(c.seed), self._x_N[:1],
+            jnp.float32(c.effective_perturb_scale), self._hparams_R,
+            task=self.task, vary=c.vary, strategy=self.strategy,
+        )
+
+    def train(self, state: TrainState, first_epoch: int, num_epochs: int
+              ) -> tuple[TrainState, dict[str, np.ndarray]]:
+        """Runs epochs ``first_epoch .. first_epoch + num_epochs - 1``.
+
+        The input ``state`` is donated (its buffers are reused); use the returned one.
+
+        Returns:
+          The new stacked state and ``{"loss", "accuracy"}``, each float ``[R, num_epochs]``:
+          per-replica means over the epoch's training batches.
+        """
+        c = self.config
+        state, metrics = _train_epochs_R(
+            state, jnp.asarray(self.replica_ids), jnp.uint32(c.seed), self._x_N, self._y_N,
+            jnp.int32(self.window), jnp.int32(first_epoch), task=self.task, vary=c.vary,
+            strategy=self.strategy, batch_size=c.batch_size, num_epochs=num_epochs,
+        )
+        return state, {k: np.asarray(v) for k, v in metrics.items()}
+
+
+@dataclasses.dataclass
+class Run:
+    """Trained replicas: stacked state, per-epoch history, and prediction.
+
+    Attributes:
+      task: the static description of the training.
+      config: the ``FitConfig`` used.
+      state: stacked ``TrainState`` with a leading replica axis ``[R, ...]``.
+      replica_ids: int ``[R]``, the replica indices (keys) of the stacked replicas.
+      history: ``{"loss", "accuracy"}``, float ``[R, epochs]`` training means per epoch.
+      seconds: wall time of training (compilation included).
+    """
+
+    task: Task
+    config: FitConfig
+    state: TrainState
+    replica_ids: np.ndarray
+    history: dict[str, np.ndarray]
+    seconds: float = 0.0
+
+    @property
+    def num_replicas(self) -> int:
+        return len(self.replica_ids)
+
+    @property
+    def diverged(self) -> np.ndarray:
+        """bool ``[R]``: the replica's loss or parameters became NaN or infinite."""
+        bad = ~np.all(np.isfinite(self.history["loss"]), axis=1)
+        for leaf in jax.tree.leaves(self.state.params):
+            leaf = np.asarray(leaf)
+            bad |= ~np.all(np.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
+        return bad
+
+    def replica(self, index: int) -> TrainState:
+        """The state of the replica at position ``index`` of the stack (not its key index)."""
+        return jax.tree.map(lambda a: a[index], self.state)
+
+    def predict(self, x, *, logits: bool = False, chunk_size: int = 1024) -> np.ndarray:
+        """Stacked predictions ``[R, N, C]`` in eval mode, computed in chunks of examples.
+
+        Args:
+          x: inputs ``[N, ...]`` shaped like the training inputs.
+          logits: return logits instead of softmax probabilities.
+          chunk_size: examples per compiled call; memory is ``O(R * chunk_size * C)`` on the
+            device. The last chunk is padded so every call has the same shape.
+
+        Returns:
+          float32 numpy ``[R, N, C]``.
+        """
+        x = np.asarray(x, np.float32)
+        if x.ndim < 2:
+            raise ValueError(f"predict: x must be [N, ...] with an example axis, got {x.shape}")
+        if not np.all(np.isfinite(x)):
+            raise ValueError(f"predict: x holds {int(np.sum(~np.isfinite(x)))} NaN or inf values")
+        n = x.shape[0]
+        chunk = max(1, min(chunk_size, n))
+        out = []
+        for start in range(0, n, chunk):
+            x_B = x[start:start + chunk]
+            valid = x_B.shape[0]
+            if valid < chunk:
+                x_B = np.concatenate([x_B, np.zeros((chunk - valid,) + x.shape[1:], x.dtype)])
+            logits_RxBxC = _predict_chunk(self.state.params, self.state.batch_stats,
+                                          jnp.asarray(x_B), model=self.task.model)
+            if not logits:
+                logits_RxBxC = jax.nn.softmax(logits_RxBxC, axis=-1)
+            out.append(np.asarray(logits_RxBxC)[:, :valid])
+        return np.concatenate(out, axis=1)
+
+
+def fit(model: nn.Module, tx: optax.GradientTransformation, data, *,
+        config: FitConfig | None = None,
+        loss_fn: Callable[[Array, Array], Array] = softmax_cross_entropy,
+        augment: Callable[[Array, Array], Array] | None = None,
+        hparams: Mapping[str, Sequence[float]] | None = None,
+        callback: Callable[[int, TrainState, dict[str, np.ndarray]], None] | None = None,
+        **config_kwargs) -> Run:
+    """Trains R replicas of ``model`` with ``tx`` on ``data`` at once.
+
+    Args:
+      model: a Flax linen module ``model(x, train=...) -> logits [B, C]``.
+      tx: an optax ``GradientTransformation`` (schedules included); each replica has its own
+        optimizer state.
+      data: a ``jaxrepro.data.Dataset``.
+      config: a ``FitConfig``; or give its fields as keyword arguments (``replicas=32,
+        vary=("init", "order"), batch_size=128, epochs=20, ...``).
+      loss_fn: ``(logits_BxC, labels_B) -> scalar``.
+      augment: an augmentation drawing from the ``augment`` source (``jaxrepro.augment``).
+      hparams: per-replica hyperparameters, ``{name: [R] values}``, for an optimizer built with
+        ``optax.inject_hyperparams`` (for instance a learning rate per replica).
+      callback: called after each dispatch as ``callback(epochs_done, state, history)``.
+
+    Returns:
+      A ``Run``; ``run.predict(x)`` gives stacked probabilities ``[R, N, C]``.
+
+    Example:
+      >>> run = fit(MLP(widths=(32,), num_classes=10), optax.adam(1e-3), data,
+      ...           replicas=4, vary=("init",), epochs=2)  # doctest: +SKIP
+    """
+    if config is None:
+        config = FitConfig(**config_kwargs)
+    elif config_kwargs:
+        config = dataclasses.replace(config, **config_kwargs)
+    task = Task(model=model, tx=tx, loss_fn=loss_fn, augment=augment)
+    engine = Engine(task, data, config, hparams=hparams)
+    start = time.perf_counter()
+    state = engine.init()
+    history = {"loss": [], "accuracy": []}
+    done = 0
+    while done < config.epochs:
+        n = min(config.epochs_per_call, config.epochs - done)
+        state, metrics = engine.train(state, done, n)
+        for k in history:
+            history[k].append(metrics[k])
+        done += n
+        if callback is not None:
+            callback(done, state, {k: np.concatenate(v, axis=1) for k, v in history.items()})
+    jax.block_until_ready(state)
+    return Run(
+        task=task, config=config, state=state, replica_ids=engine.replica_ids,
+        history={k: np.concatenate(v, axis=1) for k, v in history.items()},
+        seconds=time.perf_counter() - start,
+    )
