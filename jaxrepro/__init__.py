@@ -1,1 +1,35 @@
-"""jaxrepro: train many replicas of a model at once and measure their irreproducibility."""
+"""jaxrepro: train many replicas of a model at once and measure how irreproducible they are.
+
+Synopsis::
+
+    import jaxrepro, optax
+    data = jaxrepro.data.mnist1d()
+    model = jaxrepro.models.MLP(widths=(256, 256), num_classes=10, activation="smelu")
+    run = jaxrepro.fit(model, optax.adam(1e-3), data, replicas=32, seed=0,
+                       vary=("init", "order"), batch_size=128, epochs=20)
+    probs = run.predict(data.x_test)                  # [32, 1000, 10]
+"""
+
+from jaxrepro import activations, augment, data, engine, models, randomness
+from jaxrepro.data import Dataset
+from jaxrepro.engine import Engine, FitConfig, Run, Task, TrainState, fit
+from jaxrepro.randomness import SOURCES
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SOURCES",
+    "Dataset",
+    "Engine",
+    "FitConfig",
+    "Run",
+    "Task",
+    "TrainState",
+    "activations",
+    "augment",
+    "data",
+    "engine",
+    "fit",
+    "models",
+    "randomness",
+]

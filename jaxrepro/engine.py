@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from jaxrepro import randomness
 
@@ -115,6 +117,8 @@ class FitConfig:
       strategy: batching strategy over replicas, one of ``STRATEGIES``.
       epochs_per_call: epochs run per dispatch of the compiled function (more: fewer host
         round trips; fewer: more frequent callbacks and checkpoints).
+      devices: how many devices the replica axis is sharded over (``None``: the largest count
+        of the default backend's devices that divides R). The result does not depend on it.
     """
 
     replicas: int | tuple[int, ...] = 8
@@ -126,6 +130,7 @@ class FitConfig:
     perturb_scale: float | None = None
     strategy: str = "auto"
     epochs_per_call: int = 1
+    devices: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "vary", randomness.check_sources(self.vary, what="vary"))
@@ -142,6 +147,8 @@ class FitConfig:
         for name in ("batch_size", "epochs", "epochs_per_call"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.devices is not None and int(self.devices) < 1:
+            raise ValueError(f"devices must be >= 1 (or None), got {self.devices}")
         if self.window is not None and int(self.window) < 1:
             raise ValueError(f"window must be >= 1 (or None for a full shuffle), got {self.window}")
         if self.perturb_scale is not None and not (
@@ -248,6 +255,17 @@ def train_step(task: Task, state: TrainState, x_B: Array, y_B: Array, dropout_ke
     return TrainState(params, batch_stats, opt_state), {"loss": loss, "accuracy": accuracy}
 
 
+def epoch_batches(order_key: Array, epoch, base_N: Array, window, batch_size: int) -> Array:
+    """The example indices ``[steps, batch_size]`` one replica visits in one epoch.
+
+    The epoch's order cut into ``N // batch_size`` full batches; the last ``N mod batch_size``
+    examples of the order are left out of that epoch.
+    """
+    steps = base_N.shape[0] // batch_size
+    order_N = randomness.epoch_order(order_key, epoch, base_N, window)
+    return order_N[: steps * batch_size].reshape(steps, batch_size)
+
+
 class ReplicaKeys(NamedTuple):
     """One replica's keys for the sources drawn during training."""
 
@@ -270,8 +288,7 @@ def train_epochs(task: Task, state: TrainState, keys: ReplicaKeys, x_N: Array, y
     steps = x_N.shape[0] // batch_size
 
     def epoch_body(state, epoch):
-        order_SxB = randomness.epoch_order(keys.order, epoch, base_N, window)[: steps * batch_size]
-        order_SxB = order_SxB.reshape(steps, batch_size)
+        order_SxB = epoch_batches(keys.order, epoch, base_N, window, batch_size)
 
         def step_body(state, inputs):
             idx_B, step = inputs
@@ -291,13 +308,49 @@ def train_epochs(task: Task, state: TrainState, keys: ReplicaKeys, x_N: Array, y
 # The replica axis.
 
 
-def _over_replicas(fn: Callable, strategy: tuple[str, int], *args):
-    """Applies ``fn`` to each replica's slice of ``args`` (leading replica axis) by strategy."""
+REPLICA_AXIS = "replica"
+
+
+def replica_mesh(num_replicas: int, devices: int | None = None) -> Mesh | None:
+    """The 1-D device mesh the replica axis is sharded over, or None for a single device.
+
+    ``devices=None`` takes the largest number of the default backend's devices that divides R
+    (so every device holds the same number of replicas); an explicit count must divide R.
+    """
+    available = jax.devices()
+    if devices is None:
+        devices = max(d for d in range(1, len(available) + 1) if num_replicas % d == 0)
+    if devices > len(available):
+        raise ValueError(f"devices={devices} but only {len(available)} "
+                         f"{jax.default_backend()} devices exist")
+    if num_replicas % devices:
+        raise ValueError(f"devices={devices} does not divide the {num_replicas} replicas")
+    if devices == 1:
+        return None
+    return Mesh(np.asarray(available[:devices]), (REPLICA_AXIS,))
+
+
+def _over_replicas(fn: Callable, strategy: tuple[str, int], mesh: Mesh | None,
+                   per_replica: tuple, shared: tuple = ()):
+    """The one place the replica axis enters: ``fn(*replica_slice, *shared)`` for each replica.
+
+    ``per_replica`` arrays have a leading replica axis; ``shared`` ones are the same for all
+    replicas. With a mesh, each device runs the strategy over its own block of replicas
+    (``shard_map``); the data and other shared arrays are replicated.
+    """
     kind, chunk = strategy
-    if kind == "vmap":
-        return jax.vmap(fn)(*args)
-    batch = chunk if kind == "chunked" else None
-    return lax.map(lambda a: fn(*a), args, batch_size=batch)
+
+    def local(per_replica, shared):
+        one = lambda *a: fn(*a, *shared)
+        if kind == "vmap":
+            return jax.vmap(one)(*per_replica)
+        return lax.map(lambda a: one(*a), per_replica,
+                       batch_size=chunk if kind == "chunked" else None)
+
+    if mesh is None:
+        return local(per_replica, shared)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(REPLICA_AXIS), P()),
+                         out_specs=P(REPLICA_AXIS), check_vma=False)(per_replica, shared)
 
 
 def _keys_for(seed, replica: Array, vary: tuple[str, ...]) -> ReplicaKeys:
@@ -305,34 +358,43 @@ def _keys_for(seed, replica: Array, vary: tuple[str, ...]) -> ReplicaKeys:
                          for s in ("order", "dropout", "augment")))
 
 
-@functools.partial(jax.jit, static_argnames=("task", "vary", "strategy"))
-def _init_states(ids_R, seed, x_example, perturb_scale, hparams_R, *, task, vary, strategy):
+@functools.partial(jax.jit, static_argnames=("task", "vary", "strategy", "mesh"))
+def _init_states(ids_R, seed, x_example, perturb_scale, hparams_R, *, task, vary, strategy, mesh):
     TRACE_COUNTS["init"] += 1
 
-    def one(r, hparams):
+    def one(r, hparams, seed, x_example, perturb_scale):
         init_key = randomness.replica_key(seed, "init", r, varied="init" in vary)
         perturb_key = randomness.replica_key(seed, "perturb", r, varied="perturb" in vary)
         return init_replica(task, x_example, init_key, perturb_key, perturb_scale, hparams)
 
-    return _over_replicas(one, strategy, ids_R, hparams_R)
+    return _over_replicas(one, strategy, mesh, (ids_R, hparams_R),
+                          (seed, x_example, perturb_scale))
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("task", "vary", "strategy", "batch_size", "num_epochs"),
+    static_argnames=("task", "vary", "strategy", "mesh", "batch_size", "num_epochs"),
     donate_argnames=("state_R",),
 )
 def _train_epochs_R(state_R, ids_R, seed, x_N, y_N, window, first_epoch, *, task, vary, strategy,
-                    batch_size, num_epochs):
+                    mesh, batch_size, num_epochs):
     TRACE_COUNTS["train_epochs"] += 1
     base_N = randomness.base_order(seed, x_N.shape[0])
     epochs_E = first_epoch + jnp.arange(num_epochs, dtype=jnp.int32)
 
-    def one(state, r):
+    def one(state, r, seed, x_N, y_N, base_N, window, epochs_E):
         return train_epochs(task, state, _keys_for(seed, r, vary), x_N, y_N, base_N, window,
                             epochs_E, batch_size=batch_size)
 
-    return _over_replicas(one, strategy, state_R, ids_R)
+    return _over_replicas(one, strategy, mesh, (state_R, ids_R),
+                          (seed, x_N, y_N, base_N, window, epochs_E))
+
+
+@functools.partial(jax.jit, static_argnames=("vary", "batch_size", "num_train"))
+def _batches_R(ids_R, seed, num_train, window, epoch, *, vary, batch_size):
+    base_N = randomness.base_order(seed, num_train)
+    keys_R = randomness.replica_keys(seed, "order", ids_R, varied="order" in vary)
+    return jax.vmap(lambda k: epoch_batches(k, epoch, base_N, window, batch_size))(keys_R)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -408,6 +470,7 @@ class Engine:
         self.steps_per_epoch = num_train // config.batch_size
         self.window = num_train if config.window is None else min(int(config.window), num_train)
         self.strategy = parse_strategy(config.strategy)
+        self.mesh = replica_mesh(len(self.replica_ids), config.devices)
         self._x_N = jnp.asarray(data.x_train)
         self._y_N = jnp.asarray(data.y_train)
         x_example = self._x_N[:1]
@@ -436,8 +499,20 @@ class Engine:
         return _init_states(
             jnp.asarray(self.replica_ids), jnp.uint32(c.seed), self._x_N[:1],
             jnp.float32(c.effective_perturb_scale), self._hparams_R,
-            task=self.task, vary=c.vary, strategy=self.strategy,
+            task=self.task, vary=c.vary, strategy=self.strategy, mesh=self.mesh,
         )
+
+    def batch_indices(self, epoch: int) -> np.ndarray:
+        """int ``[R, steps, batch_size]``: the training examples each replica visits in ``epoch``.
+
+        Computed by the same function the training step uses.
+        """
+        c = self.config
+        num_train = int(self._x_N.shape[0])
+        return np.asarray(_batches_R(
+            jnp.asarray(self.replica_ids), jnp.uint32(c.seed), num_train, jnp.int32(self.window),
+            jnp.int32(epoch), vary=c.vary, batch_size=c.batch_size,
+        ))
 
     def train(self, state: TrainState, first_epoch: int, num_epochs: int
               ) -> tuple[TrainState, dict[str, np.ndarray]]:
@@ -453,7 +528,8 @@ class Engine:
         state, metrics = _train_epochs_R(
             state, jnp.asarray(self.replica_ids), jnp.uint32(c.seed), self._x_N, self._y_N,
             jnp.int32(self.window), jnp.int32(first_epoch), task=self.task, vary=c.vary,
-            strategy=self.strategy, batch_size=c.batch_size, num_epochs=num_epochs,
+            strategy=self.strategy, mesh=self.mesh, batch_size=c.batch_size,
+            num_epochs=num_epochs,
         )
         return state, {k: np.asarray(v) for k, v in metrics.items()}
 
