@@ -12,7 +12,7 @@ Synopsis::
 
 from jaxrepro import activations, augment, data, engine, models, randomness
 from jaxrepro.data import Dataset
-from jaxrepro.engine import Engine, FitConfig, Run, Task, TrainState, fit
+from jaxrepro.engine import Engine, FitConfig, Run, Task, TrainState, fit, use_cpu_devices
 from jaxrepro.randomness import SOURCES
 
 __version__ = "0.1.0"
@@ -32,4 +32,5 @@ __all__ = [
     "fit",
     "models",
     "randomness",
+    "use_cpu_devices",
 ]

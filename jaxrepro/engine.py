@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -311,6 +312,29 @@ def train_epochs(task: Task, state: TrainState, keys: ReplicaKeys, x_N: Array, y
 REPLICA_AXIS = "replica"
 
 
+def use_cpu_devices(count: int | None = None) -> int:
+    """Splits the host CPU into ``count`` JAX devices (default: one per core).
+
+    The replica axis is then sharded over them, so replicas train in parallel, one block per
+    core. Must be called before JAX runs its first computation (JAX fixes its devices then);
+    results do not depend on the count.
+
+    Returns:
+      The number of CPU devices asked for.
+    """
+    count = int(count or os.cpu_count() or 1)
+    if count < 1:
+        raise ValueError(f"use_cpu_devices: count must be >= 1, got {count}")
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError as e:
+        raise RuntimeError(
+            "use_cpu_devices must be called before JAX's first computation (JAX fixes its "
+            "devices then); call it right after importing jaxrepro"
+        ) from e
+    return count
+
+
 def replica_mesh(num_replicas: int, devices: int | None = None) -> Mesh | None:
     """The 1-D device mesh the replica axis is sharded over, or None for a single device.
 
@@ -397,15 +421,15 @@ def _batches_R(ids_R, seed, num_train, window, epoch, *, vary, batch_size):
     return jax.vmap(lambda k: epoch_batches(k, epoch, base_N, window, batch_size))(keys_R)
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _predict_chunk(params_R, batch_stats_R, x_B, *, model):
-    def one(params, batch_stats):
+@functools.partial(jax.jit, static_argnames=("model", "strategy", "mesh"))
+def _predict_chunk(params_R, batch_stats_R, x_B, *, model, strategy, mesh):
+    def one(params, batch_stats, x_B):
         variables = {"params": params}
         if jax.tree.leaves(batch_stats):
             variables["batch_stats"] = batch_stats
         return model.apply(variables, x_B, train=False)
 
-    return jax.vmap(one)(params_R, batch_stats_R)
+    return _over_replicas(one, strategy, mesh, (params_R, batch_stats_R), (x_B,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,8 +620,10 @@ class Run:
             valid = x_B.shape[0]
             if valid < chunk:
                 x_B = np.concatenate([x_B, np.zeros((chunk - valid,) + x.shape[1:], x.dtype)])
-            logits_RxBxC = _predict_chunk(self.state.params, self.state.batch_stats,
-                                          jnp.asarray(x_B), model=self.task.model)
+            logits_RxBxC = _predict_chunk(
+                self.state.params, self.state.batch_stats, jnp.asarray(x_B),
+                model=self.task.model, strategy=parse_strategy(self.config.strategy),
+                mesh=replica_mesh(self.num_replicas, self.config.devices))
             if not logits:
                 logits_RxBxC = jax.nn.softmax(logits_RxBxC, axis=-1)
             out.append(np.asarray(logits_RxBxC)[:, :valid])
