@@ -11,14 +11,21 @@ init and order. In one process it times, after a warm-up compile of each:
 Each is reported as seconds (median of ``--repeats``), GFLOP/s (6 x multiply-adds of the
 matmuls x examples seen: forward 2, backward 4) and fraction of the matmul peak, with the
 loop/engine ratio. Ratios matter, not absolute seconds: machines are shared and noisy.
+
+Each part runs in its own subprocess, because JAX fixes its device layout at start-up: the
+baselines (loop, matmul peak) with JAX's default single CPU device, which uses every core; the
+engine with ``--cpu-devices`` devices (default: one per core, ``jaxrepro.use_cpu_devices``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -26,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrepro import data, engine, models
+from jaxrepro import data, engine, models, use_cpu_devices
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
@@ -45,7 +52,7 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
 
 def mlp_flops_per_example(in_dim: int, widths, num_classes: int) -> float:
     dims = [in_dim, *widths, num_classes]
-    macs = sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+    macs = sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
     return 6.0 * macs
 
 
@@ -62,32 +69,39 @@ def _time(fn, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def w1(replicas: int, epochs: int, strategies, repeats: int) -> dict:
+W1_MODEL = dict(widths=(256, 256), num_classes=10, activation="relu")
+
+
+def part(name: str, replicas: int, epochs: int, strategy: str, repeats: int) -> dict:
+    """One measurement, in this process: ``peak``, ``loop`` or ``engine``."""
+    if name == "peak":
+        return dict(flops_per_second=matmul_peak_flops())
     ds = data.mnist1d()
-    model = models.MLP(widths=(256, 256), num_classes=10, activation="relu")
+    model = models.MLP(**W1_MODEL)
     tx = optax.adam(1e-3)
     cfg = dict(seed=0, vary=("init", "order"), batch_size=128, epochs=epochs)
-    examples = replicas * epochs * (ds.num_train // 128) * 128
-    flops = examples * mlp_flops_per_example(40, (256, 256), 10)
-    results = {}
-    for strategy in strategies:
-        def run_engine(strategy=strategy):
+    if name == "engine":
+        def fn():
             run = engine.fit(model, tx, ds, replicas=replicas, strategy=strategy, **cfg)
             jax.block_until_ready(run.state)
-        first, sec = _time(run_engine, repeats)
-        results[f"engine[{strategy}]"] = dict(seconds=sec, compile_seconds=first - sec)
+    else:
+        def fn():
+            for r in range(replicas):
+                run = engine.fit(model, tx, ds, replicas=(r,), strategy="map",
+                                 epochs_per_call=epochs, **cfg)
+                jax.block_until_ready(run.state)
+    first, sec = _time(fn, repeats)
+    return dict(seconds=sec, compile_seconds=first - sec, num_devices=len(jax.devices()))
 
-    def run_loop():
-        for r in range(replicas):
-            run = engine.fit(model, tx, ds, replicas=(r,), strategy="map",
-                             epochs_per_call=epochs, **{k: v for k, v in cfg.items()})
-            jax.block_until_ready(run.state)
-    first, sec = _time(run_loop, repeats)
-    results["loop of jitted single runs"] = dict(seconds=sec, compile_seconds=first - sec)
-    for r in results.values():
-        r["gflops"] = flops / r["seconds"] / 1e9
-    return dict(workload="W1", replicas=replicas, epochs=epochs, examples=examples,
-                flops=flops, results=results)
+
+def _subprocess(name: str, args, cpu_devices: int, strategy: str = "auto") -> dict:
+    cmd = [sys.executable, __file__, "--part", name, "--cpu-devices", str(cpu_devices),
+           "--replicas", str(args.replicas), "--epochs", str(args.epochs),
+           "--repeats", str(args.repeats), "--strategies", strategy]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -96,17 +110,40 @@ def main():
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--strategies", default="auto,vmap")
+    parser.add_argument("--cpu-devices", type=int, default=0,
+                        help="CPU devices for the engine (0: one per core)")
+    parser.add_argument("--part", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args()
 
-    peak = matmul_peak_flops()
-    out = w1(args.replicas, args.epochs, args.strategies.split(","), args.repeats)
-    out.update(peak_gflops=peak / 1e9, backend=jax.default_backend(),
-               device=str(jax.devices()[0]), machine=platform.machine(),
-               cpu_count=__import__("os").cpu_count(), jax=jax.__version__)
+    if args.part:  # a child process: configure devices first, measure one thing, print JSON
+        if args.cpu_devices != 1:
+            use_cpu_devices(args.cpu_devices or None)
+        print(json.dumps(part(args.part, args.replicas, args.epochs, args.strategies,
+                              args.repeats)))
+        return None
+
+    cpu_devices = args.cpu_devices or os.cpu_count()
+    peak = _subprocess("peak", args, 1)["flops_per_second"]
+    examples = args.replicas * args.epochs * (4000 // 128) * 128
+    flops = examples * mlp_flops_per_example(40, W1_MODEL["widths"], 10)
+    results = {}
+    for strategy in args.strategies.split(","):
+        results[f"engine[{strategy}] {cpu_devices} dev"] = _subprocess(
+            "engine", args, cpu_devices, strategy)
+    if cpu_devices != 1:
+        results["engine[auto] 1 dev"] = _subprocess("engine", args, 1)
+    results["loop of jitted single runs"] = _subprocess("loop", args, 1)
+    for r in results.values():
+        r["gflops"] = flops / r["seconds"] / 1e9
+    out = dict(workload="W1", replicas=args.replicas, epochs=args.epochs, examples=examples,
+               flops=flops, results=results, peak_gflops=peak / 1e9,
+               backend=jax.default_backend(), machine=platform.machine(),
+               cpu_count=os.cpu_count(), jax=jax.__version__)
     loop = out["results"]["loop of jitted single runs"]["seconds"]
     print(f"W1: MNIST-1D MLP 40-256-256-10, Adam, batch 128, R={args.replicas}, "
-          f"{args.epochs} epochs; peak {peak / 1e9:.1f} GFLOP/s ({out['device']})")
+          f"{args.epochs} epochs; matmul peak {peak / 1e9:.1f} GFLOP/s on "
+          f"{os.cpu_count()} cores ({jax.default_backend()})")
     print(f"{'method':32s} {'seconds':>9s} {'compile s':>9s} {'GFLOP/s':>9s} {'of peak':>8s} "
           f"{'loop/this':>9s}")
     for name, r in out["results"].items():

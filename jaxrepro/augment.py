@@ -39,7 +39,9 @@ class RandomShift:
         elif x.ndim == 4:
             axes = (0, 1)
         else:
-            raise ValueError(f"RandomShift expects [B, L], [B, L, C] or [B, H, W, C]; got {x.shape}")
+            raise ValueError(
+                f"RandomShift expects [B, L], [B, L, C] or [B, H, W, C]; got {x.shape}"
+            )
         shifts_BxA = jax.random.randint(
             key, (x.shape[0], len(axes)), -self.max_shift, self.max_shift + 1
         )

@@ -219,7 +219,7 @@ def perturb_params(params: PyTree, key: Array, scale: Array) -> PyTree:
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
     out = []
-    for leaf, k in zip(leaves, keys):
+    for leaf, k in zip(leaves, keys, strict=True):
         rms = jnp.sqrt(jnp.mean(jnp.square(leaf)))
         rms = jnp.where(rms > 0, rms, 1.0)
         noise = jax.random.normal(k, leaf.shape, leaf.dtype)

@@ -18,12 +18,18 @@ BASE = dict(replicas=4, epochs=3, batch_size=32, vary=("init", "order", "dropout
 
 
 def _max_diff(a, b):
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in pairs)
 
 
 def _bitwise_equal(a, b):
     return all(np.array_equal(np.asarray(x), np.asarray(y))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def _at(tree, r):
+    """Replica ``r`` of a stacked tree."""
+    return jax.tree.map(lambda a: a[r], tree)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +63,8 @@ def test_replica_among_many_equals_replica_alone(ds, strategy):
     many = engine.fit(MODEL, TX, ds, **cfg)
     for index in (0, 2):
         alone = engine.fit(MODEL, TX, ds, **dict(cfg, replicas=(index,)))
-        diff = _max_diff(jax.tree.map(lambda a: a[index], many.state.params),
-                         jax.tree.map(lambda a: a[0], alone.state.params))
+        diff = _max_diff(_at(many.state.params, index),
+                         _at(alone.state.params, 0))
         assert diff <= 1e-5, (strategy, index, diff)
         if strategy in ("auto", "map"):
             # The map strategy runs each replica as the same program as a replica alone.
@@ -146,9 +152,8 @@ def test_perturbation_alone_changes_the_trained_model(ds):
 
 def test_vary_only_dropout_and_augment(ds):
     run_d = engine.fit(MODEL, TX, ds, **dict(BASE, vary=("dropout",)))
-    init_equal = _bitwise_equal(*(jax.tree.map(lambda a: a[i], _engine(ds, vary=("dropout",))
-                                               .init().params) for i in (0, 1)))
-    assert init_equal
+    init = _engine(ds, vary=("dropout",)).init().params
+    assert _bitwise_equal(_at(init, 0), _at(init, 1))
     assert not np.array_equal(np.asarray(run_d.state.params["dense_0"]["kernel"][0]),
                               np.asarray(run_d.state.params["dense_0"]["kernel"][1]))
     run_a = engine.fit(MODEL, TX, ds, augment=augment.GaussianNoise(0.1),
@@ -187,14 +192,14 @@ def test_per_replica_learning_rates(ds):
     init = engine.Engine(engine.Task(MODEL, tx), ds,
                          engine.FitConfig(**dict(BASE, replicas=3, vary=()))).init()
     # Learning rate 0: the parameters never move; the others do, differently.
-    assert _bitwise_equal(jax.tree.map(lambda a: a[0], run.state.params),
-                          jax.tree.map(lambda a: a[0], init.params))
+    assert _bitwise_equal(_at(run.state.params, 0),
+                          _at(init.params, 0))
     k = np.asarray(run.state.params["dense_0"]["kernel"])
     assert not np.array_equal(k[1], k[0]) and not np.array_equal(k[1], k[2])
     # Replica 2 with lr 0.2 equals a plain sgd(0.2) run of the same replica.
     plain = engine.fit(MODEL, optax.sgd(0.2), ds, **dict(BASE, replicas=3, vary=()))
-    assert _max_diff(jax.tree.map(lambda a: a[2], run.state.params),
-                     jax.tree.map(lambda a: a[2], plain.state.params)) < 1e-5
+    assert _max_diff(_at(run.state.params, 2),
+                     _at(plain.state.params, 2)) < 1e-5
 
 
 def test_optax_schedules_work(ds):
@@ -210,8 +215,8 @@ def test_batchnorm_statistics_are_per_replica(ds):
     assert mean.shape[0] == 3
     assert not np.array_equal(mean[0], mean[1])
     alone = engine.fit(model, TX, ds, **dict(BASE, replicas=(1,), epochs=1))
-    assert _max_diff(jax.tree.map(lambda a: a[1], run.state.batch_stats),
-                     jax.tree.map(lambda a: a[0], alone.state.batch_stats)) == 0.0
+    assert _max_diff(_at(run.state.batch_stats, 1),
+                     _at(alone.state.batch_stats, 0)) == 0.0
 
 
 def test_diverging_replica_is_reported_and_others_unaffected(ds):
@@ -221,8 +226,8 @@ def test_diverging_replica_is_reported_and_others_unaffected(ds):
     np.testing.assert_array_equal(run.diverged, [False, True, False])
     ok = engine.fit(MODEL, tx, ds, hparams={"learning_rate": [0.1, 0.1, 0.1]}, **cfg)
     for r in (0, 2):
-        assert _max_diff(jax.tree.map(lambda a: a[r], run.state.params),
-                         jax.tree.map(lambda a: a[r], ok.state.params)) <= 1e-6
+        assert _max_diff(_at(run.state.params, r),
+                         _at(ok.state.params, r)) <= 1e-6
 
 
 def test_predict_in_chunks_matches_plain_apply(run4, ds):
@@ -230,7 +235,7 @@ def test_predict_in_chunks_matches_plain_apply(run4, ds):
     small = run4.predict(ds.x_test, logits=True, chunk_size=7)
     np.testing.assert_allclose(small, full, atol=1e-5)
     for r in range(4):
-        ref = MODEL.apply({"params": jax.tree.map(lambda a: a[r], run4.state.params)},
+        ref = MODEL.apply({"params": _at(run4.state.params, r)},
                           ds.x_test, train=False)
         np.testing.assert_allclose(full[r], np.asarray(ref), atol=1e-5)
 
