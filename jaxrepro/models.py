@@ -1,0 +1,246 @@
+"""Small Flax (linen) classifiers: an MLP, a 1-D CNN for MNIST-1D and a 2-D CNN for small images.
+
+Synopsis::
+
+    from jaxrepro import models
+    model = models.MLP(widths=(256, 256), num_classes=10, activation="smelu(0.5)")
+    variables = model.init({"params": key}, x_BxD, train=False)
+    logits_BxC = model.apply(variables, x_BxD, train=False)
+    logits_BxC, updates = model.apply(
+        variables, x_BxD, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
+
+Every model maps a batch to float32 logits ``[B, num_classes]`` and is called as
+``model(x, *, train)``. Dropout draws from the rng stream ``"dropout"``; BatchNorm keeps running
+statistics (momentum 0.9) in the ``"batch_stats"`` collection and uses them when ``train=False``.
+Fields are validated at construction, so a bad activation spec or width fails where the model is
+built, not later inside ``init``. Kernels use Flax's default initialisers (LeCun normal for
+kernels, zeros for biases); one replica differs from another only through the keys it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxrepro import activations
+
+NORMS = (None, "layer", "batch")
+BATCH_NORM_MOMENTUM = 0.9
+
+
+def _check_positive_ints(name: str, values: Sequence[int], *, allow_empty: bool) -> tuple:
+    try:
+        values = tuple(values)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of positive ints, got {values!r}") from None
+    if not values and not allow_empty:
+        raise ValueError(f"{name} must not be empty")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must contain positive ints, got {values!r}")
+    return values
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_common(module: nn.Module) -> None:
+    """Validates the fields every model here shares: activation, dropout_rate, norm, classes."""
+    activations.get(module.activation)  # Raises ValueError naming the spec.
+    rate = module.dropout_rate
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {rate!r}")
+    if module.norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {module.norm!r}")
+    n = module.num_classes
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {n!r}")
+
+
+def _normalize(h: jax.Array, norm: str | None, *, train: bool, name: str) -> jax.Array:
+    """Applies the optional normalisation over the last (feature) axis."""
+    if norm == "layer":
+        return nn.LayerNorm(name=name)(h)
+    if norm == "batch":
+        return nn.BatchNorm(use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, name=name)(
+            h
+        )
+    return h
+
+
+def _dropout(h: jax.Array, rate: float, *, train: bool) -> jax.Array:
+    if rate == 0.0:
+        return h
+    return nn.Dropout(rate)(h, deterministic=not train)
+
+
+class MLP(nn.Module):
+    """Multi-layer perceptron: ``Dense -> [norm] -> activation -> [dropout]`` per hidden layer.
+
+    Inputs are flattened beyond the batch axis. With ``residual=True`` hidden layer ``i >= 1``
+    computes ``h = h + layer(h)`` when its width equals the previous layer's width; a layer whose
+    width differs, and the first layer (which maps the input features), has no skip connection.
+
+    Example:
+        >>> model = MLP(widths=(256, 256), num_classes=10)
+        >>> variables = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 40)), train=False)
+        >>> model.apply(variables, jnp.zeros((8, 40)), train=False).shape
+        (8, 10)
+
+    Attributes:
+        widths: hidden layer widths (positive); ``()`` gives a linear classifier.
+        num_classes: number of output logits, >= 2.
+        activation: activation spec for `activations.get`, e.g. ``"relu"``, ``"smelu(0.5)"``.
+        dropout_rate: dropout probability after each hidden activation, in [0, 1).
+        norm: ``None``, ``"layer"`` or ``"batch"`` after each hidden Dense.
+        residual: add skip connections between equal-width hidden layers.
+    """
+
+    widths: tuple[int, ...]
+    num_classes: int
+    activation: str | Callable[[jax.Array], jax.Array] = "relu"
+    dropout_rate: float = 0.0
+    norm: str | None = None
+    residual: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(
+            self, "widths", _check_positive_ints("widths", self.widths, allow_empty=True)
+        )
+        _check_common(self)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """Maps ``x [B, ...]`` to float32 logits ``[B, num_classes]``."""
+        act = activations.get(self.activation)
+        h_BxD = jnp.reshape(x, (x.shape[0], -1)).astype(jnp.float32)
+        for i, width in enumerate(self.widths):
+            y_BxW = nn.Dense(width, name=f"dense_{i}")(h_BxD)
+            y_BxW = _normalize(y_BxW, self.norm, train=train, name=f"norm_{i}")
+            y_BxW = _dropout(act(y_BxW), self.dropout_rate, train=train)
+            skip = self.residual and i > 0 and self.widths[i - 1] == width
+            h_BxD = h_BxD + y_BxW if skip else y_BxW
+        return nn.Dense(self.num_classes, name="head")(h_BxD)
+
+
+class CNN1D(nn.Module):
+    """1-D convolutional classifier for sequences such as MNIST-1D.
+
+    Each layer is ``Conv(kernel_size, stride 2, SAME) -> [norm] -> activation -> [dropout]``, so
+    the length halves per layer (40 -> 20 -> 10 -> 5 for MNIST-1D); the features are then
+    flattened (position matters in MNIST-1D) and a Dense layer gives the logits. Strided
+    convolutions rather than pooling keep the network small, fast and free of max-pool kinks.
+
+    Example:
+        >>> model = CNN1D(num_classes=10)
+        >>> variables = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 40)), train=False)
+        >>> model.apply(variables, jnp.zeros((8, 40)), train=False).shape
+        (8, 10)
+
+    Attributes:
+        features: channels of each conv layer (positive, non-empty).
+        kernel_size: width of every conv kernel.
+        num_classes: number of output logits, >= 2.
+        activation: activation spec for `activations.get`.
+        dropout_rate: dropout probability after each activation, in [0, 1).
+        norm: ``None``, ``"layer"`` or ``"batch"`` after each conv (over the channel axis).
+    """
+
+    features: tuple[int, ...] = (32, 32, 32)
+    kernel_size: int = 5
+    num_classes: int = 10
+    activation: str | Callable[[jax.Array], jax.Array] = "relu"
+    dropout_rate: float = 0.0
+    norm: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(
+            self, "features", _check_positive_ints("features", self.features, allow_empty=False)
+        )
+        _check_positive_int("kernel_size", self.kernel_size)
+        _check_common(self)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """Maps ``x [B, L]`` (one channel) or ``[B, L, C]`` to float32 logits ``[B, classes]``."""
+        if x.ndim not in (2, 3):
+            raise ValueError(f"CNN1D expects x of shape [B, L] or [B, L, C], got {x.shape}")
+        act = activations.get(self.activation)
+        h_BxLxC = (x[..., None] if x.ndim == 2 else x).astype(jnp.float32)
+        for i, feats in enumerate(self.features):
+            h_BxLxC = nn.Conv(
+                feats, (self.kernel_size,), strides=(2,), padding="SAME", name=f"conv_{i}"
+            )(h_BxLxC)
+            h_BxLxC = _normalize(h_BxLxC, self.norm, train=train, name=f"norm_{i}")
+            h_BxLxC = _dropout(act(h_BxLxC), self.dropout_rate, train=train)
+        h_BxD = h_BxLxC.reshape((h_BxLxC.shape[0], -1))
+        return nn.Dense(self.num_classes, name="head")(h_BxD)
+
+
+class CNN2D(nn.Module):
+    """2-D convolutional classifier for small images (e.g. 8x8 digits, 28x28 MNIST).
+
+    Each conv layer is ``Conv(kernel_size x kernel_size, stride 2, SAME) -> [norm] -> activation
+    -> [dropout]`` (spatial size halves per layer); then flatten, a hidden
+    ``Dense(dense) -> [norm] -> activation -> [dropout]`` and a Dense layer to the logits.
+
+    Example:
+        >>> model = CNN2D(num_classes=10)
+        >>> x = jnp.zeros((1, 8, 8, 1))
+        >>> variables = model.init({"params": jax.random.key(0)}, x, train=False)
+        >>> model.apply(variables, jnp.zeros((4, 8, 8)), train=False).shape
+        (4, 10)
+
+    Attributes:
+        features: channels of each conv layer (positive, non-empty).
+        kernel_size: height and width of every conv kernel.
+        dense: width of the hidden Dense layer.
+        num_classes: number of output logits, >= 2.
+        activation: activation spec for `activations.get`.
+        dropout_rate: dropout probability after each activation, in [0, 1).
+        norm: ``None``, ``"layer"`` or ``"batch"`` after each conv / the hidden Dense.
+    """
+
+    features: tuple[int, ...] = (16, 32)
+    kernel_size: int = 3
+    dense: int = 64
+    num_classes: int = 10
+    activation: str | Callable[[jax.Array], jax.Array] = "relu"
+    dropout_rate: float = 0.0
+    norm: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(
+            self, "features", _check_positive_ints("features", self.features, allow_empty=False)
+        )
+        _check_positive_int("kernel_size", self.kernel_size)
+        _check_positive_int("dense", self.dense)
+        _check_common(self)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """Maps ``x [B, H, W, C]`` or ``[B, H, W]`` to float32 logits ``[B, num_classes]``."""
+        if x.ndim not in (3, 4):
+            raise ValueError(f"CNN2D expects x of shape [B, H, W] or [B, H, W, C], got {x.shape}")
+        act = activations.get(self.activation)
+        h_BxHxWxC = (x[..., None] if x.ndim == 3 else x).astype(jnp.float32)
+        k = self.kernel_size
+        for i, feats in enumerate(self.features):
+            h_BxHxWxC = nn.Conv(feats, (k, k), strides=(2, 2), padding="SAME", name=f"conv_{i}")(
+                h_BxHxWxC
+            )
+            h_BxHxWxC = _normalize(h_BxHxWxC, self.norm, train=train, name=f"norm_{i}")
+            h_BxHxWxC = _dropout(act(h_BxHxWxC), self.dropout_rate, train=train)
+        h_BxD = h_BxHxWxC.reshape((h_BxHxWxC.shape[0], -1))
+        h_BxD = nn.Dense(self.dense, name="dense")(h_BxD)
+        h_BxD = _normalize(h_BxD, self.norm, train=train, name="norm_dense")
+        h_BxD = _dropout(act(h_BxD), self.dropout_rate, train=train)
+        return nn.Dense(self.num_classes, name="head")(h_BxD)
