@@ -19,6 +19,7 @@ kernels, zeros for biases); one replica differs from another only through the ke
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -28,6 +29,56 @@ import jax.numpy as jnp
 from jaxrepro import activations
 
 NORMS = (None, "layer", "batch")
+CONVS = ("patches", "xla")
+
+
+class PatchConv(nn.Module):
+    """A strided "SAME" convolution computed as patches times one matrix (im2col).
+
+    Same parameters (``kernel [*window, C_in, C_out]``, ``bias [C_out]``), initialisers and
+    output as ``nn.Conv(features, window, strides, padding="SAME")``, to float rounding. The
+    patches are built from ``prod(window)`` static strided slices, so the backward pass is
+    pads and adds, and the whole layer is one matrix product. On CPU, XLA's native convolution
+    of these small layers is slower by an order of magnitude or more (the CPU measurements are
+    in BUILD_NOTES.md).
+    """
+
+    features: int
+    window: tuple[int, ...]
+    strides: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        spatial = x.shape[1:-1]
+        if len(spatial) != len(self.window):
+            raise ValueError(f"PatchConv: window {self.window} needs {len(self.window)} spatial "
+                             f"axes, got input {x.shape}")
+        pads, outs = [(0, 0)], []
+        for size, k, s in zip(spatial, self.window, self.strides, strict=True):
+            out = -(-size // s)
+            total = max((out - 1) * s + k - size, 0)
+            pads.append((total // 2, total - total // 2))
+            outs.append(out)
+        x = jnp.pad(x, pads + [(0, 0)])
+        patches = []
+        for offsets in itertools.product(*(range(k) for k in self.window)):
+            patch = x
+            for axis, (o, s, out) in enumerate(zip(offsets, self.strides, outs, strict=True)):
+                patch = jax.lax.slice_in_dim(patch, o, o + s * (out - 1) + 1, s, axis=axis + 1)
+            patches.append(patch)
+        patches = jnp.concatenate(patches, axis=-1)
+        c_in = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (*self.window, c_in, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        return patches @ kernel.reshape(-1, self.features) + bias
+
+
+def _conv(kind: str, features: int, window: tuple[int, ...], strides: tuple[int, ...],
+          name: str) -> nn.Module:
+    if kind == "patches":
+        return PatchConv(features, window, strides, name=name)
+    return nn.Conv(features, window, strides=strides, padding="SAME", name=name)
 BATCH_NORM_MOMENTUM = 0.9
 
 
@@ -47,6 +98,11 @@ def _check_positive_ints(name: str, values: Sequence[int], *, allow_empty: bool)
 def _check_positive_int(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_conv(conv: str) -> None:
+    if conv not in CONVS:
+        raise ValueError(f"conv must be one of {CONVS}, got {conv!r}")
 
 
 def _check_common(module: nn.Module) -> None:
@@ -150,6 +206,8 @@ class CNN1D(nn.Module):
         activation: activation spec for `activations.get`.
         dropout_rate: dropout probability after each activation, in [0, 1).
         norm: ``None``, ``"layer"`` or ``"batch"`` after each conv (over the channel axis).
+        conv: ``"patches"`` (``PatchConv``, the default: one matrix product per layer) or
+            ``"xla"`` (``nn.Conv``); same parameters and, to float rounding, same outputs.
     """
 
     features: tuple[int, ...] = (32, 32, 32)
@@ -158,12 +216,14 @@ class CNN1D(nn.Module):
     activation: str | Callable[[jax.Array], jax.Array] = "relu"
     dropout_rate: float = 0.0
     norm: str | None = None
+    conv: str = "patches"
 
     def __post_init__(self):
         object.__setattr__(
             self, "features", _check_positive_ints("features", self.features, allow_empty=False)
         )
         _check_positive_int("kernel_size", self.kernel_size)
+        _check_conv(self.conv)
         _check_common(self)
         super().__post_init__()
 
@@ -175,9 +235,7 @@ class CNN1D(nn.Module):
         act = activations.get(self.activation)
         h_BxLxC = (x[..., None] if x.ndim == 2 else x).astype(jnp.float32)
         for i, feats in enumerate(self.features):
-            h_BxLxC = nn.Conv(
-                feats, (self.kernel_size,), strides=(2,), padding="SAME", name=f"conv_{i}"
-            )(h_BxLxC)
+            h_BxLxC = _conv(self.conv, feats, (self.kernel_size,), (2,), f"conv_{i}")(h_BxLxC)
             h_BxLxC = _normalize(h_BxLxC, self.norm, train=train, name=f"norm_{i}")
             h_BxLxC = _dropout(act(h_BxLxC), self.dropout_rate, train=train)
         h_BxD = h_BxLxC.reshape((h_BxLxC.shape[0], -1))
@@ -206,6 +264,8 @@ class CNN2D(nn.Module):
         activation: activation spec for `activations.get`.
         dropout_rate: dropout probability after each activation, in [0, 1).
         norm: ``None``, ``"layer"`` or ``"batch"`` after each conv / the hidden Dense.
+        conv: ``"patches"`` (``PatchConv``, the default: one matrix product per layer) or
+            ``"xla"`` (``nn.Conv``); same parameters and, to float rounding, same outputs.
     """
 
     features: tuple[int, ...] = (16, 32)
@@ -215,6 +275,7 @@ class CNN2D(nn.Module):
     activation: str | Callable[[jax.Array], jax.Array] = "relu"
     dropout_rate: float = 0.0
     norm: str | None = None
+    conv: str = "patches"
 
     def __post_init__(self):
         object.__setattr__(
@@ -222,6 +283,7 @@ class CNN2D(nn.Module):
         )
         _check_positive_int("kernel_size", self.kernel_size)
         _check_positive_int("dense", self.dense)
+        _check_conv(self.conv)
         _check_common(self)
         super().__post_init__()
 
@@ -234,9 +296,7 @@ class CNN2D(nn.Module):
         h_BxHxWxC = (x[..., None] if x.ndim == 3 else x).astype(jnp.float32)
         k = self.kernel_size
         for i, feats in enumerate(self.features):
-            h_BxHxWxC = nn.Conv(feats, (k, k), strides=(2, 2), padding="SAME", name=f"conv_{i}")(
-                h_BxHxWxC
-            )
+            h_BxHxWxC = _conv(self.conv, feats, (k, k), (2, 2), f"conv_{i}")(h_BxHxWxC)
             h_BxHxWxC = _normalize(h_BxHxWxC, self.norm, train=train, name=f"norm_{i}")
             h_BxHxWxC = _dropout(act(h_BxHxWxC), self.dropout_rate, train=train)
         h_BxD = h_BxHxWxC.reshape((h_BxHxWxC.shape[0], -1))

@@ -333,3 +333,33 @@ def test_vmapped_init_equals_per_key_init():
             stacked,
             init(keys_R[i]),
         )
+
+
+@pytest.mark.parametrize("make, x_shape", [
+    (lambda conv: models.CNN1D(features=(4, 6), kernel_size=5, num_classes=3, conv=conv),
+     (5, 13, 2)),
+    (lambda conv: models.CNN2D(features=(4, 6), kernel_size=3, dense=8, num_classes=3,
+                               conv=conv), (5, 9, 7, 1)),
+])
+def test_patch_convolution_equals_xla_convolution(make, x_shape):
+    """PatchConv (im2col by strided slices) has nn.Conv's parameters, init and outputs."""
+    x = jax.random.normal(jax.random.key(1), x_shape)
+    patches, xla = make("patches"), make("xla")
+    v_patches = patches.init({"params": jax.random.key(0)}, x, train=False)
+    v_xla = xla.init({"params": jax.random.key(0)}, x, train=False)
+    assert jax.tree.structure(v_patches) == jax.tree.structure(v_xla)
+    for a, b in zip(jax.tree.leaves(v_patches), jax.tree.leaves(v_xla), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # same init, bitwise
+    out_p = patches.apply(v_patches, x, train=False)
+    out_x = xla.apply(v_xla, x, train=False)
+    np.testing.assert_allclose(np.asarray(out_p), np.asarray(out_x), atol=1e-5)
+    # Gradients agree too.
+    loss = lambda m: lambda v: jnp.sum(jnp.square(m.apply(v, x, train=False)))
+    g_p, g_x = jax.grad(loss(patches))(v_patches), jax.grad(loss(xla))(v_xla)
+    for a, b in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_x), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_conv_is_rejected():
+    with pytest.raises(ValueError, match="conv must be one of"):
+        models.CNN1D(conv="fft")
