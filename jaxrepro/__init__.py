@@ -10,7 +10,7 @@ Synopsis::
     probs = run.predict(data.x_test)                  # [32, 1000, 10]
 """
 
-from jaxrepro import activations, augment, data, engine, models, randomness
+from jaxrepro import activations, augment, data, engine, metrics, models, randomness
 from jaxrepro.data import Dataset
 from jaxrepro.engine import Engine, FitConfig, Run, Task, TrainState, fit, use_cpu_devices
 from jaxrepro.randomness import SOURCES
@@ -30,6 +30,7 @@ __all__ = [
     "data",
     "engine",
     "fit",
+    "metrics",
     "models",
     "randomness",
     "use_cpu_devices",

@@ -1,0 +1,1065 @@
+"""Reproducibility metrics: compare the stacked predictions of many replicas.
+
+Synopsis::
+
+    from jaxrepro import metrics
+    report = metrics.compare(probs_RxNxC, labels_N)           # dict of Python floats
+    report["churn"], report["pd_abs"], report["var_ratio"]
+    report = metrics.compare(logits_RxNxC, labels_N, from_logits=True, key=jax.random.key(0))
+    report["churn_ci"]                                        # [lo, hi], replicas resampled
+    curve = metrics.ensemble_curve(probs_RxNxC, labels_N)     # PD against ensemble size k
+
+Inputs are the predictions of R replicas on the same N examples: ``[R, N, C]`` class
+probabilities, ``[R, N, C]`` logits with ``from_logits=True``, or ``[R, N]`` positive-class
+probabilities (logits) of a binary task. A binary ``[R, N]`` input is treated exactly as the
+two-class distribution ``(1 - p, p)``, and any input with C = 2 counts as binary (class 1 is the
+positive class for ``pd_rel`` and ``var_cal``). Definitions and key names follow
+``methods.md`` sections 4-6.
+
+Two layers:
+
+* One pure, jit-compatible function per metric (:func:`churn`, :func:`pd_abs`, ...), for
+  in-memory arrays. They check shapes (static) but not values.
+* :func:`compare`, :func:`bootstrap` and :func:`ensemble_curve`: the whole report at once,
+  with value validation, a replica mask, and memory bounded by streaming fixed-size blocks of
+  examples through one jitted function (compiled once; the last block is padded and masked).
+  ``probs`` may be a jax or numpy array, an ``np.memmap``, or any object with ``.shape`` whose
+  ``obj[:, start:stop]`` returns the ``[R, stop - start, ...]`` slice (an h5py/zarr dataset, or
+  a small class that computes predictions block by block): at most two blocks are in memory
+  (the one computing and the next one being read). Per-example terms are computed in
+  float32 on the device and summed in float64 on the host.
+
+No metric loops over the R(R-1)/2 pairs: churn counts votes per class, the absolute
+differences use the sorted-gap identity sum_{r<s} |x_r - x_s| = sum_k k (R - k) (x_(k+1) - x_(k))
+(sorted with a bitonic network, much faster than XLA's CPU sort on the short replica axis), and
+the squared and KL differences use the variance and covariance identities of methods.md.
+
+Project choices (methods.md leaves them open or names them the project's): TV normalisation
+of ``pd_abs``; ``pd_rel`` normalised by the replica mean; ``pd_l2``; ``js_ensemble``;
+``churn_correctness``; the R/(R-1) factor of ``var_ind``; probabilities clipped to
+``LOG_FLOOR`` inside logarithms (probability inputs only); consecutive ensemble groups; the
+bootstrap's distinct-pairs convention. Each is stated where it is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+LOG_FLOOR = 1e-12
+"""Probabilities are clipped to this value inside logarithms (KL, JS): project's choice."""
+
+PBAR_FLOOR = 1e-7
+"""Examples whose mean probability is below this count 0 in ``pd_rel`` (methods.md)."""
+
+DEFAULT_ATOL = 1e-3
+"""Tolerance for probabilities that should sum to 1 and lie in [0, 1]."""
+
+PAIR_KEYS = ("churn", "pd_abs", "pd_rel", "pd_l2", "kl_pairwise", "js_ensemble",
+             "churn_correctness")
+ACC_KEYS = ("acc_mean", "acc_std", "acc_min", "acc_max", "eta", "var_obs", "var_ind",
+            "var_ratio")
+METRIC_KEYS = PAIR_KEYS + ACC_KEYS
+"""Keys of :func:`compare` for every task; binary tasks add ``var_cal``."""
+
+CI_KEYS = tuple(k for k in METRIC_KEYS if k not in ("acc_min", "acc_max")) + ("var_cal",)
+"""Metrics that get bootstrap intervals (extremes are left out: the bootstrap is not
+consistent for a minimum or maximum)."""
+
+_TERMS = ("disagree", "tv", "rel", "sq", "kl", "js", "cc")
+_SUB_ELEMS = 1 << 15  # elements per inner sub-chunk: keeps the sort network in cache
+_BLOCK_BYTES = 32 << 20  # input bytes per host block
+
+
+# --------------------------------------------------------------------------------------------
+# Per-example terms (pure jax).
+
+
+def _bitonic_sort(v_RxM: jax.Array, idx_RxM: jax.Array | None = None):
+    """Sorts along axis 0 with a bitonic network (XLA's CPU sort is several times slower on a
+    short axis), optionally carrying an index array through the same exchanges."""
+    r, m = v_RxM.shape
+    rp = 1 << max(r - 1, 0).bit_length()
+    if rp != r:  # pad to a power of two with +inf, which sorts last
+        v_RxM = jnp.concatenate([v_RxM, jnp.full((rp - r, m), jnp.inf, v_RxM.dtype)])
+        if idx_RxM is not None:
+            pad = jnp.broadcast_to(jnp.arange(r, rp, dtype=idx_RxM.dtype)[:, None], (rp - r, m))
+            idx_RxM = jnp.concatenate([idx_RxM, pad])
+    stages = [(1 << e, 1 << s) for e in range(1, rp.bit_length()) for s in range(e - 1, -1, -1)]
+    if not stages:
+        return v_RxM if idx_RxM is None else (v_RxM, idx_RxM)
+    block_k = jnp.array([k for k, _ in stages], jnp.int32)
+    dist_j = jnp.array([j for _, j in stages], jnp.int32)
+    pos = jnp.arange(rp, dtype=jnp.int32)
+
+    def stage(t, carry):
+        v, idx = carry
+        partner = pos ^ dist_j[t]
+        keep_min = ((pos < partner) == ((pos & block_k[t]) == 0))[:, None]
+        other = jnp.take(v, partner, axis=0)
+        if idx is None:
+            return jnp.where(keep_min, jnp.minimum(v, other), jnp.maximum(v, other)), None
+        take = jnp.where(keep_min, other < v, other > v)
+        return jnp.where(take, other, v), jnp.where(take, jnp.take(idx, partner, axis=0), idx)
+
+    v_RxM, idx_RxM = lax.fori_loop(0, len(stages), stage, (v_RxM, idx_RxM))
+    return v_RxM[:r] if idx_RxM is None else (v_RxM[:r], idx_RxM[:r])
+
+
+def _prepare(x, from_logits: bool, k: int):
+    """Predictions -> probabilities P, log-probabilities L ([G, n, C]) and top-1 yhat [G, n]."""
+    x = jnp.asarray(x, jnp.float32)
+    if x.ndim == 2:  # binary: positive-class probability (or logit)
+        if from_logits:
+            logp_RxNxC = jnp.stack([jax.nn.log_sigmoid(-x), jax.nn.log_sigmoid(x)], axis=-1)
+            p_RxNxC = jnp.exp(logp_RxNxC)
+        else:
+            p_RxNxC = jnp.stack([1.0 - x, x], axis=-1)
+            logp_RxNxC = jnp.log(jnp.maximum(p_RxNxC, LOG_FLOOR))
+    elif from_logits:
+        logp_RxNxC = jax.nn.log_softmax(x, axis=-1)
+        p_RxNxC = jnp.exp(logp_RxNxC)
+    else:
+        p_RxNxC = x
+        logp_RxNxC = jnp.log(jnp.maximum(x, LOG_FLOOR))
+    if k > 1:  # average probabilities within consecutive groups of k replicas
+        g = p_RxNxC.shape[0] // k
+        p_GxKxNxC = p_RxNxC[: g * k].reshape((g, k) + p_RxNxC.shape[1:])
+        p_RxNxC = jnp.mean(p_GxKxNxC, axis=1)
+        if from_logits:
+            logp_GxKxNxC = logp_RxNxC[: g * k].reshape(p_GxKxNxC.shape)
+            mx = jnp.max(logp_GxKxNxC, axis=1)
+            logp_RxNxC = mx + jnp.log(jnp.mean(jnp.exp(logp_GxKxNxC - mx[:, None]), axis=1))
+        else:
+            logp_RxNxC = jnp.log(jnp.maximum(p_RxNxC, LOG_FLOOR))
+    return p_RxNxC, logp_RxNxC, _argmax(logp_RxNxC if from_logits else p_RxNxC)
+
+
+def _argmax(v):
+    """First index of the maximum along the last axis (as jnp.argmax; XLA's CPU argmax is
+    several times slower than a max followed by a min)."""
+    is_max = v == jnp.max(v, axis=-1, keepdims=True)
+    index = lax.broadcasted_iota(jnp.int32, v.shape, v.ndim - 1)
+    return jnp.min(jnp.where(is_max, index, v.shape[-1]), axis=-1)
+
+
+def _features(x, labels, *, from_logits: bool, k: int = 1, want=_TERMS, index: bool = False):
+    """Weight-independent quantities of a block of examples (sorts done once here)."""
+    p, logp, yhat = _prepare(x, from_logits, k)
+    g, n, c = p.shape
+    f: dict[str, Any] = {"p": p, "logp": logp, "yhat": yhat, "from_logits": from_logits}
+    if labels is not None:
+        labels = jnp.asarray(labels, jnp.int32)
+        f["correct"] = yhat == labels[None, :]
+    if "rel" in want:
+        if c == 2:
+            q = p[..., 1]
+        elif labels is None:
+            raise ValueError("pd_rel of a multiclass task needs labels (it uses p of the label)")
+        else:
+            q = jnp.take_along_axis(p, labels[None, :, None], axis=-1)[..., 0]
+        f["q"] = q
+    # One sorting network for both sorted quantities (columns: p for tv, then q for rel).
+    parts = [(name, v) for name, v, term in (("p", p.reshape(g, n * c), "tv"),
+                                             ("q", f.get("q"), "rel")) if term in want]
+    if not parts:
+        return f
+    v = jnp.concatenate([v for _, v in parts], axis=1)
+    if index:
+        ids = jnp.broadcast_to(jnp.arange(g, dtype=jnp.int32)[:, None], v.shape)
+        s, i = _bitonic_sort(v, ids)
+    else:
+        s, i = _bitonic_sort(v), None
+    start = 0
+    for name, part in parts:
+        cols = slice(start, start + part.shape[1])
+        f["gap_" + name] = s[1:, cols] - s[:-1, cols]
+        if index:
+            f["idx_" + name] = i[:, cols]
+        start += part.shape[1]
+    return f
+
+
+def _dot(a, b):
+    """Matrix product at full float32 precision (GPU/TPU defaults may use TF32/bf16)."""
+    return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
+
+
+def _pair_coef(g: int):
+    kk = jnp.arange(1, g, dtype=jnp.float32)
+    return kk * (g - kk)
+
+
+def _unweighted(f, want=_TERMS):
+    """Per-example sums over replica pairs (all replicas weight 1); exactly 0 for identical
+    replicas because everything is centred on replica 0 first."""
+    p, logp, yhat = f["p"], f["logp"], f["yhat"]
+    g, n, c = p.shape
+    out = {}
+    if "disagree" in want:
+        counts = jnp.sum(yhat[:, :, None] == jnp.arange(c)[None, None, :], axis=0)
+        out["disagree"] = (g * g - jnp.sum(counts * counts, axis=-1)) // 2
+    if "tv" in want:
+        out["tv"] = 0.5 * jnp.sum(_dot(_pair_coef(g), f["gap_p"]).reshape(n, c), axis=-1)
+    if "rel" in want:
+        q = f["q"]
+        qbar = (q[:1] + jnp.mean(q - q[:1], axis=0, keepdims=True))[0]
+        mean_abs = _dot(_pair_coef(g), f["gap_q"]) / (g * (g - 1) / 2)
+        out["rel"] = jnp.where(qbar < PBAR_FLOOR, 0.0, mean_abs / jnp.maximum(qbar, PBAR_FLOOR))
+    if "sq" in want or "kl" in want:
+        dp = p - p[:1]
+        dp = dp - jnp.mean(dp, axis=0, keepdims=True)
+    if "sq" in want:
+        out["sq"] = g * jnp.sum(dp * dp, axis=(0, 2))
+    if "kl" in want:
+        dl = logp - logp[:1]
+        dl = dl - jnp.mean(dl, axis=0, keepdims=True)
+        out["kl"] = g * jnp.sum(dp * dl, axis=(0, 2))
+    if "js" in want:
+        if f["from_logits"]:
+            mx = jnp.max(logp, axis=0, keepdims=True)
+            logpbar = mx + jnp.log(jnp.mean(jnp.exp(logp - mx), axis=0, keepdims=True))
+        else:
+            pbar = p[:1] + jnp.mean(p - p[:1], axis=0, keepdims=True)
+            # Exact 0 where a replica equals the mean (log may differ by an ulp across kernels).
+            logpbar = jnp.where(p == pbar, logp, jnp.log(jnp.maximum(pbar, LOG_FLOOR)))
+        out["js"] = jnp.sum(p * (logp - logpbar), axis=(0, 2)) / g
+    if "cc" in want:
+        kc = jnp.sum(f["correct"], axis=0, dtype=jnp.int32)
+        out["cc"] = kc * (g - kc)
+    return out
+
+
+def _weighted_setup(f):
+    """Weight-independent parts of the weighted sums (replica-centred to limit cancellation)."""
+    p, logp, yhat = f["p"], f["logp"], f["yhat"]
+    g, n, c = p.shape
+    pmean, lmean = jnp.mean(p, axis=0, keepdims=True), jnp.mean(logp, axis=0, keepdims=True)
+    pc, lc = p - pmean, logp - lmean
+    return {
+        "onehot": (yhat[:, :, None] == jnp.arange(c)[None, None, :]).astype(jnp.float32),
+        "pc": pc, "lc": lc, "pmean": pmean,
+        "norm": jnp.sum(pc * pc, axis=-1), "cross": jnp.sum(pc * lc, axis=-1),
+        "negent": jnp.sum(p * logp, axis=-1), "correct": f["correct"].astype(jnp.float32),
+        **{key: f[key] for key in ("gap_p", "idx_p", "gap_q", "idx_q", "q")},
+    }
+
+
+def _weighted_pair_abs(gap_KxM, idx_GxM, w_BxG):
+    """sum_{r<s} w_r w_s |x_r - x_s| per column from sorted gaps: a scan over sorted positions
+    accumulating each column's cumulative weight (much faster than gather + cumsum)."""
+    tot = jnp.sum(w_BxG, axis=1)[:, None]
+
+    def step(carry, xs):
+        cum, acc = carry
+        idx_M, gap_M = xs
+        cum = cum + jnp.take(w_BxG, idx_M, axis=1)
+        return (cum, acc + gap_M[None, :] * cum * (tot - cum)), None
+
+    zeros = jnp.zeros((w_BxG.shape[0], gap_KxM.shape[1]), jnp.float32)
+    (_, acc), _ = lax.scan(step, (zeros, zeros), (idx_GxM[:-1], gap_KxM))
+    return acc
+
+
+def _weighted(s, w_BxG):
+    """Per-example sums over pairs of distinct replicas r != s weighted by w_r w_s, for a
+    batch of B weight vectors (bootstrap multiplicities): copies of one replica never form a
+    pair. ``s`` comes from :func:`_weighted_setup`. Returns ``{term: [B, n]}``."""
+    g, n, c = s["pc"].shape
+    w = w_BxG.astype(jnp.float32)
+    b = w.shape[0]
+    tot = jnp.sum(w, axis=1)[:, None]
+    pairs = (tot * tot - jnp.sum(w * w, axis=1)[:, None]) / 2
+    counts = _dot(w, s["onehot"].reshape(g, n * c)).reshape(b, n, c)
+    pbar = _dot(w, s["pc"].reshape(g, n * c)).reshape(b, n, c) / tot[:, :, None]
+    lbar = _dot(w, s["lc"].reshape(g, n * c)).reshape(b, n, c) / tot[:, :, None]
+    pens = pbar + s["pmean"]
+    qbar = _dot(w, s["q"]) / tot
+    rel = _weighted_pair_abs(s["gap_q"], s["idx_q"], w) / pairs
+    kc = _dot(w, s["correct"])
+    return {
+        "disagree": (tot * tot - jnp.sum(counts * counts, axis=-1)) / 2,
+        "tv": 0.5 * jnp.sum(_weighted_pair_abs(s["gap_p"], s["idx_p"], w).reshape(b, n, c), -1),
+        "rel": jnp.where(qbar < PBAR_FLOOR, 0.0, rel / jnp.maximum(qbar, PBAR_FLOOR)),
+        "sq": tot * _dot(w, s["norm"]) - tot * tot * jnp.sum(pbar * pbar, axis=-1),
+        "kl": tot * _dot(w, s["cross"]) - tot * tot * jnp.sum(pbar * lbar, axis=-1),
+        "js": _dot(w, s["negent"]) / tot
+        - jnp.sum(pens * jnp.log(jnp.maximum(pens, LOG_FLOOR)), axis=-1),
+        "cc": kc * (tot - kc),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Pure per-metric functions.
+
+
+def _static_checks(probs, labels=None, *, min_replicas: int = 2, k: int = 1):
+    shape = tuple(probs.shape)
+    if len(shape) not in (2, 3):
+        raise ValueError("probs must have rank 2 ([R, N] positive-class probabilities of a "
+                         f"binary task) or 3 ([R, N, C]); got shape {shape}")
+    if len(shape) == 3 and shape[2] < 2:
+        raise ValueError(f"probs has C = {shape[2]} classes; need at least 2 "
+                         "(use shape [R, N] for a binary task)")
+    if shape[1] == 0:
+        raise ValueError("probs has no examples (N = 0)")
+    if k < 1:
+        raise ValueError(f"ensemble_size must be >= 1; got {k}")
+    if shape[0] // k < min_replicas:
+        what = f"{shape[0]} replicas" if k == 1 else (
+            f"{shape[0] // k} groups of ensemble_size={k} from {shape[0]} replicas")
+        raise ValueError(f"pairwise metrics need at least {min_replicas} replicas; got {what}")
+    if labels is not None and tuple(jnp.shape(labels)) != (shape[1],):
+        raise ValueError(f"labels must have shape [N] = ({shape[1]},); "
+                         f"got {tuple(jnp.shape(labels))}")
+
+
+def _mean_pairs(probs, labels, term, *, from_logits, k=1, ordered=False):
+    _static_checks(probs, labels, k=k)
+    t = _unweighted(_features(probs, labels, from_logits=from_logits, k=k, want=(term,)),
+                    (term,))[term]
+    g = probs.shape[0] // k
+    return jnp.mean(t.astype(jnp.float32)) / (g * (g - 1) / (1 if ordered else 2))
+
+
+def churn(probs, *, from_logits: bool = False) -> jax.Array:
+    """Top-1 disagreement: mean over replica pairs and examples of 1[yhat_r != yhat_s].
+
+    Counts votes per class (agreeing pairs are sum_c k_c (k_c - 1) / 2), so no pair loop.
+
+    Args:
+      probs: ``[R, N, C]`` probabilities (or logits with ``from_logits=True``), or ``[R, N]``
+        positive-class probabilities of a binary task.
+      from_logits: whether ``probs`` holds logits.
+
+    Returns:
+      Scalar in [0, 1].
+
+    Example:
+      >>> p = jnp.array([[[0.9, 0.1], [0.2, 0.8]], [[0.3, 0.7], [0.1, 0.9]]])
+      >>> float(churn(p))
+      0.5
+
+    References:
+      Bhojanapalli et al. 2021, "On the reproducibility and stability of deep learning
+      models"; robustness_metrics ``disagreement``; apurvakokate/Reproducibility (PD).
+    """
+    return _mean_pairs(probs, None, "disagree", from_logits=from_logits)
+
+
+def pd_abs(probs, *, from_logits: bool = False) -> jax.Array:
+    """Absolute prediction difference: mean over pairs and examples of the total variation
+    1/2 sum_c |P_r - P_s| (for binary tasks |p_r - p_s|). TV normalisation is the project's.
+
+    Example:
+      >>> p = jnp.array([[0.2, 0.6], [0.4, 0.6]])  # binary [R=2, N=2]
+      >>> round(float(pd_abs(p)), 6)
+      0.1
+
+    References:
+      Shamir, Lin & Coviello 2020 (absolute PD); Snapp & Shamir 2021.
+    """
+    return _mean_pairs(probs, None, "tv", from_logits=from_logits)
+
+
+def pd_rel(probs, labels=None, *, from_logits: bool = False) -> jax.Array:
+    """Relative prediction difference: mean over examples of
+    [mean over pairs |p_r - p_s|] / mean_r p_r, with p the positive-class probability (binary)
+    or the probability of the label (multiclass, ``labels`` required); examples with mean
+    below ``PBAR_FLOOR`` count 0. Normalising by the replica mean is the project's choice.
+
+    Example:
+      >>> p = jnp.array([[0.2, 0.6], [0.4, 0.6]])
+      >>> round(float(pd_rel(p)), 6)  # (0.2 / 0.3 + 0) / 2
+      0.333333
+
+    References:
+      Shamir, Lin & Coviello 2020 (relative PD); Shamir & Coviello 2020 (Anti-Distillation).
+    """
+    _static_checks(probs, labels)
+    t = _unweighted(_features(probs, labels, from_logits=from_logits, want=("rel",)),
+                    ("rel",))["rel"]
+    return jnp.mean(t)
+
+
+def pd_l2(probs, *, from_logits: bool = False) -> jax.Array:
+    """Square root of the mean over pairs and examples of ||P_r - P_s||^2 (project's metric).
+
+    Binary ``[R, N]`` inputs are the distributions (1 - p, p), so this is sqrt(2) times the
+    root mean square of p_r - p_s.
+
+    Example:
+      >>> p = jnp.array([[[1.0, 0.0]], [[0.0, 1.0]]])
+      >>> round(float(pd_l2(p)), 6)
+      1.414214
+
+    References:
+      Project's metric (methods.md section 4), via sum over pairs = R sum_r ||P_r - Pbar||^2.
+    """
+    return jnp.sqrt(_mean_pairs(probs, None, "sq", from_logits=from_logits))
+
+
+def kl_pairwise(probs, *, from_logits: bool = False) -> jax.Array:
+    """Mean over ordered pairs r != s and examples of KL(P_r || P_s).
+
+    Probability inputs are clipped to ``LOG_FLOOR`` inside the logarithm (project's choice:
+    a zero probability where another replica has mass gives a large finite KL, not inf).
+
+    Example:
+      >>> p = jnp.array([[[0.5, 0.5]], [[0.5, 0.5]]])
+      >>> float(kl_pairwise(p))
+      0.0
+
+    References:
+      robustness_metrics ``average_kl``; identity sum_{r != s} KL = R sum_r cov(P_r, log P_r).
+    """
+    return _mean_pairs(probs, None, "kl", from_logits=from_logits, ordered=True)
+
+
+def js_ensemble(probs, *, from_logits: bool = False) -> jax.Array:
+    """Generalised Jensen-Shannon divergence to the ensemble: mean over examples of
+    H(mean_r P_r) - mean_r H(P_r) = mean_r KL(P_r || mean_s P_s) (project's metric).
+
+    Example:
+      >>> p = jnp.array([[[1.0, 0.0]], [[0.0, 1.0]]])
+      >>> round(float(js_ensemble(p)), 6)  # log 2
+      0.693147
+
+    References:
+      Project's metric (methods.md section 4); Lin 1991, "Divergence measures based on the
+      Shannon entropy".
+    """
+    _static_checks(probs)
+    t = _unweighted(_features(probs, None, from_logits=from_logits, want=("js",)), ("js",))
+    return jnp.mean(t["js"])
+
+
+def churn_correctness(probs, labels, *, from_logits: bool = False) -> jax.Array:
+    """Mean over pairs and examples of 1[exactly one of r, s is correct] (project's metric:
+    good plus bad churn). With k correct replicas an example has k (R - k) such pairs.
+
+    Example:
+      >>> p = jnp.array([[0.9, 0.9], [0.1, 0.9]]); y = jnp.array([1, 1])
+      >>> float(churn_correctness(p, y))
+      0.5
+
+    References:
+      brauden/prediction-churn (good and bad churn); Milani Fard et al. 2016.
+    """
+    return _mean_pairs(probs, labels, "cc", from_logits=from_logits)
+
+
+def accuracy(probs, labels, *, from_logits: bool = False) -> jax.Array:
+    """Per-replica accuracy ``acc[r] = mean_n 1[yhat_r(n) = y(n)]``, shape [R].
+
+    Example:
+      >>> p = jnp.array([[0.9, 0.9], [0.1, 0.9]]); y = jnp.array([1, 1])
+      >>> accuracy(p, y).tolist()
+      [1.0, 0.5]
+    """
+    _static_checks(probs, labels, min_replicas=1)
+    _, _, yhat = _prepare(probs, from_logits, 1)
+    return jnp.mean(yhat == jnp.asarray(labels)[None, :], axis=1, dtype=jnp.float32)
+
+
+def phat(probs, labels, *, from_logits: bool = False) -> jax.Array:
+    """Per-example accuracy: fraction of replicas correct on each example, shape [N].
+
+    Example:
+      >>> p = jnp.array([[0.9, 0.9], [0.1, 0.9]]); y = jnp.array([1, 1])
+      >>> phat(p, y).tolist()
+      [0.5, 1.0]
+
+    References:
+      Jordan 2023, "On the variance of neural network training with respect to test sets and
+      distributions" (arXiv 2304.01910).
+    """
+    _static_checks(probs, labels, min_replicas=1)
+    _, _, yhat = _prepare(probs, from_logits, 1)
+    return jnp.mean(yhat == jnp.asarray(labels)[None, :], axis=0, dtype=jnp.float32)
+
+
+def eta(probs, labels, *, from_logits: bool = False) -> jax.Array:
+    """Effective Test Accuracy: mean_r acc[r] - churn.
+
+    Example:
+      >>> p = jnp.array([[0.9, 0.9], [0.1, 0.9]]); y = jnp.array([1, 1])
+      >>> float(eta(p, y))  # 0.75 - 0.5
+      0.25
+
+    References:
+      apurvakokate/Reproducibility ``ex_mlp.py`` ("Do regularizers improve reproducibility?").
+    """
+    return jnp.mean(accuracy(probs, labels, from_logits=from_logits)) - churn(
+        probs, from_logits=from_logits)
+
+
+def var_obs(probs, labels, *, from_logits: bool = False) -> jax.Array:
+    """Observed variance of accuracy across replicas (ddof = 1).
+
+    References:
+      Jordan 2023 (arXiv 2304.01910).
+    """
+    _static_checks(probs, labels)
+    return jnp.var(accuracy(probs, labels, from_logits=from_logits), ddof=1)
+
+
+def var_ind(probs, labels, *, from_logits: bool = False) -> jax.Array:
+    """Accuracy variance if per-example errors were independent:
+    (1/N^2) sum_n phat (1 - phat) R / (R - 1). The unbiased R/(R-1) factor is the project's.
+
+    Example:
+      >>> p = jnp.array([[0.9, 0.9], [0.1, 0.9]]); y = jnp.array([1, 1])
+      >>> float(var_ind(p, y))  # (1/4) * (1/4) * 2
+      0.125
+
+    References:
+      Jordan 2023 (arXiv 2304.01910).
+    """
+    _static_checks(probs, labels)
+    r, n = probs.shape[0], probs.shape[1]
+    ph = phat(probs, labels, from_logits=from_logits)
+    return jnp.sum(ph * (1 - ph)) / (n * n) * r / (r - 1)
+
+
+def var_ratio(probs, labels, *, from_logits: bool = False) -> jax.Array:
+    """``var_obs / var_ind``: about 1 when errors are independent across replicas (Jordan),
+    above 1 for correlated errors (whole runs better or worse). NaN when both are 0.
+
+    References:
+      Jordan 2023 (arXiv 2304.01910).
+    """
+    return var_obs(probs, labels, from_logits=from_logits) / var_ind(
+        probs, labels, from_logits=from_logits)
+
+
+def var_cal(probs, labels, *, from_logits: bool = False) -> jax.Array:
+    """Binary tasks: the variance a class-calibrated ensemble predicts, err / (2N), with err the
+    mean test error (derived from the calibration property in Jordan's paper).
+
+    References:
+      Jordan 2023 (arXiv 2304.01910).
+    """
+    if not (probs.ndim == 2 or probs.shape[-1] == 2):
+        raise ValueError(f"var_cal is defined for binary tasks only; got shape {probs.shape}")
+    err = 1.0 - jnp.mean(accuracy(probs, labels, from_logits=from_logits))
+    return err / (2 * probs.shape[1])
+
+
+def ensemble(probs, ensemble_size: int, *, from_logits: bool = False) -> jax.Array:
+    """Averages probabilities within consecutive groups of ``ensemble_size`` replicas.
+
+    Group g holds replicas g*k ... g*k + k - 1; the last R mod k replicas are dropped
+    (consecutive groups are the project's choice: replicas are exchangeable, and consecutive
+    groups keep the result a function of the replica indices only).
+
+    Returns:
+      ``[R // k, N, C]`` probabilities (``[R // k, N]`` for a binary ``[R, N]`` input).
+
+    Example:
+      >>> ensemble(jnp.array([[0.25], [0.75], [1.0], [0.5]]), 2).tolist()
+      [[0.5], [0.75]]
+
+    References:
+      methods.md section 6; Shamir & Coviello 2020 (ensembles reduce PD).
+    """
+    _static_checks(probs, min_replicas=1, k=ensemble_size)
+    p, _, _ = _prepare(probs, from_logits, ensemble_size)
+    return p[..., 1] if probs.ndim == 2 else p
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming engine.
+
+
+def _is_jax(x) -> bool:
+    return isinstance(x, jax.Array)
+
+
+def finite_replicas(probs, *, chunk_size: int | None = None):
+    """Which replicas have only finite predictions: bool ``[R]`` (True = keep).
+
+    Use it as the ``mask`` of :func:`compare` to exclude diverged replicas. A jax array gives a
+    jax array (jit-compatible); anything else is scanned block by block and gives numpy.
+
+    Example:
+      >>> p = np.full((3, 4, 2), 0.5, np.float32); p[1, 2] = np.nan
+      >>> finite_replicas(p).tolist()
+      [True, False, True]
+    """
+    if _is_jax(probs):
+        return jnp.all(jnp.isfinite(probs.reshape(probs.shape[0], -1)), axis=1)
+    r, n = probs.shape[0], probs.shape[1]
+    step = chunk_size or max(1, _BLOCK_BYTES // (4 * r * int(np.prod(probs.shape[2:]))))
+    keep = np.ones(r, bool)
+    for a in range(0, n, step):
+        blk = np.asarray(probs[:, a:a + step])
+        keep &= np.isfinite(blk.reshape(r, -1)).all(axis=1)
+    return keep
+
+
+def _check_stats(x, from_logits):
+    r = x.shape[0]
+    flat = x.reshape(r, -1)
+    nonfinite = jnp.sum(~jnp.isfinite(flat), axis=1)
+    if from_logits:
+        return nonfinite, jnp.zeros(r), jnp.zeros(r), jnp.zeros(r)
+    dev = jnp.zeros(r) if x.ndim == 2 else jnp.max(jnp.abs(jnp.sum(x, -1) - 1.0), axis=1)
+    return nonfinite, dev, jnp.min(flat, axis=1), jnp.max(flat, axis=1)
+
+
+def _sub_size(r, c):
+    """Examples per inner sub-chunk: about ``_SUB_ELEMS`` values, a power of two."""
+    sub = max(1, _SUB_ELEMS // (r * c))
+    return 1 << (sub.bit_length() - 1)
+
+
+@functools.partial(jax.jit, static_argnames=("from_logits", "k", "sub", "batch"))
+def _block(x, labels, valid, w_SxG, *, from_logits, k, sub, batch):
+    """One block of examples: per-example terms, correctness, checks and (when ``w_SxG`` has
+    rows) per-sample weighted sums for the replica bootstrap."""
+    nb = x.shape[1]
+    index = w_SxG.shape[0] > 0
+
+    def body(i):
+        xs = lax.dynamic_slice_in_dim(x, i * sub, sub, axis=1)
+        ys = lax.dynamic_slice_in_dim(labels, i * sub, sub)
+        vs = lax.dynamic_slice_in_dim(valid, i * sub, sub).astype(jnp.float32)
+        f = _features(xs, ys, from_logits=from_logits, k=k, index=index)
+        out = (_unweighted(f), f["correct"])
+        if not index:
+            return out + ({},)
+
+        setup = _weighted_setup(f)
+
+        def one_batch(w_BxG):
+            return {t: _dot(v, vs) for t, v in _weighted(setup, w_BxG).items()}
+
+        sums = lax.map(one_batch, w_SxG.reshape(-1, batch, w_SxG.shape[1]))
+        return out + ({t: v.reshape(-1) for t, v in sums.items()},)
+
+    terms, correct, boot = lax.map(body, jnp.arange(nb // sub))
+    terms = {t: v.reshape(nb) for t, v in terms.items()}
+    correct = jnp.moveaxis(correct, 1, 0).reshape(correct.shape[1], nb)
+    boot = {t: jnp.sum(v, axis=0) for t, v in boot.items()}
+    return terms, correct, boot, _check_stats(x, from_logits)
+
+
+class _Scan:
+    """Streams blocks of examples from ``probs`` and accumulates everything in float64."""
+
+    def __init__(self, probs, labels, *, from_logits, mask, atol, chunk_size, ks=(1,)):
+        if not hasattr(probs, "shape"):
+            probs = np.asarray(probs, np.float32)
+        if not hasattr(probs, "__getitem__"):
+            raise ValueError("probs must be an array, or an object with .shape whose "
+                             "probs[:, start:stop] returns that block of examples")
+        shape = tuple(probs.shape)
+        _static_checks(probs, None, min_replicas=1)
+        r, n = shape[0], shape[1]
+        self.binary = len(shape) == 2 or shape[2] == 2
+        c = 2 if len(shape) == 2 else shape[2]
+        labels = np.asarray(labels)
+        if labels.shape != (n,):
+            raise ValueError(f"labels must have shape [N] = ({n},); got {labels.shape}")
+        if labels.dtype == bool:
+            labels = labels.astype(np.int32)
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be integers; got dtype {labels.dtype}")
+        if labels.min() < 0 or labels.max() >= c:
+            raise ValueError(f"labels out of range: values must lie in [0, {c - 1}]; found "
+                             f"min {labels.min()} and max {labels.max()}")
+        if mask is None:
+            keep = np.arange(r)
+        else:
+            mask = np.asarray(mask)
+            if mask.shape != (r,) or mask.dtype != bool:
+                raise ValueError(f"mask must be a boolean array of shape [R] = ({r},) "
+                                 f"(True = keep); got {mask.dtype} {mask.shape}")
+            keep = np.flatnonzero(mask)
+        self.num_excluded = r - len(keep)
+        rk = len(keep)
+        for k in ks:
+            if k < 1 or rk // k < 2:
+                why = "" if not self.num_excluded else f" ({self.num_excluded} masked out)"
+                raise ValueError(
+                    f"pairwise metrics need at least 2 replicas (or groups); got {rk} "
+                    f"replicas{why} and ensemble_size={k}")
+        self.probs, self.labels = probs, labels.astype(np.int32)
+        self.keep = None if rk == r else keep
+        if _is_jax(probs) and self.keep is not None:
+            self.probs, self.keep = probs[jnp.asarray(keep)], None
+        self.from_logits, self.atol = from_logits, atol
+        self.r, self.n, self.c, self.ks = rk, n, c, tuple(ks)
+        # Blocks of nb examples (the last one padded), each cut into sub-chunks of sub; nb is
+        # balanced so that padding stays small, and never exceeds a chunk_size given.
+        strict = chunk_size is not None
+        if chunk_size is None:
+            chunk_size = math.ceil(n / max(1, math.ceil(n * rk * c * 4 / _BLOCK_BYTES)))
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+        want = min(chunk_size, n)
+        self.sub = min(_sub_size(rk, c), want)
+        per_block = math.ceil(n / math.ceil(n / want))
+        self.nb = math.ceil(per_block / self.sub) * self.sub
+        if strict and self.nb > want:
+            self.nb = want // self.sub * self.sub
+
+    def _blocks(self):
+        pad_value = 0.0 if self.from_logits else (0.5 if len(self.probs.shape) == 2
+                                                  else 1.0 / self.c)
+        for a in range(0, self.n, self.nb):
+            b = min(a + self.nb, self.n)
+            if _is_jax(self.probs):
+                blk = jnp.asarray(self.probs[:, a:b], jnp.float32)
+                xp = jnp
+            else:
+                blk = np.asarray(self.probs[:, a:b], dtype=np.float32)
+                if self.keep is not None:
+                    blk = blk[self.keep]
+                xp = np
+            if b - a < self.nb:
+                widths = [(0, 0), (0, self.nb - (b - a))] + [(0, 0)] * (blk.ndim - 2)
+                blk = xp.pad(blk, widths, constant_values=pad_value)
+            lab = np.zeros(self.nb, np.int32)
+            lab[: b - a] = self.labels[a:b]
+            yield a, b, blk, lab, np.arange(self.nb) < (b - a)
+
+    def run(self, boot_w=None, keep_examples=False):
+        """Returns, per ensemble size k: term sums, per-replica correct counts, optionally the
+        per-example terms and correctness, and the bootstrap sums. Block i + 1 is read from
+        the source while block i computes (jax dispatch is asynchronous)."""
+        res = {k: {"sums": dict.fromkeys(_TERMS, 0.0), "correct": 0, "ex": [], "cor": [],
+                   "boot": None} for k in self.ks}
+        state = {"nonfinite": np.zeros(self.r, np.int64), "dev": np.zeros(self.r),
+                 "lo": np.full(self.r, np.inf), "hi": np.full(self.r, -np.inf)}
+        w_arr = {}
+        for k in self.ks:
+            g = self.r // k
+            if boot_w is None or k != self.ks[0]:
+                w_arr[k] = np.zeros((0, g), np.float32)
+            else:
+                batch = min(len(boot_w), 256)
+                pad = np.ones(((-len(boot_w)) % batch, g), np.float32)
+                w_arr[k] = np.concatenate([boot_w, pad]).astype(np.float32)
+
+        def collect(nv, outs):
+            for k, out in outs.items():
+                terms, correct, boot, checks = jax.device_get(out)
+                acc = res[k]
+                for t in _TERMS:
+                    acc["sums"][t] += np.sum(terms[t][:nv], dtype=np.float64)
+                acc["correct"] = acc["correct"] + np.sum(correct[:, :nv], axis=1, dtype=np.int64)
+                if keep_examples:
+                    acc["ex"].append(np.stack([terms[t][:nv] for t in _TERMS], axis=1))
+                    acc["cor"].append(correct[:, :nv])
+                if len(w_arr[k]):
+                    bs = {t: np.asarray(v[: len(boot_w)], np.float64) for t, v in boot.items()}
+                    acc["boot"] = bs if acc["boot"] is None else {
+                        t: acc["boot"][t] + bs[t] for t in bs}
+            nf, dv, mn, mx = checks
+            state["nonfinite"] += nf
+            state["dev"] = np.maximum(state["dev"], dv)
+            state["lo"], state["hi"] = np.minimum(state["lo"], mn), np.maximum(state["hi"], mx)
+
+        pending = None
+        for a, b, blk, lab, valid in self._blocks():
+            outs = {k: _block(blk, lab, valid, w_arr[k], from_logits=self.from_logits, k=k,
+                              sub=self.sub, batch=max(1, min(len(w_arr[k]), 256)))
+                    for k in self.ks}
+            if pending is not None:
+                collect(*pending)
+            pending = (b - a, outs)
+        collect(*pending)
+        self._raise_on_values(state["nonfinite"], state["dev"], state["lo"], state["hi"])
+        return res
+
+    def _raise_on_values(self, nonfinite, dev, lo, hi):
+        ids = np.arange(self.r) if self.keep is None else self.keep
+        if nonfinite.any():
+            bad = np.flatnonzero(nonfinite)
+            raise ValueError(
+                f"probs has non-finite values (NaN or inf): {int(nonfinite.sum())} values in "
+                f"replicas {ids[bad].tolist()}; exclude diverged replicas with "
+                "mask=metrics.finite_replicas(probs)")
+        if self.from_logits:
+            return
+        if (dev > self.atol).any():
+            bad = np.flatnonzero(dev > self.atol)
+            raise ValueError(
+                f"probabilities do not sum to 1: replicas {ids[bad].tolist()} deviate by up to "
+                f"{dev.max():.3g} (atol={self.atol}); pass from_logits=True for logits")
+        if (lo < -self.atol).any() or (hi > 1 + self.atol).any():
+            bad = np.flatnonzero((lo < -self.atol) | (hi > 1 + self.atol))
+            raise ValueError(
+                f"probabilities outside [0, 1] in replicas {ids[bad].tolist()} (min "
+                f"{lo.min():.3g}, max {hi.max():.3g}); pass from_logits=True for logits")
+
+
+def _finalize(sums, acc_SxG, n, w_SxG, binary, var_excess=0.0):
+    """Metric values from term sums; vectorised over a leading sample axis. Weights w are
+    replica multiplicities (all ones for the point estimate); ``var_excess`` is subtracted
+    from the variance of accuracies (duplicated examples, see the example bootstrap)."""
+    acc_SxG, w_SxG = np.asarray(acc_SxG, np.float64), np.asarray(w_SxG, np.float64)
+    tot = w_SxG.sum(-1)
+    pairs = (tot * tot - (w_SxG * w_SxG).sum(-1)) / 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = {
+            "churn": sums["disagree"] / (n * pairs),
+            "pd_abs": sums["tv"] / (n * pairs),
+            "pd_rel": sums["rel"] / n,
+            "pd_l2": np.sqrt(np.maximum(sums["sq"], 0.0) / (n * pairs)),
+            "kl_pairwise": sums["kl"] / (n * 2 * pairs),
+            "js_ensemble": sums["js"] / n,
+            "churn_correctness": sums["cc"] / (n * pairs),
+        }
+        dev = acc_SxG - acc_SxG[..., :1]  # centred on one replica: exactly 0 if all agree
+        mean_dev = (w_SxG * dev).sum(-1) / tot
+        mean = acc_SxG[..., 0] + mean_dev
+        var = tot * (w_SxG * (dev - mean_dev[..., None]) ** 2).sum(-1) / (2 * pairs)
+        var = np.maximum(var - var_excess, 0.0)
+        out.update(
+            acc_mean=mean,
+            acc_std=np.sqrt(var),
+            acc_min=np.where(w_SxG > 0, acc_SxG, np.inf).min(-1),
+            acc_max=np.where(w_SxG > 0, acc_SxG, -np.inf).max(-1),
+            eta=mean - out["churn"],
+            var_obs=var,
+            var_ind=sums["cc"] / (n * n * 2 * pairs),
+        )
+        out["var_ratio"] = out["var_obs"] / out["var_ind"]
+        if binary:
+            out["var_cal"] = (1.0 - mean) / (2 * n)
+    return out
+
+
+def _interval(samples, level):
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    finite = samples[np.isfinite(samples)]
+    if finite.size == 0:
+        return [math.nan, math.nan]
+    return [float(np.percentile(finite, lo)), float(np.percentile(finite, hi))]
+
+
+@functools.partial(jax.jit, static_argnames=("size", "count"))
+def _resample_counts(key, start, *, size, count):
+    """Multiplicities of ``count`` bootstrap samples of ``size`` items; sample i depends only
+    on (key, i), so results do not depend on how samples are batched."""
+
+    def one(i):
+        draw = jax.random.randint(jax.random.fold_in(key, i), (size,), 0, size)
+        return jnp.bincount(draw, length=size)
+
+    return jax.vmap(one)(start + jnp.arange(count))
+
+
+@jax.jit
+def _weighted_example_sums(v_SxN, ex_NxT, cor_GxN):
+    v = v_SxN.astype(jnp.float32)
+    dup = _dot(v * (v - 1), ex_NxT[:, _TERMS.index("cc")])
+    return _dot(v, ex_NxT), _dot(v, cor_GxN.T.astype(jnp.float32)), dup
+
+
+def _bootstrap_from_scan(scan, k, key, num_samples, level, over):
+    if over not in ("replicas", "examples"):
+        raise ValueError(f"over must be 'replicas' or 'examples'; got {over!r}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1; got {num_samples}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1); got {level}")
+    g, n = scan.r // k, scan.n
+    if over == "replicas":
+        w = np.asarray(_resample_counts(key, 0, size=g, count=num_samples), np.float32)
+        res = scan.run(boot_w=w)[k]
+        w = w.astype(np.float64)
+        values = _finalize(res["boot"], res["correct"][None, :] / n, n, w, scan.binary)
+        # js_ensemble is not pairwise: a sample with duplicates is an ensemble of fewer
+        # distinct members, whose expected diversity scales (to second order, as a plug-in
+        # variance) with 1 - sum w^2 / W^2 instead of 1 - 1/G. Rescale to the point's factor.
+        tot = w.sum(-1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            values["js_ensemble"] = values["js_ensemble"] * (1 - 1 / g) / (
+                1 - (w * w).sum(-1) / (tot * tot))
+    else:
+        res = scan.run(keep_examples=True)[k]
+        ex = jnp.asarray(np.concatenate(res["ex"]).astype(np.float32))
+        cor = jnp.asarray(np.concatenate(res["cor"], axis=1))
+        parts = []
+        for s in range(0, num_samples, 64):  # fixed batches of 64: one compile
+            v = _resample_counts(key, s, size=n, count=64)
+            parts.append(jax.device_get(_weighted_example_sums(v, ex, cor)))
+        sums_SxT = np.concatenate([p[0] for p in parts])[:num_samples].astype(np.float64)
+        acc = np.concatenate([p[1] for p in parts])[:num_samples].astype(np.float64) / n
+        sums = {t: sums_SxT[:, i] for i, t in enumerate(_TERMS)}
+        # An example drawn m times enters var_obs with its own variance m^2 times instead of
+        # m times (it is perfectly correlated with its copies), which would add about var_ind
+        # to every sample; remove those self-products, as copies of a replica form no pair.
+        dup = np.concatenate([p[2] for p in parts])[:num_samples].astype(np.float64) / (
+            n * n * g * (g - 1))
+        values = _finalize(sums, acc, n, np.ones((num_samples, g)), scan.binary, dup)
+    cis = {name: _interval(values[name], level) for name in CI_KEYS if name in values}
+    return _point(res, scan, k), cis
+
+
+def _point(res, scan, k=1):
+    g = scan.r // k
+    ones = np.ones(g)
+    out = _finalize(res["sums"], res["correct"] / scan.n, scan.n, ones, scan.binary)
+    report = {key: float(out[key]) for key in METRIC_KEYS + ("var_cal",) if key in out}
+    report.update(num_replicas=int(g), num_examples=int(scan.n),
+                  num_excluded=int(scan.num_excluded))
+    return report
+
+
+def compare(probs, labels, *, from_logits: bool = False, mask=None, ensemble_size: int = 1,
+            key: jax.Array | None = None, num_samples: int = 1000, level: float = 0.95,
+            over: str = "replicas", atol: float = DEFAULT_ATOL,
+            chunk_size: int | None = None) -> dict[str, Any]:
+    """Every reproducibility figure of stacked predictions, as a JSON-ready dict.
+
+    Streams blocks of ``chunk_size`` examples (default: about 32 MiB of input per block)
+    through one jitted function, so memory stays bounded whatever N is; ``probs`` may be a
+    jax/numpy array, an ``np.memmap``, or any object with ``.shape`` and ``obj[:, a:b]``
+    slicing (see the module docstring). Values are validated on the way: non-finite values
+    in kept replicas, probabilities that do not sum to 1 (beyond ``atol``) or lie outside
+    [0, 1], labels out of range, and fewer than 2 replicas all raise ``ValueError``.
+
+    Args:
+      probs: ``[R, N, C]`` probabilities (logits with ``from_logits=True``), or ``[R, N]``
+        positive-class probabilities (logits) of a binary task.
+      labels: ``[N]`` integer labels.
+      from_logits: whether ``probs`` holds logits.
+      mask: optional bool ``[R]``, True = keep; e.g. ``finite_replicas(probs)`` to drop
+        diverged replicas. Excluded replicas are never read; their count is reported.
+      ensemble_size: k > 1 compares ensembles of k consecutive replicas (see
+        :func:`ensemble`); counts then refer to groups.
+      key: a jax PRNG key; when given, adds ``<metric>_ci`` = [lo, hi] bootstrap intervals
+        (see :func:`bootstrap`) from ``num_samples`` samples at ``level``, resampling
+        ``over`` "replicas" or "examples".
+      atol: tolerance of the probability checks.
+      chunk_size: examples per streamed block.
+
+    Returns:
+      ``{churn, pd_abs, pd_rel, pd_l2, kl_pairwise, js_ensemble, churn_correctness, acc_mean,
+      acc_std, acc_min, acc_max, eta, var_obs, var_ind, var_ratio}`` (plus ``var_cal`` for
+      binary tasks) as floats, ``num_replicas``, ``num_examples``, ``num_excluded`` as ints
+      and, with a key, the ``*_ci`` intervals and ``ci_level``, ``ci_over``,
+      ``ci_num_samples``. ``var_ratio`` is NaN when no example has disagreeing correctness.
+
+    Not jit-compatible (a host loop over blocks); inside jit use the per-metric functions.
+
+    Example:
+      >>> p = jnp.array([[[0.9, 0.1], [0.2, 0.8]], [[0.3, 0.7], [0.1, 0.9]]])
+      >>> r = compare(p, jnp.array([0, 1]))
+      >>> r["churn"], r["acc_mean"], r["eta"]
+      (0.5, 0.75, 0.25)
+
+    References:
+      Bhojanapalli et al. 2021; Shamir, Lin & Coviello 2020; Jordan 2023 (arXiv 2304.01910);
+      apurvakokate/Reproducibility ``ex_mlp.py`` (Effective Test Accuracy).
+    """
+    scan = _Scan(probs, labels, from_logits=from_logits, mask=mask, atol=atol,
+                 chunk_size=chunk_size, ks=(ensemble_size,))
+    if key is None:
+        return _point(scan.run()[ensemble_size], scan, ensemble_size)
+    report, cis = _bootstrap_from_scan(scan, ensemble_size, key, num_samples, level, over)
+    report.update({f"{k}_ci": v for k, v in cis.items()})
+    report.update(ci_level=float(level), ci_over=over, ci_num_samples=int(num_samples))
+    return report
+
+
+def bootstrap(probs, labels, key: jax.Array, num_samples: int = 1000, level: float = 0.95,
+              over: str = "replicas", *, from_logits: bool = False, mask=None,
+              ensemble_size: int = 1, atol: float = DEFAULT_ATOL,
+              chunk_size: int | None = None) -> dict[str, list[float]]:
+    """Percentile bootstrap confidence intervals, deterministic given ``key``.
+
+    ``over="replicas"`` resamples replicas (groups, with ``ensemble_size``) with replacement:
+    the uncertainty due to having trained only R replicas. ``over="examples"`` resamples test
+    examples: the uncertainty due to the finite test set. Sample i is drawn from
+    ``fold_in(key, i)``, so results do not depend on batching.
+
+    Duplicates are handled as follows (project's choices):
+
+    * Replicas: a replica drawn m times gets multiplicity m, and pairwise metrics average over
+      pairs of *distinct* original replicas weighted by m_r m_s, so copies of one replica never
+      form a spurious zero-difference pair. ``var_obs`` uses the matching pairwise form of the
+      ddof=1 variance and ``var_ind`` the same pairs, so their ratio keeps its meaning.
+      ``js_ensemble`` (not pairwise) is rescaled by (1 - 1/G) / (1 - sum m^2 / (sum m)^2), the
+      ratio of the second-order diversity factors, because a sample with duplicates is an
+      ensemble of fewer distinct members. Samples in which one replica was drawn every time
+      define no pair and are left out of the pairwise intervals.
+    * Examples: an example drawn m times would enter ``var_obs`` with m^2 copies of its own
+      variance instead of m (inflating it by about ``var_ind``); those self-products are
+      removed, and a resulting negative variance is clipped to 0.
+
+    Cost: the replica bootstrap makes one pass over the data and evaluates all samples on each
+    block (a few matrix products and a scan over sorted replicas per sample); the example
+    bootstrap keeps per-example terms and costs a matrix product per batch of samples.
+
+    Args:
+      probs, labels, from_logits, mask, ensemble_size, atol, chunk_size: as in
+        :func:`compare`.
+      key: a jax PRNG key (``jax.random.key`` or ``PRNGKey``).
+      num_samples: number of bootstrap samples.
+      level: coverage of the central percentile interval.
+      over: ``"replicas"`` or ``"examples"``.
+
+    Returns:
+      ``{metric: [lo, hi]}`` for every key of ``CI_KEYS`` that applies (``var_cal`` for
+      binary tasks only).
+
+    Example:
+      >>> p = jax.random.dirichlet(jax.random.key(0), jnp.ones(3), (8, 50))
+      >>> ci = bootstrap(p, jnp.zeros(50, int), jax.random.key(1), num_samples=100)
+      >>> ci["churn"][0] <= ci["churn"][1]
+      True
+
+    References:
+      Efron & Tibshirani 1993, "An Introduction to the Bootstrap"; Jordan 2023 (variance
+      ratio).
+    """
+    scan = _Scan(probs, labels, from_logits=from_logits, mask=mask, atol=atol,
+                 chunk_size=chunk_size, ks=(ensemble_size,))
+    return _bootstrap_from_scan(scan, ensemble_size, key, num_samples, level, over)[1]
+
+
+def ensemble_curve(probs, labels, ks: Sequence[int] | None = None, *,
+                   from_logits: bool = False, mask=None, atol: float = DEFAULT_ATOL,
+                   chunk_size: int | None = None) -> list[dict[str, Any]]:
+    """Every metric among ensembles of k consecutive replicas, for k = 1, 2, 4, ... <= R / 2.
+
+    All ks are computed in one pass over the data. Grouping is consecutive and the last
+    R mod k replicas are left out (project's choice, see :func:`ensemble`).
+
+    Returns:
+      A list of :func:`compare`-style dicts with ``k`` and ``num_groups`` added.
+
+    Example:
+      >>> p = jax.random.dirichlet(jax.random.key(0), jnp.ones(3), (8, 50))
+      >>> [row["k"] for row in ensemble_curve(p, jnp.zeros(50, int))]
+      [1, 2, 4]
+
+    References:
+      methods.md section 6; Shamir & Coviello 2020 (ensembles and reproducibility).
+    """
+    r = probs.shape[0] if mask is None else int(np.sum(np.asarray(mask)))
+    if ks is None:
+        ks = [1 << i for i in range(max(r // 2, 1).bit_length()) if (1 << i) <= r // 2]
+    ks = tuple(int(k) for k in ks)
+    scan = _Scan(probs, labels, from_logits=from_logits, mask=mask, atol=atol,
+                 chunk_size=chunk_size, ks=ks)
+    res = scan.run()
+    rows = []
+    for k in ks:
+        row = _point(res[k], scan, k)
+        row.update(k=k, num_groups=row["num_replicas"])
+        rows.append(row)
+    return rows
