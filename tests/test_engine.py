@@ -259,6 +259,8 @@ def test_runs_under_disable_jit(ds):
     (dict(strategy="pmap"), "unknown strategy 'pmap'"),
     (dict(replicas=(1, 1)), "distinct"),
     (dict(perturb_scale=float("nan")), "perturb_scale"),
+    (dict(devices=64), "devices=64 but only"),
+    (dict(devices=0), "devices must be >= 1"),
 ])
 def test_bad_configuration_is_a_clear_error(ds, kwargs, match):
     with pytest.raises(ValueError, match=match):
