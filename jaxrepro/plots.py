@@ -1,0 +1,197 @@
+"""Figures for study reports, written as PNG files with matplotlib's Agg canvas.
+
+Synopsis::
+
+    from jaxrepro import plots
+    plots.grouped_bars("churn.png", ["init", "order"], {"relu": [0.3, 0.2], "smelu": [0.2, 0.1]},
+                       ylabel="churn")
+    plots.metric_panels("pd.png", ["1", "10", "N"], {"pd_abs": [0.0, 0.1, 0.2]}, kind="line")
+
+matplotlib is imported when a figure is drawn, never at ``import jaxrepro``. Figures are built
+on ``matplotlib.figure.Figure`` with the Agg canvas directly, so the global pyplot backend (a
+notebook's inline backend, say) is left alone. Each file is written to a temporary name and
+renamed: a reader never sees a half-written PNG. Undefined values (None, NaN) are left out of
+a plot rather than drawn as zero.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+DPI = 110
+
+
+def _figure(ncols: int = 1, *, width: float = 6.4, height: float = 4.0):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    return fig, axes
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    from jaxrepro import study
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return study.atomic_write_bytes(path, buf.getvalue())
+
+
+def _num(v) -> float:
+    return math.nan if v is None else float(v)
+
+
+def grouped_bars(path: str | os.PathLike, categories: Sequence[str],
+                 series: Mapping[str, Sequence[float | None]], *, ylabel: str,
+                 xlabel: str = "", title: str = "") -> Path:
+    """Bars of each series side by side per category (e.g. churn per setting, per activation).
+
+    Args:
+      path: the PNG file to write.
+      categories: labels of the groups along x.
+      series: ``{name: one value per category}``.
+      ylabel, xlabel, title: axis labels and title.
+
+    Returns:
+      The path written.
+    """
+    fig, (ax,) = _figure(width=max(6.4, 1.1 * len(categories) + 2))
+    n = max(len(series), 1)
+    width = 0.8 / n
+    for i, (name, values) in enumerate(series.items()):
+        xs = [j + (i - (n - 1) / 2) * width for j in range(len(categories))]
+        ax.bar(xs, [_num(v) for v in values], width=width, label=str(name))
+    ax.set_xticks(range(len(categories)), [str(c) for c in categories])
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    return _save(fig, path)
+
+
+def metric_panels(path: str | os.PathLike, labels: Sequence[str],
+                  panels: Mapping[str, Sequence[float | None]], *, xlabel: str = "",
+                  kind: str = "line", title: str = "") -> Path:
+    """One panel per metric against a grid (one value per label), as bars or a line.
+
+    Args:
+      path: the PNG file to write.
+      labels: grid values along x, in order (drawn as evenly spaced categories).
+      panels: ``{metric name: one value per label}``.
+      xlabel: the grid's name.
+      kind: ``"line"`` (ordered grids) or ``"bar"`` (unordered ones).
+      title: a title over all panels.
+    """
+    if kind not in ("line", "bar"):
+        raise ValueError(f"kind must be 'line' or 'bar', got {kind!r}")
+    fig, axes = _figure(len(panels), width=max(3.6, 0.4 * len(labels) + 1.4), height=3.4)
+    xs = list(range(len(labels)))
+    for ax, (metric, values) in zip(axes, panels.items(), strict=True):
+        ys = [_num(v) for v in values]
+        if kind == "bar":
+            ax.bar(xs, ys, color="tab:blue")
+        else:
+            ax.plot(xs, ys, marker="o")
+        ax.set_xticks(xs, [str(v) for v in labels], rotation=45 if kind == "bar" else 0,
+                      ha="right" if kind == "bar" else "center")
+        ax.set_title(metric)
+        ax.set_xlabel(xlabel)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def histograms(path: str | os.PathLike, edges: Sequence[float],
+               counts: Mapping[str, Mapping[str, Sequence[int]]], *, xlabel: str = "",
+               title: str = "") -> Path:
+    """Pre-binned histograms: one panel per group, one step line per series.
+
+    Args:
+      path: the PNG file to write.
+      edges: the ``B + 1`` bin edges shared by every histogram.
+      counts: ``{panel: {series: B counts}}`` (e.g. dataset -> source -> phat counts).
+      xlabel, title: axis label and title.
+    """
+    groups = list(counts.items()) or [("(no data)", {})]
+    fig, axes = _figure(len(groups), width=4.6, height=3.6)
+    for ax, (group, series) in zip(axes, groups, strict=True):
+        for name, c in series.items():
+            ax.stairs([int(v) for v in c], list(edges), label=str(name))
+        ax.set_yscale("symlog", linthresh=1)
+        ax.set_title(str(group))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test examples")
+        if series:
+            ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def scatter_intervals(path: str | os.PathLike, points: Sequence[Mapping[str, Any]], *,
+                      xlabel: str, ylabel: str, title: str = "", diagonal: bool = True) -> Path:
+    """Points with optional interval bars, and the diagonal y = x.
+
+    Args:
+      path: the PNG file to write.
+      points: dicts with ``x``, ``y``, optional ``x_ci``, ``y_ci`` = [lo, hi], and either a
+        ``label`` or a ``group`` and ``series``: points of one series share a colour, points of
+        one group a marker (e.g. group = dataset, series = source).
+      xlabel, ylabel, title: axis labels and title.
+      diagonal: draw y = x (where observed equals predicted).
+    """
+    fig, (ax,) = _figure(width=6.4, height=5.2)
+    colors, markers = {}, {}
+    palette, shapes = [f"C{i}" for i in range(10)], "osD^vP*Xph"
+    top = 0.0
+    for p in points:
+        x, y = _num(p.get("x")), _num(p.get("y"))
+        if not (math.isfinite(x) and math.isfinite(y)):
+            continue
+        series, group = str(p.get("series", p.get("label", ""))), str(p.get("group", ""))
+        color = colors.setdefault(series, palette[len(colors) % len(palette)])
+        marker = markers.setdefault(group, shapes[len(markers) % len(shapes)])
+        label = p.get("label") or "/".join(v for v in (group, series) if v)
+        ax.errorbar([x], [y], xerr=_err(x, p.get("x_ci")), yerr=_err(y, p.get("y_ci")),
+                    fmt=marker, color=color, capsize=3, label=label)
+        top = max(top, x, y, *(p.get("x_ci") or [0.0]), *(p.get("y_ci") or [0.0]))
+    if diagonal:
+        top = top * 1.1 or 1.0
+        ax.plot([0, top], [0, top], color="gray", linestyle="--", linewidth=1, label="y = x")
+        ax.set_xlim(0, top)
+        ax.set_ylim(0, top)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if points:
+        ax.legend(fontsize="x-small", ncols=2)
+    return _save(fig, path)
+
+
+def _err(center: float, ci):
+    if not ci or any(v is None for v in ci):
+        return None
+    lo, hi = float(ci[0]), float(ci[1])
+    return [[max(center - lo, 0.0)], [max(hi - center, 0.0)]]
+
+
+def is_png(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a non-empty file starting with the PNG signature."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size <= len(PNG_SIGNATURE):
+        return False
+    with open(path, "rb") as f:
+        return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
