@@ -10,8 +10,9 @@ Synopsis::
 
 One replica's training is written once, without a replica axis: ``train_step`` (one batch) and
 ``train_epochs`` (a ``lax.scan`` over epochs and steps, with the data order and per-step keys
-derived inside). The replica axis enters at one place, ``_over_replicas``, by one of the
-batching strategies:
+derived inside). Which sources are varied is a traced argument, so one compilation serves every
+randomness setting of a study. The replica axis enters at one place, ``_over_replicas``, by
+one of the batching strategies:
 
 - ``"map"``: ``lax.map`` over replicas, each running its own scan over all steps of the call.
   Every replica executes the same program as a replica trained alone.
@@ -377,47 +378,51 @@ def _over_replicas(fn: Callable, strategy: tuple[str, int], mesh: Mesh | None,
                          out_specs=P(REPLICA_AXIS), check_vma=False)(per_replica, shared)
 
 
-def _keys_for(seed, replica: Array, vary: tuple[str, ...]) -> ReplicaKeys:
-    return ReplicaKeys(*(randomness.replica_key(seed, s, replica, varied=s in vary)
+def _keys_for(seed, replica: Array, varied_S: Array) -> ReplicaKeys:
+    return ReplicaKeys(*(randomness.replica_key(seed, s, replica,
+                                                varied=varied_S[randomness.SOURCE_IDS[s]])
                          for s in ("order", "dropout", "augment")))
 
 
-@functools.partial(jax.jit, static_argnames=("task", "vary", "strategy", "mesh"))
-def _init_states(ids_R, seed, x_example, perturb_scale, hparams_R, *, task, vary, strategy, mesh):
+@functools.partial(jax.jit, static_argnames=("task", "strategy", "mesh"))
+def _init_states(ids_R, seed, varied_S, x_example, perturb_scale, hparams_R, *, task, strategy,
+                 mesh):
     TRACE_COUNTS["init"] += 1
 
-    def one(r, hparams, seed, x_example, perturb_scale):
-        init_key = randomness.replica_key(seed, "init", r, varied="init" in vary)
-        perturb_key = randomness.replica_key(seed, "perturb", r, varied="perturb" in vary)
+    def one(r, hparams, seed, varied_S, x_example, perturb_scale):
+        ids = randomness.SOURCE_IDS
+        init_key = randomness.replica_key(seed, "init", r, varied=varied_S[ids["init"]])
+        perturb_key = randomness.replica_key(seed, "perturb", r, varied=varied_S[ids["perturb"]])
         return init_replica(task, x_example, init_key, perturb_key, perturb_scale, hparams)
 
     return _over_replicas(one, strategy, mesh, (ids_R, hparams_R),
-                          (seed, x_example, perturb_scale))
+                          (seed, varied_S, x_example, perturb_scale))
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("task", "vary", "strategy", "mesh", "batch_size", "num_epochs"),
+    static_argnames=("task", "strategy", "mesh", "batch_size", "num_epochs"),
     donate_argnames=("state_R",),
 )
-def _train_epochs_R(state_R, ids_R, seed, x_N, y_N, window, first_epoch, *, task, vary, strategy,
-                    mesh, batch_size, num_epochs):
+def _train_epochs_R(state_R, ids_R, seed, varied_S, x_N, y_N, window, first_epoch, *, task,
+                    strategy, mesh, batch_size, num_epochs):
     TRACE_COUNTS["train_epochs"] += 1
     base_N = randomness.base_order(seed, x_N.shape[0])
     epochs_E = first_epoch + jnp.arange(num_epochs, dtype=jnp.int32)
 
-    def one(state, r, seed, x_N, y_N, base_N, window, epochs_E):
-        return train_epochs(task, state, _keys_for(seed, r, vary), x_N, y_N, base_N, window,
+    def one(state, r, seed, varied_S, x_N, y_N, base_N, window, epochs_E):
+        return train_epochs(task, state, _keys_for(seed, r, varied_S), x_N, y_N, base_N, window,
                             epochs_E, batch_size=batch_size)
 
     return _over_replicas(one, strategy, mesh, (state_R, ids_R),
-                          (seed, x_N, y_N, base_N, window, epochs_E))
+                          (seed, varied_S, x_N, y_N, base_N, window, epochs_E))
 
 
-@functools.partial(jax.jit, static_argnames=("vary", "batch_size", "num_train"))
-def _batches_R(ids_R, seed, num_train, window, epoch, *, vary, batch_size):
+@functools.partial(jax.jit, static_argnames=("batch_size", "num_train"))
+def _batches_R(ids_R, seed, varied_S, num_train, window, epoch, *, batch_size):
     base_N = randomness.base_order(seed, num_train)
-    keys_R = randomness.replica_keys(seed, "order", ids_R, varied="order" in vary)
+    keys_R = randomness.replica_keys(seed, "order", ids_R,
+                                     varied=varied_S[randomness.SOURCE_IDS["order"]])
     return jax.vmap(lambda k: epoch_batches(k, epoch, base_N, window, batch_size))(keys_R)
 
 
@@ -495,6 +500,7 @@ class Engine:
         self.window = num_train if config.window is None else min(int(config.window), num_train)
         self.strategy = parse_strategy(config.strategy)
         self.mesh = replica_mesh(len(self.replica_ids), config.devices)
+        self._varied_S = randomness.varied_mask(config.vary)
         self._x_N = jnp.asarray(data.x_train)
         self._y_N = jnp.asarray(data.y_train)
         x_example = self._x_N[:1]
@@ -521,9 +527,9 @@ class Engine:
         """The stacked initial state ``[R, ...]``."""
         c = self.config
         return _init_states(
-            jnp.asarray(self.replica_ids), jnp.uint32(c.seed), self._x_N[:1],
+            jnp.asarray(self.replica_ids), jnp.uint32(c.seed), self._varied_S, self._x_N[:1],
             jnp.float32(c.effective_perturb_scale), self._hparams_R,
-            task=self.task, vary=c.vary, strategy=self.strategy, mesh=self.mesh,
+            task=self.task, strategy=self.strategy, mesh=self.mesh,
         )
 
     def batch_indices(self, epoch: int) -> np.ndarray:
@@ -534,8 +540,8 @@ class Engine:
         c = self.config
         num_train = int(self._x_N.shape[0])
         return np.asarray(_batches_R(
-            jnp.asarray(self.replica_ids), jnp.uint32(c.seed), num_train, jnp.int32(self.window),
-            jnp.int32(epoch), vary=c.vary, batch_size=c.batch_size,
+            jnp.asarray(self.replica_ids), jnp.uint32(c.seed), self._varied_S, num_train,
+            jnp.int32(self.window), jnp.int32(epoch), batch_size=c.batch_size,
         ))
 
     def train(self, state: TrainState, first_epoch: int, num_epochs: int
@@ -550,8 +556,8 @@ class Engine:
         """
         c = self.config
         state, metrics = _train_epochs_R(
-            state, jnp.asarray(self.replica_ids), jnp.uint32(c.seed), self._x_N, self._y_N,
-            jnp.int32(self.window), jnp.int32(first_epoch), task=self.task, vary=c.vary,
+            state, jnp.asarray(self.replica_ids), jnp.uint32(c.seed), self._varied_S, self._x_N,
+            self._y_N, jnp.int32(self.window), jnp.int32(first_epoch), task=self.task,
             strategy=self.strategy, mesh=self.mesh, batch_size=c.batch_size,
             num_epochs=num_epochs,
         )

@@ -47,6 +47,12 @@ _REPLICA_SPACE = 0
 _BASE_ORDER = 1
 
 
+def varied_mask(vary: Iterable[str]) -> jax.Array:
+    """bool ``[len(SOURCES)]``: which sources are varied, as an array (a traced jit argument)."""
+    vary = set(check_sources(vary))
+    return jnp.asarray([s in vary for s in SOURCES])
+
+
 def check_sources(names: Iterable[str], *, what: str = "vary") -> tuple[str, ...]:
     """Validates source names and returns them as a sorted tuple without duplicates.
 
@@ -79,16 +85,18 @@ def source_root(seed, source: str) -> jax.Array:
     return jax.random.fold_in(root_key(seed), SOURCE_IDS[source])
 
 
-def replica_key(seed, source: str, replica, *, varied: bool) -> jax.Array:
-    """Key of one replica for one source; ``replica`` may be traced.
+def replica_key(seed, source: str, replica, *, varied) -> jax.Array:
+    """Key of one replica for one source; ``replica`` and ``varied`` may be traced.
 
     A varied source folds in the replica index; a fixed one folds in 0 for every replica.
+    ``varied`` may be a traced boolean, so one compiled function serves every choice of varied
+    sources.
     """
     space = jax.random.fold_in(source_root(seed, source), _REPLICA_SPACE)
-    return jax.random.fold_in(space, replica if varied else 0)
+    return jax.random.fold_in(space, jnp.where(varied, replica, 0))
 
 
-def replica_keys(seed, source: str, replica_ids: jax.Array, *, varied: bool) -> jax.Array:
+def replica_keys(seed, source: str, replica_ids: jax.Array, *, varied) -> jax.Array:
     """Keys ``[R]`` of the replicas ``replica_ids`` (int ``[R]``) for one source."""
     return jax.vmap(lambda r: replica_key(seed, source, r, varied=varied))(replica_ids)
 

@@ -167,8 +167,9 @@ def test_training_traces_once_across_epochs_and_runs(ds):
     before = engine.TRACE_COUNTS["train_epochs"]
     engine.fit(MODEL, tx, ds, **dict(BASE, epochs=4, epochs_per_call=1))
     assert engine.TRACE_COUNTS["train_epochs"] == before + 1
-    # Another seed, window and replica set: same compiled function.
-    engine.fit(MODEL, tx, ds, **dict(BASE, epochs=2, seed=11, window=5, replicas=(1, 2, 3, 9)))
+    # Another seed, window, replica set and choice of varied sources: same compiled function.
+    engine.fit(MODEL, tx, ds, **dict(BASE, epochs=2, seed=11, window=5, replicas=(1, 2, 3, 9),
+                                     vary=("perturb", "augment")))
     assert engine.TRACE_COUNTS["train_epochs"] == before + 1
 
 
