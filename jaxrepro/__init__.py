@@ -10,7 +10,18 @@ Synopsis::
     probs = run.predict(data.x_test)                  # [32, 1000, 10]
 """
 
-from jaxrepro import activations, augment, data, engine, metrics, models, randomness
+from jaxrepro import (
+    activations,
+    augment,
+    data,
+    engine,
+    metrics,
+    models,
+    plots,
+    randomness,
+    study,
+    synthetic,
+)
 from jaxrepro.data import Dataset
 from jaxrepro.engine import Engine, FitConfig, Run, Task, TrainState, fit, use_cpu_devices
 from jaxrepro.randomness import SOURCES
@@ -32,6 +43,9 @@ __all__ = [
     "fit",
     "metrics",
     "models",
+    "plots",
     "randomness",
+    "study",
+    "synthetic",
     "use_cpu_devices",
 ]
