@@ -100,6 +100,21 @@ def _check_positive_int(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def _conv_stack(module: nn.Module, h: jax.Array, window: tuple[int, ...], act, *,
+                train: bool) -> jax.Array:
+    """``module.features`` layers of stride-2 conv -> [norm] -> activation -> [dropout].
+
+    Called from a CNN's compact ``__call__``, so the layers are its submodules ``conv_i`` and
+    ``norm_i``.
+    """
+    strides = (2,) * len(window)
+    for i, feats in enumerate(module.features):
+        h = _conv(module.conv, feats, window, strides, f"conv_{i}")(h)
+        h = _normalize(h, module.norm, train=train, name=f"norm_{i}")
+        h = _dropout(act(h), module.dropout_rate, train=train)
+    return h
+
+
 def _check_conv(conv: str) -> None:
     if conv not in CONVS:
         raise ValueError(f"conv must be one of {CONVS}, got {conv!r}")
@@ -234,10 +249,7 @@ class CNN1D(nn.Module):
             raise ValueError(f"CNN1D expects x of shape [B, L] or [B, L, C], got {x.shape}")
         act = activations.get(self.activation)
         h_BxLxC = (x[..., None] if x.ndim == 2 else x).astype(jnp.float32)
-        for i, feats in enumerate(self.features):
-            h_BxLxC = _conv(self.conv, feats, (self.kernel_size,), (2,), f"conv_{i}")(h_BxLxC)
-            h_BxLxC = _normalize(h_BxLxC, self.norm, train=train, name=f"norm_{i}")
-            h_BxLxC = _dropout(act(h_BxLxC), self.dropout_rate, train=train)
+        h_BxLxC = _conv_stack(self, h_BxLxC, (self.kernel_size,), act, train=train)
         h_BxD = h_BxLxC.reshape((h_BxLxC.shape[0], -1))
         return nn.Dense(self.num_classes, name="head")(h_BxD)
 
@@ -295,10 +307,7 @@ class CNN2D(nn.Module):
         act = activations.get(self.activation)
         h_BxHxWxC = (x[..., None] if x.ndim == 3 else x).astype(jnp.float32)
         k = self.kernel_size
-        for i, feats in enumerate(self.features):
-            h_BxHxWxC = _conv(self.conv, feats, (k, k), (2, 2), f"conv_{i}")(h_BxHxWxC)
-            h_BxHxWxC = _normalize(h_BxHxWxC, self.norm, train=train, name=f"norm_{i}")
-            h_BxHxWxC = _dropout(act(h_BxHxWxC), self.dropout_rate, train=train)
+        h_BxHxWxC = _conv_stack(self, h_BxHxWxC, (k, k), act, train=train)
         h_BxD = h_BxHxWxC.reshape((h_BxHxWxC.shape[0], -1))
         h_BxD = nn.Dense(self.dense, name="dense")(h_BxD)
         h_BxD = _normalize(h_BxD, self.norm, train=train, name="norm_dense")

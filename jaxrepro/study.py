@@ -33,7 +33,8 @@ makes derives from (seed, source, replica, step), so the continued run is bitwis
 uninterrupted one) and the final results.json is byte for byte the same. Files are written to a
 temporary name and renamed, so an interruption never leaves a truncated file.
 
-The three studies (the configs below; the binaries in ``experiments/`` are flags over them):
+The three studies, one module each in ``jaxrepro/studies/`` (each registers its config, trials
+and report with ``register``; the binaries in ``experiments/`` are flags over the configs):
 
 - ``IrreproducibilityConfig``: which source of randomness makes replicas disagree, per
   activation (the main job).
@@ -67,7 +68,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from jaxrepro import activations, data, engine, metrics, models, randomness, synthetic
+from jaxrepro import activations, data, engine, metrics, models, randomness
 
 # ---------------------------------------------------------------------------------------------
 # Errors and config objects.
@@ -86,12 +87,12 @@ class ConfigError(ValueError):
         return f"{', '.join('--' + f for f in self.fields)}: {self.problem}"
 
 
-def _require(cond: bool, field: str, message: str) -> None:
+def require(cond: bool, field: str, message: str) -> None:
     if not cond:
         raise ConfigError(field, message)
 
 
-def _field(default, help_text: str):
+def flag_field(default, help_text: str):
     """A config field: its default and the help text of its flag."""
     if isinstance(default, list):
         default = tuple(default)
@@ -129,38 +130,38 @@ class StudyConfig:
     def _check_common(self) -> None:
         for name in ("replicas", "epochs", "batch_size"):
             value = getattr(self, name)
-            _require(_is_int(value) and value >= 1, name, f"must be an int >= 1, got {value!r}")
-        _require(self.replicas >= 2, "replicas",
+            require(is_int(value) and value >= 1, name, f"must be an int >= 1, got {value!r}")
+        require(self.replicas >= 2, "replicas",
                  f"must be >= 2 (the metrics compare pairs of replicas), got {self.replicas}")
-        _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning_rate",
+        require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning_rate",
                  f"must be a positive number, got {self.learning_rate!r}")
         for name in ("num_train", "num_test"):
             value = getattr(self, name)
-            _require(_is_int(value) and value >= 0, name,
+            require(is_int(value) and value >= 0, name,
                      f"must be an int >= 0 (0: the whole split), got {value!r}")
-        _require(_is_int(self.seed) and 0 <= self.seed < 2**32, "seed",
+        require(is_int(self.seed) and 0 <= self.seed < 2**32, "seed",
                  f"must be an int in [0, 2**32), got {self.seed!r}")
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
-def _check_activation(field: str, spec: str) -> None:
+def check_activation(field: str, spec: str) -> None:
     try:
         activations.get(spec)
     except ValueError as e:
         raise ConfigError(field, str(e)) from None
 
 
-def _check_widths(field: str, widths) -> None:
-    _require(len(widths) > 0 and all(_is_int(w) and w >= 1 for w in widths), field,
+def check_widths(field: str, widths) -> None:
+    require(len(widths) > 0 and all(is_int(w) and w >= 1 for w in widths), field,
              f"must be a non-empty list of positive ints, got {list(widths)!r}")
 
 
-def _check_unique(field: str, values) -> None:
-    _require(len(values) > 0, field, "must not be empty")
-    _require(len(set(values)) == len(values), field, f"has duplicates: {list(values)!r}")
+def check_unique(field: str, values) -> None:
+    require(len(values) > 0, field, "must not be empty")
+    require(len(set(values)) == len(values), field, f"has duplicates: {list(values)!r}")
 
 
 # The randomness settings of the studies: name -> the sources varied per replica.
@@ -178,202 +179,11 @@ SETTINGS: dict[str, tuple[str, ...]] = {
 ``both`` is init and order, ``all`` every source."""
 
 
-def _check_settings(field: str, names) -> None:
-    _check_unique(field, names)
+def check_settings(field: str, names) -> None:
+    check_unique(field, names)
     for name in names:
-        _require(name in SETTINGS, field,
+        require(name in SETTINGS, field,
                  f"unknown randomness setting {name!r}; choose from {', '.join(SETTINGS)}")
-
-
-@dataclasses.dataclass(frozen=True)
-class IrreproducibilityConfig(StudyConfig):
-    """The main job: which source of randomness makes replicas disagree, per activation.
-
-    Each (activation, setting) trains ``replicas`` replicas of the MLP that differ only in the
-    sources the setting varies, then compares their test predictions.
-    """
-
-    STUDY: ClassVar[str] = "irreproducibility"
-    QUICK: ClassVar[Mapping[str, Any]] = dict(
-        activations=("relu",), settings=("nothing", "all"), replicas=4, epochs=2, widths=(32,),
-        num_train=512, num_test=256)
-
-    dataset: str = _field("mnist1d", "dataset: mnist1d or digits")
-    activations: tuple[str, ...] = _field(("relu", "smelu"), "activation specs to compare")
-    settings: tuple[str, ...] = _field(
-        ("nothing", "init", "order", "dropout", "perturb", "all"),
-        "randomness settings (nothing = control, or a source, both, all)")
-    replicas: int = _field(16, "replicas per trial (>= 2)")
-    epochs: int = _field(20, "training epochs")
-    widths: tuple[int, ...] = _field((128, 128), "hidden widths of the MLP")
-    dropout_rate: float = _field(0.1, "dropout rate (so the dropout source has an effect)")
-    batch_size: int = _field(128, "batch size")
-    learning_rate: float = _field(3e-3, "Adam learning rate")
-    perturb_scale: float = _field(engine.DEFAULT_PERTURB_SCALE,
-                                  "relative size of the initial-weight perturbation")
-    num_train: int = _field(0, "training examples to use (0: all)")
-    num_test: int = _field(0, "test examples to use (0: all)")
-    seed: int = _field(0, "root seed of the replicas")
-
-    def __post_init__(self):
-        self._check_common()
-        _require(self.dataset in ("mnist1d", "digits"), "dataset",
-                 f"must be mnist1d or digits, got {self.dataset!r}")
-        _check_unique("activations", self.activations)
-        for spec in self.activations:
-            _check_activation("activations", spec)
-        _check_settings("settings", self.settings)
-        _check_widths("widths", self.widths)
-        _require(0.0 <= self.dropout_rate < 1.0, "dropout_rate",
-                 f"must be in [0, 1), got {self.dropout_rate!r}")
-        _require(math.isfinite(self.perturb_scale) and self.perturb_scale >= 0, "perturb_scale",
-                 f"must be finite and >= 0, got {self.perturb_scale!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class SyntheticConfig(StudyConfig):
-    """Synthetic study (Snapp & Shamir): binary PD against activation, source, window, size.
-
-    The base trial is a one-hidden-layer MLP student of width ``width`` with ``activation``,
-    varying ``vary`` (init and order), trained on data from a fixed random teacher
-    (``jaxrepro.synthetic``). Each grid changes one thing from the base; trials that coincide
-    across grids are trained once.
-    """
-
-    STUDY: ClassVar[str] = "synthetic"
-    QUICK: ClassVar[Mapping[str, Any]] = dict(
-        grid_activations=("relu", "tanh"), grid_sources=("both",), grid_windows=(1, 0),
-        window_vary=("init", "order"), grid_widths=(16,), grid_depths=(1,), width=16,
-        depth_width=16, replicas=4, epochs=2, num_train=256, num_test=128)
-
-    dim: int = _field(10, "input dimension of the synthetic data")
-    num_train: int = _field(8000, "training examples")
-    num_test: int = _field(1000, "test examples")
-    teacher: str = _field("single", "teacher: linear, single (one nonlinearity) or mlp")
-    teacher_hidden: int = _field(8, "hidden width of the teacher")
-    teacher_depth: int = _field(2, "hidden layers of an mlp teacher")
-    teacher_activation: str = _field("tanh", "activation of the teacher")
-    temperature: float = _field(0.25, "label temperature (0: deterministic labels)")
-    label_noise: float = _field(0.0, "probability of a uniformly drawn label")
-    data_seed: int = _field(0, "seed of the data (independent of the replicas' seed)")
-    activation: str = _field("relu", "activation of the base student")
-    width: int = _field(64, "hidden width of the base student (one hidden layer)")
-    vary: tuple[str, ...] = _field(("init", "order"), "sources varied in the base trial")
-    grid_activations: tuple[str, ...] = _field(
-        ("relu", "smelu(0.1)", "smelu(0.5)", "smelu(1)", "smelu(2)", "gelu", "silu",
-         "softplus", "tanh"), "activation grid")
-    grid_sources: tuple[str, ...] = _field(("init", "order", "both"),
-                                           "randomness-source grid (settings)")
-    grid_windows: tuple[int, ...] = _field((1, 10, 100, 1000, 0),
-                                           "shuffling-window grid (0: N, a full shuffle)")
-    window_vary: tuple[str, ...] = _field(("order",), "sources varied in the window grid")
-    grid_widths: tuple[int, ...] = _field((4, 16, 64, 256, 1024),
-                                          "hidden-width grid (one hidden layer)")
-    grid_depths: tuple[int, ...] = _field((1, 2, 3, 4), "depth grid (layers of depth_width)")
-    depth_width: int = _field(64, "width of each hidden layer in the depth grid")
-    replicas: int = _field(128, "replicas per trial (>= 2)")
-    epochs: int = _field(40, "training epochs")
-    batch_size: int = _field(32, "batch size")
-    learning_rate: float = _field(3e-3, "Adam learning rate")
-    seed: int = _field(0, "root seed of the replicas")
-
-    def __post_init__(self):
-        self._check_common()
-        _require(self.num_train >= 1 and self.num_test >= 1, "num_train",
-                 "the synthetic study needs num_train >= 1 and num_test >= 1")
-        _check_activation("teacher_activation", self.teacher_activation)
-        try:
-            self.data_spec()
-        except ValueError as e:  # "synthetic <knob>: <problem>"
-            knob = str(e).split(":")[0].replace("synthetic ", "")
-            renamed = {"hidden": "teacher_hidden", "depth": "teacher_depth", "seed": "data_seed"}
-            raise ConfigError(renamed.get(knob, knob), str(e)) from None
-        _check_activation("activation", self.activation)
-        _check_widths("width", (self.width,))
-        _check_widths("depth_width", (self.depth_width,))
-        for spec in self.grid_activations:
-            _check_activation("grid_activations", spec)
-        _check_unique("grid_activations", self.grid_activations)
-        _check_settings("grid_sources", self.grid_sources)
-        for name in ("vary", "window_vary"):
-            try:
-                randomness.check_sources(getattr(self, name), what=name)
-            except ValueError as e:
-                raise ConfigError(name, str(e)) from None
-        _check_unique("grid_windows", self.grid_windows)
-        _require(all(_is_int(w) and w >= 0 for w in self.grid_windows), "grid_windows",
-                 f"must be ints >= 1 (or 0 for N), got {list(self.grid_windows)!r}")
-        _check_unique("grid_widths", self.grid_widths)
-        _check_widths("grid_widths", self.grid_widths)
-        _check_unique("grid_depths", self.grid_depths)
-        _check_widths("grid_depths", self.grid_depths)
-        _require(self.batch_size <= self.num_train, "batch_size",
-                 f"{self.batch_size} is larger than num_train={self.num_train}")
-
-    def data_spec(self) -> synthetic.Synthetic:
-        """The generator spec of this study's data."""
-        return synthetic.Synthetic(
-            dim=self.dim, num_train=self.num_train, num_test=self.num_test, teacher=self.teacher,
-            hidden=self.teacher_hidden, depth=self.teacher_depth,
-            activation=self.teacher_activation,
-            temperature=self.temperature, label_noise=self.label_noise, seed=self.data_seed)
-
-
-TSV_DATASETS = ("mnist1d", "digits", "mnist1d_binary")
-
-
-@dataclasses.dataclass(frozen=True)
-class TestSetVarianceConfig(StudyConfig):
-    """Test-set variance study (Jordan): is the spread of test accuracy what independent errors
-    predict, and how much does each source of randomness contribute?"""
-
-    __test__: ClassVar[bool] = False  # not a pytest test class despite its name
-
-    STUDY: ClassVar[str] = "test_set_variance"
-    QUICK: ClassVar[Mapping[str, Any]] = dict(
-        datasets=("digits", "mnist1d_binary"), sources=("all",), replicas=4, epochs=2,
-        widths=(16,), num_train=256, num_test=128, num_samples=50)
-
-    datasets: tuple[str, ...] = _field(TSV_DATASETS, "datasets (mnist1d_binary: two classes)")
-    sources: tuple[str, ...] = _field(("all", "init", "order", "perturb"),
-                                      "randomness settings to compare")
-    replicas: int = _field(128, "replicas per trial (the study needs >= 64; >= 2 allowed)")
-    epochs: int = _field(20, "training epochs")
-    widths: tuple[int, ...] = _field((128, 128), "hidden widths of the MLP")
-    dropout_rate: float = _field(0.0, "dropout rate")
-    batch_size: int = _field(128, "batch size")
-    learning_rate: float = _field(3e-3, "Adam learning rate")
-    binary_classes: tuple[int, ...] = _field((2, 7), "the two MNIST-1D classes of the binary task")
-    num_samples: int = _field(1000, "bootstrap samples for the intervals")
-    bootstrap_over: str = _field("replicas", "bootstrap resamples replicas or examples")
-    level: float = _field(0.95, "confidence level of the intervals")
-    num_train: int = _field(0, "training examples to use (0: all)")
-    num_test: int = _field(0, "test examples to use (0: all)")
-    seed: int = _field(0, "root seed of the replicas (and of the bootstrap)")
-
-    def __post_init__(self):
-        self._check_common()
-        _check_unique("datasets", self.datasets)
-        for name in self.datasets:
-            _require(name in TSV_DATASETS, "datasets",
-                     f"unknown dataset {name!r}; choose from {', '.join(TSV_DATASETS)}")
-        _check_settings("sources", self.sources)
-        _check_widths("widths", self.widths)
-        _require(0.0 <= self.dropout_rate < 1.0, "dropout_rate",
-                 f"must be in [0, 1), got {self.dropout_rate!r}")
-        c = self.binary_classes
-        _require(len(c) == 2 and all(_is_int(v) and 0 <= v < 10 for v in c) and c[0] != c[1],
-                 "binary_classes", f"must be two different classes in 0..9, got {list(c)!r}")
-        _require(_is_int(self.num_samples) and self.num_samples >= 1, "num_samples",
-                 f"must be an int >= 1, got {self.num_samples!r}")
-        _require(self.bootstrap_over in ("replicas", "examples"), "bootstrap_over",
-                 f"must be replicas or examples, got {self.bootstrap_over!r}")
-        _require(0.0 < self.level < 1.0, "level", f"must be in (0, 1), got {self.level!r}")
-
-
-CONFIGS: dict[str, type[StudyConfig]] = {
-    c.STUDY: c for c in (IrreproducibilityConfig, SyntheticConfig, TestSetVarianceConfig)
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -712,10 +522,10 @@ def evaluate(run: engine.Run, dataset: data.Dataset, **compare_kwargs) -> dict[s
       replicas' test predictions (``compare_kwargs`` passed on); ``metrics`` is None, with an
       ``error``, when fewer than 2 replicas are left.
     """
-    return _evaluate(run, dataset, *predict_finite(run, dataset), **compare_kwargs)
+    return evaluate_predictions(run, dataset, *predict_finite(run, dataset), **compare_kwargs)
 
 
-def _evaluate(run, dataset, probs_RxNxC, keep, **compare_kwargs) -> dict[str, Any]:
+def evaluate_predictions(run, dataset, probs_RxNxC, keep, **compare_kwargs) -> dict[str, Any]:
     out: dict[str, Any] = {"diverged": [int(r) for r in run.replica_ids[~keep]]}
     last = {k: v[:, -1] for k, v in run.history.items()}
     out["train_loss"] = float(np.mean(last["loss"][keep])) if keep.any() else math.nan
@@ -845,14 +655,14 @@ def _adam(learning_rate: float):
 
 
 @functools.cache
-def _task(widths: tuple[int, ...], num_classes: int, activation: str, dropout_rate: float,
+def mlp_task(widths: tuple[int, ...], num_classes: int, activation: str, dropout_rate: float,
           learning_rate: float) -> engine.Task:
     model = models.MLP(widths=tuple(widths), num_classes=num_classes, activation=activation,
                        dropout_rate=dropout_rate)
     return engine.Task(model=model, tx=_adam(learning_rate))
 
 
-def _subset(ds: data.Dataset, num_train: int, num_test: int) -> data.Dataset:
+def subset(ds: data.Dataset, num_train: int, num_test: int) -> data.Dataset:
     """The first ``num_train`` / ``num_test`` examples of each split (0: all of it)."""
     if not num_train and not num_test:
         return ds
@@ -861,7 +671,7 @@ def _subset(ds: data.Dataset, num_train: int, num_test: int) -> data.Dataset:
                         ds.y_test[:n_te], num_classes=ds.num_classes, name=ds.name)
 
 
-def _binary(ds: data.Dataset, classes: Sequence[int]) -> data.Dataset:
+def binary_subset(ds: data.Dataset, classes: Sequence[int]) -> data.Dataset:
     a, b = (int(c) for c in classes)
 
     def pick(x, y):
@@ -873,7 +683,7 @@ def _binary(ds: data.Dataset, classes: Sequence[int]) -> data.Dataset:
     return data.Dataset(x_tr, y_tr, x_te, y_te, num_classes=2, name=f"{ds.name}_{a}v{b}")
 
 
-def _fit_config(config, vary, **kwargs) -> engine.FitConfig:
+def fit_config(config, vary, **kwargs) -> engine.FitConfig:
     vary = tuple(vary)
     perturb = kwargs.pop("perturb_scale", None)
     return engine.FitConfig(
@@ -881,7 +691,7 @@ def _fit_config(config, vary, **kwargs) -> engine.FitConfig:
         epochs=config.epochs, perturb_scale=perturb if "perturb" in vary else None, **kwargs)
 
 
-def _metric(record: Mapping[str, Any], key: str) -> float:
+def record_metric(record: Mapping[str, Any], key: str) -> float:
     m = record.get("metrics") or {}
     v = m.get(key)
     return math.nan if v is None else float(v)
@@ -926,390 +736,25 @@ def _diverged_note(records: Mapping[str, dict]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Study 1: irreproducibility (the main job).
-
-
-def _irreproducibility_trials(config: IrreproducibilityConfig) -> list[Trial]:
-    ds = _subset(data.load(config.dataset), config.num_train, config.num_test)
-    trials = []
-    for act in config.activations:
-        task = _task(config.widths, ds.num_classes, act, config.dropout_rate,
-                     config.learning_rate)
-        for setting in config.settings:
-            vary = SETTINGS[setting]
-            trials.append(Trial(
-                name=f"{act}/{setting}", task=task, data=ds,
-                fit=_fit_config(config, vary, perturb_scale=config.perturb_scale),
-                info={"activation": act, "setting": setting, "vary": list(vary)}))
-    return trials
-
-
-def _irreproducibility_report(config: IrreproducibilityConfig, records, workdir: Path):
-    from jaxrepro import plots
-
-    cols = ["acc_mean", "acc_std", "churn", "pd_abs", "pd_rel", "eta", "var_ratio"]
-    rows = []
-    for rec in records.values():
-        info = rec["info"]
-        rows.append([info["activation"], info["setting"]] + [fmt(_metric(rec, c)) for c in cols])
-    table = markdown_table(["activation", "setting"] + cols, rows)
-    lines = ["## Replicas by source of randomness", "",
-             f"Each row trains {config.replicas} replicas of an MLP {list(config.widths)} "
-             f"(dropout {config.dropout_rate}) for {config.epochs} epochs on {config.dataset} "
-             "that differ only in the sources the setting varies ('nothing' is the control: "
-             "identical replicas, every PD exactly 0); churn is the fraction of test examples "
-             "on which two replicas disagree, pd_abs the mean total-variation distance of their "
-             "probabilities, eta the mean accuracy minus churn, var_ratio the observed variance "
-             "of accuracy over the variance independent errors would give.", "", table, ""]
-    lines += _irreproducibility_findings(config, records)
-    churn = {act: [_metric(records[f"{act}/{s}"], "churn") for s in config.settings]
-             for act in config.activations}
-    plots.grouped_bars(workdir / "churn.png", list(config.settings), churn,
-                       ylabel="churn (top-1 disagreement)", xlabel="randomness setting",
-                       title=f"Churn between replicas ({config.dataset}, R={config.replicas})")
-    lines += ["![churn by setting and activation](churn.png)", "",
-              "The plot shows churn for each setting (x) and activation (bars).", ""]
-    return lines
-
-
-def _irreproducibility_findings(config, records) -> list[str]:
-    out = []
-    for act in config.activations:
-        churn = {s: _metric(records[f"{act}/{s}"], "churn") for s in config.settings}
-        single = {s: c for s, c in churn.items() if s not in ("nothing", "all", "both")
-                  and math.isfinite(c)}
-        parts = []
-        if single:
-            top, low = max(single, key=single.get), min(single, key=single.get)
-            parts.append(f"of the single sources, '{top}' gives the most churn "
-                         f"({fmt(single[top])}) and '{low}' the least ({fmt(single[low])})")
-        if "all" in churn:
-            parts.append(f"all sources together {fmt(churn['all'])}")
-        if "nothing" in churn:
-            parts.append(f"the control {fmt(churn['nothing'])}")
-        if parts:
-            out.append(f"- {act}: " + "; ".join(parts) + ".")
-    if len(config.activations) > 1:
-        for setting in (s for s in config.settings if s != "nothing"):
-            values = {a: _metric(records[f"{a}/{setting}"], "churn") for a in config.activations}
-            values = {a: v for a, v in values.items() if math.isfinite(v)}
-            if len(values) > 1:
-                best = min(values, key=values.get)
-                out.append(f"- '{setting}': the least churn with {best} (" + ", ".join(
-                    f"{a} {fmt(v)}" for a, v in values.items()) + ").")
-    return (["Findings:", ""] + out + [""]) if out else []
-
-
-# ---------------------------------------------------------------------------------------------
-# Study 2: synthetic data (Snapp & Shamir).
-
-
-def _window_label(window: int, num_train: int) -> str:
-    return f"N={num_train}" if window in (0, None) or window >= num_train else str(window)
-
-
-def _synthetic_grids(config: SyntheticConfig) -> dict[str, list[tuple[str, dict]]]:
-    """grid -> [(label, trial spec)]; a spec is (activation, widths, vary, window)."""
-    base = dict(activation=config.activation, widths=(config.width,), vary=tuple(config.vary),
-                window=0)
-
-    def spec(**changes):
-        s = {**base, **changes}
-        s["vary"] = randomness.check_sources(s["vary"])
-        return s
-
-    n = config.num_train
-    return {
-        "activation": [(a, spec(activation=a)) for a in config.grid_activations],
-        "source": [(s, spec(vary=SETTINGS[s])) for s in config.grid_sources],
-        "window": [(_window_label(w, n), spec(window=w, vary=tuple(config.window_vary)))
-                   for w in config.grid_windows],
-        "width": [(str(w), spec(widths=(w,))) for w in config.grid_widths],
-        "depth": [(str(d), spec(widths=(config.depth_width,) * d)) for d in config.grid_depths],
-    }
-
-
-def _synthetic_name(spec: Mapping[str, Any], num_train: int) -> str:
-    widths = "x".join(str(w) for w in spec["widths"])
-    vary = "+".join(spec["vary"]) or "nothing"
-    return (f"{spec['activation']} [{widths}] vary={vary} "
-            f"window={_window_label(spec['window'], num_train)}")
-
-
-def _synthetic_trials(config: SyntheticConfig) -> list[Trial]:
-    ds = config.data_spec().dataset()
-    trials, seen = [], set()
-    for grid in _synthetic_grids(config).values():
-        for _, spec in grid:
-            name = _synthetic_name(spec, config.num_train)
-            if name in seen:
-                continue
-            seen.add(name)
-            window = spec["window"] or None
-            trials.append(Trial(
-                name=name, task=_task(spec["widths"], 2, spec["activation"], 0.0,
-                                      config.learning_rate),
-                data=ds, fit=_fit_config(config, spec["vary"], window=window),
-                info={"activation": spec["activation"], "widths": list(spec["widths"]),
-                      "vary": list(spec["vary"]),
-                      "window": window if window is not None else config.num_train}))
-    return trials
-
-
-_SYNTHETIC_TITLES = {
-    "activation": ("activation", "PD against the student's activation (relu against smooth "
-                   "activations; smelu(beta) widens its smooth region with beta)."),
-    "source": ("randomness source", "PD against which source differs between replicas "
-               "(init: initial weights; order: data order; both)."),
-    "window": ("shuffling window w", "PD against the shuffling window: only the data order "
-               "differs between replicas (sources {vary}), shuffled within windows of w "
-               "examples (w = 1: one fixed order, N: a full shuffle)."),
-    "width": ("hidden width", "PD against the width of the single hidden layer."),
-    "depth": ("hidden layers", "PD against the depth (hidden layers of width {width})."),
-}
-
-
-def _synthetic_report(config: SyntheticConfig, records, workdir: Path):
-    from jaxrepro import plots
-
-    cols = ["pd_abs", "pd_rel", "churn", "acc_mean"]
-    lines = [f"Data: {config.num_train} training and {config.num_test} test examples in "
-             f"{config.dim} dimensions, binary labels from a fixed '{config.teacher}' teacher "
-             f"(hidden width {config.teacher_hidden}, {config.teacher_activation}) at "
-             f"temperature {config.temperature}. Students: MLPs trained with Adam "
-             f"({config.learning_rate}), {config.replicas} replicas per row, "
-             f"{config.epochs} epochs; base student: one hidden layer of {config.width} "
-             f"{config.activation} units, varying {'+'.join(config.vary)}. PD metrics are "
-             "averaged over replica pairs and test examples: pd_abs = mean |p_r - p_s|, "
-             "pd_rel = the same relative to the mean prediction, churn = disagreement of the "
-             "thresholded predictions.", ""]
-    for grid, entries in _synthetic_grids(config).items():
-        xlabel, sentence = _SYNTHETIC_TITLES[grid]
-        sentence = sentence.format(vary="+".join(config.window_vary), width=config.depth_width)
-        recs = [records[_synthetic_name(spec, config.num_train)] for _, spec in entries]
-        labels = [label for label, _ in entries]
-        rows = [[label] + [fmt(_metric(r, c)) for c in cols]
-                for label, r in zip(labels, recs, strict=True)]
-        png = f"synthetic_{grid}.png"
-        plots.metric_panels(workdir / png, labels,
-                            {c: [_metric(r, c) for r in recs] for c in cols[:3]},
-                            xlabel=xlabel, kind="bar" if grid in ("activation", "source")
-                            else "line", title=f"PD against {xlabel}")
-        lines += [f"## PD against {xlabel}", "", sentence + " " + _trend(grid, labels, recs), "",
-                  markdown_table([xlabel] + cols, rows), "", f"![{grid}]({png})", ""]
-    return lines
-
-
-def _trend(grid: str, labels: Sequence[str], recs: Sequence[Mapping[str, Any]]) -> str:
-    """One computed sentence on a grid: extremes (unordered grids) or first -> last."""
-    values = [_metric(r, "pd_abs") for r in recs]
-    pairs = [(lab, v) for lab, v in zip(labels, values, strict=True) if math.isfinite(v)]
-    if len(pairs) < 2:
-        return ""
-    if grid in ("activation", "source"):
-        low, high = min(pairs, key=lambda p: p[1]), max(pairs, key=lambda p: p[1])
-        return (f"Here the lowest pd_abs is {low[0]} ({fmt(low[1])}) and the highest "
-                f"{high[0]} ({fmt(high[1])}).")
-    ups = sum(b[1] > a[1] for a, b in zip(pairs[:-1], pairs[1:], strict=True))
-    shape = ("rises at every step" if ups == len(pairs) - 1 else
-             "falls at every step" if ups == 0 else "is not monotonic")
-    name = {"window": "w = ", "width": "width ", "depth": "depth "}.get(grid, "")
-    at = lambda label: name + label.split("=")[0]  # noqa: E731 - "N=4000" -> "w = N"
-    return (f"Here pd_abs goes from {fmt(pairs[0][1])} at {at(pairs[0][0])} to "
-            f"{fmt(pairs[-1][1])} at {at(pairs[-1][0])} and {shape}.")
-
-
-# ---------------------------------------------------------------------------------------------
-# Study 3: test-set variance (Jordan).
-
-
-PHAT_BINS = 20
-"""Bins of the per-example accuracy histograms (equal width over [0, 1])."""
-
-
-def _tsv_datasets(config: TestSetVarianceConfig) -> dict[str, data.Dataset]:
-    out = {}
-    for name in config.datasets:
-        if name == "mnist1d_binary":
-            ds = _binary(data.mnist1d(), config.binary_classes)
-        else:
-            ds = data.load(name)
-        out[name] = _subset(ds, config.num_train, config.num_test)
-    return out
-
-
-def _tsv_evaluate(config: TestSetVarianceConfig):
-    def evaluate_fn(run: engine.Run, ds: data.Dataset) -> dict:
-        import jax
-
-        probs_RxNxC, keep = predict_finite(run, ds)
-        key = jax.random.fold_in(jax.random.key(config.seed), 1)
-        out = _evaluate(run, ds, probs_RxNxC, keep, key=key, num_samples=config.num_samples,
-                        level=config.level, over=config.bootstrap_over)
-        if out["metrics"] is not None:
-            phat_N = np.asarray(metrics.phat(probs_RxNxC[keep], ds.y_test))
-            counts, _ = np.histogram(phat_N, bins=PHAT_BINS, range=(0.0, 1.0))
-            out["phat_hist"] = counts.tolist()
-            out["acc_replicas"] = np.asarray(
-                metrics.accuracy(probs_RxNxC[keep], ds.y_test)).tolist()
-        return out
-
-    return evaluate_fn
-
-
-def _tsv_trials(config: TestSetVarianceConfig) -> list[Trial]:
-    trials = []
-    evaluate_fn = _tsv_evaluate(config)
-    for name, ds in _tsv_datasets(config).items():
-        task = _task(config.widths, ds.num_classes, "relu", config.dropout_rate,
-                     config.learning_rate)
-        for source in config.sources:
-            trials.append(Trial(
-                name=f"{name}/{source}", task=task, data=ds,
-                fit=_fit_config(config, SETTINGS[source]),
-                info={"dataset": name, "source": source, "vary": list(SETTINGS[source]),
-                      "num_test": ds.num_test}, evaluate=evaluate_fn))
-    return trials
-
-
-def _verdict(ratio: float, ci) -> str:
-    """Whether var_obs / var_ind says the replicas' errors are independent."""
-    if not math.isfinite(ratio):
-        return "undefined"
-    if ci is not None and None not in ci and ci[0] <= 1.0 <= ci[1]:
-        return "independent (CI holds 1)"
-    if 0.5 <= ratio <= 2.0:
-        return "mildly correlated" if ratio > 1 else "mildly anti-correlated"
-    return "correlated" if ratio > 2 else "anti-correlated"
-
-
-def _tsv_summary(records: Mapping[str, dict]) -> str:
-    ratios = [(name, _metric(r, "var_ratio")) for name, r in records.items()]
-    ratios = [(n, v) for n, v in ratios if math.isfinite(v)]
-    if not ratios:
-        return "No trial has a defined variance ratio."
-    low, high = min(ratios, key=lambda p: p[1]), max(ratios, key=lambda p: p[1])
-    near = sum(0.5 <= v <= 2.0 for _, v in ratios)
-    text = (f"Summary: var_obs / var_ind lies between {fmt(low[1], 2)} ({low[0]}) and "
-            f"{fmt(high[1], 2)} ({high[0]}); {near} of {len(ratios)} trials are within a "
-            "factor of 2 of 1")
-    if near == len(ratios):
-        return text + (", so the replicas' errors look approximately independent, as Jordan "
-                       "(2023) reports: the spread of test accuracy across runs is about what "
-                       "independent per-example errors give.")
-    return text + "; the others show correlated (ratio > 2) or anti-correlated errors."
-
-
-def _tsv_report(config: TestSetVarianceConfig, records, workdir: Path):
-    from jaxrepro import plots
-
-    pct = int(round(config.level * 100))
-    lines = [f"Each trial trains {config.replicas} replicas of a relu MLP "
-             f"{list(config.widths)} for {config.epochs} epochs, differing only in the named "
-             "source. var_obs is the variance of test accuracy across replicas; var_ind the "
-             "variance that independent per-example errors would give (from the per-example "
-             "accuracies phat); their ratio near 1 means the replicas' errors look independent "
-             f"(Jordan 2023). Brackets: {pct}% bootstrap intervals ({config.num_samples} "
-             f"samples over {config.bootstrap_over}). 'share' is var_obs relative to the "
-             "'all' row of the same dataset: how much of the variance one source alone gives.",
-             "", _tsv_summary(records), ""]
-    if config.replicas < 64:
-        lines += [f"Note: {config.replicas} replicas per trial; the study is meant for at least "
-                  "64 (default 128), and with fewer the intervals are wide.", ""]
-    hist, points = {}, []
-    for dataset in config.datasets:
-        recs = {s: records[f"{dataset}/{s}"] for s in config.sources}
-        binary = dataset == "mnist1d_binary"
-        base = _metric(recs["all"], "var_obs") if "all" in recs else math.nan
-        header = ["source", "acc_mean", "acc_std", "var_obs", "var_ind", "var_ratio"]
-        header += ["var_cal"] if binary else []
-        header += ["share", "errors"]
-        rows = []
-        for source, rec in recs.items():
-            m = rec.get("metrics") or {}
-            row = [source, fmt(m.get("acc_mean")), fmt(m.get("acc_std"))]
-            row += [_with_ci(m, k) for k in ("var_obs", "var_ind", "var_ratio")]
-            if binary:
-                row.append(_with_ci(m, "var_cal"))
-            share = _metric(rec, "var_obs") / base if base and math.isfinite(base) else math.nan
-            row += [fmt(share, 2), _verdict(_metric(rec, "var_ratio"), m.get("var_ratio_ci"))]
-            rows.append(row)
-            if rec.get("phat_hist") is not None:
-                hist.setdefault(dataset, {})[source] = rec["phat_hist"]
-            if m:
-                points.append(_std_point(dataset, source, m))
-        n_test = next(iter(recs.values()))["info"]["num_test"]
-        lines += [f"## {dataset} ({n_test} test examples)", "",
-                  _tsv_sentence(dataset, recs, binary), "",
-                  markdown_table(header, rows), ""]
-    edges = np.linspace(0.0, 1.0, PHAT_BINS + 1).tolist()
-    plots.histograms(workdir / "phat_hist.png", edges, hist, xlabel="per-example accuracy phat",
-                     title="How many replicas get each test example right")
-    plots.scatter_intervals(workdir / "std_observed_vs_predicted.png", points,
-                            xlabel="predicted std of accuracy, sqrt(var_ind)",
-                            ylabel="observed std of accuracy, sqrt(var_obs)",
-                            title="Observed against independent-errors prediction")
-    lines += ["![phat histograms](phat_hist.png)", "",
-              "The histograms show, per dataset and source, how many test examples each "
-              "fraction of replicas gets right: mass at 0 and 1 is examples every replica "
-              "agrees on; the middle is where runs differ.", "",
-              "![observed against predicted std](std_observed_vs_predicted.png)", "",
-              "The scatter plot compares the observed standard deviation of test accuracy with "
-              "the one independent errors predict; points on the diagonal are independent.", ""]
-    return lines
-
-
-def _with_ci(m: Mapping[str, Any], key: str) -> str:
-    ci = m.get(key + "_ci")
-    return fmt(m.get(key)) + ("" if ci is None else " " + fmt(ci))
-
-
-def _std_point(group: str, series: str, m: Mapping[str, Any]) -> dict:
-    def sqrt_ci(key):
-        ci = m.get(key + "_ci")
-        if ci is None or None in ci:
-            return None
-        return [math.sqrt(max(v, 0.0)) for v in ci]
-
-    return {"group": group, "series": series,
-            "x": math.sqrt(max(m.get("var_ind") or 0.0, 0.0)),
-            "y": math.sqrt(max(m.get("var_obs") or 0.0, 0.0)),
-            "x_ci": sqrt_ci("var_ind"), "y_ci": sqrt_ci("var_obs")}
-
-
-def _tsv_sentence(dataset: str, recs: Mapping[str, dict], binary: bool) -> str:
-    parts = []
-    for source, rec in recs.items():
-        ratio = _metric(rec, "var_ratio")
-        verdict = _verdict(ratio, (rec.get("metrics") or {}).get("var_ratio_ci"))
-        parts.append(f"{source}: ratio {fmt(ratio, 2)} ({verdict})")
-    text = f"Errors across replicas on {dataset} -- " + "; ".join(parts) + "."
-    if "all" in recs:
-        base = _metric(recs["all"], "var_obs")
-        shares = [f"{s} {fmt(_metric(r, 'var_obs') / base, 2)}" for s, r in recs.items()
-                  if s != "all" and base > 0]
-        if shares:
-            text += (" Variance of accuracy from one source alone, as a share of all sources "
-                     "together: " + ", ".join(shares) + ".")
-    if binary and "all" in recs:
-        m = recs["all"].get("metrics") or {}
-        if m.get("var_cal") and m.get("var_obs") is not None:
-            text += (f" The calibration prediction var_cal = err/(2N) gives "
-                     f"{fmt(m['var_cal'])} against var_obs {fmt(m['var_obs'])} "
-                     f"(ratio {fmt(m['var_obs'] / m['var_cal'], 2)}).")
-    return text
-
-
-# ---------------------------------------------------------------------------------------------
 # The entry point.
 
 
-_STUDIES = {
-    "irreproducibility": ("Irreproducibility by source of randomness",
-                          _irreproducibility_trials, _irreproducibility_report),
-    "synthetic": ("Irreproducibility on synthetic data", _synthetic_trials, _synthetic_report),
-    "test_set_variance": ("Test-set variance across runs", _tsv_trials, _tsv_report),
-}
+_STUDIES: dict[str, tuple[str, Callable, Callable]] = {}
+CONFIGS: dict[str, type[StudyConfig]] = {}
+"""The registered studies by name (``StudyConfig.STUDY``)."""
+
+
+def register(config_cls: type[StudyConfig], title: str,
+             make_trials: Callable[[Any], Sequence[Trial]],
+             make_report: Callable[[Any, Mapping[str, dict], Path], list[str]]) -> None:
+    """Adds a study to ``run``: its config class, report title, trials and report lines.
+
+    ``make_trials(config)`` lists the trials; ``make_report(config, records, workdir)`` returns
+    the report's markdown lines (and writes its plots into ``workdir``).
+    """
+    _STUDIES[config_cls.STUDY] = (title, make_trials, make_report)
+    CONFIGS[config_cls.STUDY] = config_cls
+
 
 
 def run(config: StudyConfig, workdir: str | os.PathLike, *, checkpoint_every: int = 5,
@@ -1368,3 +813,15 @@ def run(config: StudyConfig, workdir: str | os.PathLike, *, checkpoint_every: in
 
 def _versions_note() -> list[str]:
     return ["Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()), ""]
+
+
+# The studies register themselves when imported; their configs are re-exported here.
+from jaxrepro.studies.irreproducibility import (  # noqa: E402
+    IrreproducibilityConfig as IrreproducibilityConfig,
+)
+from jaxrepro.studies.synthetic_data import SyntheticConfig as SyntheticConfig  # noqa: E402
+from jaxrepro.studies.test_set_variance import PHAT_BINS as PHAT_BINS  # noqa: E402
+from jaxrepro.studies.test_set_variance import TSV_DATASETS as TSV_DATASETS  # noqa: E402
+from jaxrepro.studies.test_set_variance import (  # noqa: E402
+    TestSetVarianceConfig as TestSetVarianceConfig,
+)

@@ -13,6 +13,7 @@ import pytest
 from absl import flags
 
 from jaxrepro import engine, plots, study
+from jaxrepro.studies import irreproducibility
 
 # Two trials (the control and every source) of the quick main job, 3 epochs: shared by the
 # checkpoint, resume and divergence tests so they compile once.
@@ -22,7 +23,7 @@ ALL = "relu/all"
 
 @pytest.fixture(scope="module")
 def trial():
-    return {t.name: t for t in study._irreproducibility_trials(CFG)}[ALL]
+    return {t.name: t for t in irreproducibility.trials(CFG)}[ALL]
 
 
 def _bitwise_equal(a, b):
@@ -186,7 +187,7 @@ def _interrupt_at(name, epoch):
 
 def test_interrupted_run_resumes_to_bitwise_the_same_results(tmp_path):
     whole = study.run(CFG, tmp_path / "whole", checkpoint_every=1, progress=False)
-    first = study._irreproducibility_trials(CFG)[0].name
+    first = irreproducibility.trials(CFG)[0].name
     parts = tmp_path / "parts"
     # Interrupted at the first checkpoint (trial 1, epoch 1), then during trial 2.
     with pytest.raises(_Interrupt):
@@ -229,6 +230,6 @@ def test_diverged_replicas_are_reported_and_excluded(trial, tmp_path):
     # The report shows the rows as undefined and lists the diverged replicas.
     records = {ALL: study.to_json({"info": {"activation": "relu", "setting": "all"}, **record})}
     config = CFG.replace(settings=("all",))
-    report = "\n".join(study._irreproducibility_report(config, records, tmp_path))
+    report = "\n".join(irreproducibility.report(config, records, tmp_path))
     assert "\n| relu | all | - | - | - |" in report
     assert "diverged" in "\n".join(study._diverged_note(records))
