@@ -504,19 +504,17 @@ class Engine:
         self._x_N = jnp.asarray(data.x_train)
         self._y_N = jnp.asarray(data.y_train)
         x_example = self._x_N[:1]
-        logits_shape = jax.eval_shape(
-            lambda x: task.model.init_with_output({"params": jax.random.key(0)}, x,
-                                                  train=False)[0], x_example
-        ).shape
-        if logits_shape[-1] != int(data.num_classes):
+        def shapes(x):  # one abstract trace of init: the logits and the optimizer state
+            logits, variables = task.model.init_with_output({"params": jax.random.key(0)}, x,
+                                                            train=False)
+            return logits, task.tx.init(variables["params"])
+
+        logits_example, opt_example = jax.eval_shape(shapes, x_example)
+        if logits_example.shape[-1] != int(data.num_classes):
             raise ValueError(
-                f"the model outputs {logits_shape[-1]} logits per example but the dataset "
-                f"{getattr(data, 'name', '')!r} has {data.num_classes} classes"
+                f"the model outputs {logits_example.shape[-1]} logits per example but the "
+                f"dataset {getattr(data, 'name', '')!r} has {data.num_classes} classes"
             )
-        opt_example = jax.eval_shape(
-            lambda x: task.tx.init(task.model.init({"params": jax.random.key(0)}, x,
-                                                   train=False)["params"]), x_example
-        )
         self._hparams_R = _check_hparams(hparams, len(self.replica_ids), opt_example)
 
     @property
@@ -563,6 +561,47 @@ class Engine:
         )
         return state, {k: np.asarray(v) for k, v in metrics.items()}
 
+    def run(self, state: TrainState | None = None, *, first_epoch: int = 0,
+            history: Mapping[str, np.ndarray] | None = None,
+            callback: Callable[[int, TrainState, dict[str, np.ndarray]], None] | None = None,
+            ) -> Run:
+        """Trains to the config's last epoch, from the start or from a saved point.
+
+        Dispatches ``config.epochs_per_call`` epochs at a time. ``fit`` is this from the start;
+        a resumed run passes the restored ``state``, its ``first_epoch`` and the ``history`` of
+        the epochs before it, and ends bitwise where an uninterrupted run would.
+
+        Args:
+          state: the stacked state after ``first_epoch`` epochs (default: ``init()``).
+          first_epoch: epochs already trained.
+          history: ``{"loss", "accuracy"}`` float ``[R, first_epoch]`` of those epochs.
+          callback: called after each dispatch as ``callback(epochs_done, state, history)``
+            (to checkpoint, say); the state is donated to the next dispatch, so the callback
+            must finish with it before returning.
+
+        Returns:
+          A ``Run`` with the whole history ``[R, epochs]``.
+        """
+        c = self.config
+        start = time.perf_counter()
+        if state is None:
+            state = self.init()
+        past = {k: [np.asarray(history[k], np.float32)] if history is not None
+                else [np.zeros((self.num_replicas, 0), np.float32)] for k in ("loss", "accuracy")}
+        done = first_epoch
+        while done < c.epochs:
+            n = min(c.epochs_per_call, c.epochs - done)
+            state, metrics = self.train(state, done, n)
+            for k in past:
+                past[k].append(metrics[k])
+            done += n
+            if callback is not None:
+                callback(done, state, {k: np.concatenate(v, axis=1) for k, v in past.items()})
+        jax.block_until_ready(state)
+        return Run(task=self.task, config=c, state=state, replica_ids=self.replica_ids,
+                   history={k: np.concatenate(v, axis=1) for k, v in past.items()},
+                   seconds=time.perf_counter() - start)
+
 
 @dataclasses.dataclass
 class Run:
@@ -587,6 +626,12 @@ class Run:
     @property
     def num_replicas(self) -> int:
         return len(self.replica_ids)
+
+    @functools.cached_property
+    def _placement(self) -> tuple[tuple[str, int], Mesh | None]:
+        """Strategy and mesh of prediction: the training's, derived once."""
+        return (parse_strategy(self.config.strategy),
+                replica_mesh(self.num_replicas, self.config.devices))
 
     @property
     def diverged(self) -> np.ndarray:
@@ -620,6 +665,7 @@ class Run:
             raise ValueError(f"predict: x holds {int(np.sum(~np.isfinite(x)))} NaN or inf values")
         n = x.shape[0]
         chunk = max(1, min(chunk_size, n))
+        strategy, mesh = self._placement
         out = []
         for start in range(0, n, chunk):
             x_B = x[start:start + chunk]
@@ -628,8 +674,7 @@ class Run:
                 x_B = np.concatenate([x_B, np.zeros((chunk - valid,) + x.shape[1:], x.dtype)])
             logits_RxBxC = _predict_chunk(
                 self.state.params, self.state.batch_stats, jnp.asarray(x_B),
-                model=self.task.model, strategy=parse_strategy(self.config.strategy),
-                mesh=replica_mesh(self.num_replicas, self.config.devices))
+                model=self.task.model, strategy=strategy, mesh=mesh)
             if not logits:
                 logits_RxBxC = jax.nn.softmax(logits_RxBxC, axis=-1)
             out.append(np.asarray(logits_RxBxC)[:, :valid])
@@ -670,22 +715,4 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, data, *,
     elif config_kwargs:
         config = dataclasses.replace(config, **config_kwargs)
     task = Task(model=model, tx=tx, loss_fn=loss_fn, augment=augment)
-    engine = Engine(task, data, config, hparams=hparams)
-    start = time.perf_counter()
-    state = engine.init()
-    history = {"loss": [], "accuracy": []}
-    done = 0
-    while done < config.epochs:
-        n = min(config.epochs_per_call, config.epochs - done)
-        state, metrics = engine.train(state, done, n)
-        for k in history:
-            history[k].append(metrics[k])
-        done += n
-        if callback is not None:
-            callback(done, state, {k: np.concatenate(v, axis=1) for k, v in history.items()})
-    jax.block_until_ready(state)
-    return Run(
-        task=task, config=config, state=state, replica_ids=engine.replica_ids,
-        history={k: np.concatenate(v, axis=1) for k, v in history.items()},
-        seconds=time.perf_counter() - start,
-    )
+    return Engine(task, data, config, hparams=hparams).run(callback=callback)

@@ -552,40 +552,33 @@ def _units(trial: Trial) -> tuple[float, int]:
 def train_trial(trial: Trial, checkpoint_dir: str | os.PathLike, *, checkpoint_every: int = 5,
                 progress: Progress | None = None, index: tuple[int, int] = (1, 1),
                 on_checkpoint: Callable[[str, int], None] | None = None) -> engine.Run:
-    """Trains one trial, resuming from its latest checkpoint, saving every
-    ``checkpoint_every`` epochs and after the last. One epoch per dispatch, so the result does
-    not depend on where the checkpoints fall."""
+    """Trains one trial with ``Engine.run``, resuming from its latest checkpoint and saving
+    whenever a multiple of ``checkpoint_every`` epochs is reached, and after the last epoch.
+    Where the checkpoints fall never changes the result."""
     eng = engine.Engine(trial.task, trial.data, trial.fit)
     epochs = trial.fit.epochs
     per_epoch, _ = _units(trial)
-    start_time = time.perf_counter()
-    state = eng.init()
-    first, history = 0, {"loss": [], "accuracy": []}
-    restored = restore_checkpoint(checkpoint_dir, state)
+    state, first, history = None, 0, None
+    restored = restore_checkpoint(checkpoint_dir, eng.init())
     if restored is not None:
-        state, first, old = restored
-        history = {k: [old[k]] for k in history}
+        state, first, history = restored
         if progress is not None:
             progress.skip(per_epoch * first)
             progress.write(f"config {index[0]}/{index[1]} {trial.name} resumed at epoch "
                            f"{first}/{epochs}")
-    for epoch in range(first, epochs):
-        state, m = eng.train(state, epoch, 1)
-        for k in history:
-            history[k].append(m[k])
-        done = epoch + 1
+    last = [first]
+
+    def after_dispatch(done: int, state: engine.TrainState, hist: dict[str, np.ndarray]):
         if progress is not None:
-            progress.step(index[0], index[1], trial.name, done, epochs, per_epoch)
-        if done % checkpoint_every == 0 or done == epochs:
-            hist = {k: np.concatenate(v, axis=1) for k, v in history.items()}
+            progress.step(index[0], index[1], trial.name, done, epochs,
+                          per_epoch * (done - last[0]))
+        if done // checkpoint_every > last[0] // checkpoint_every or done == epochs:
             save_checkpoint(checkpoint_dir, done, state, hist)
             if on_checkpoint is not None:
                 on_checkpoint(trial.name, done)
-    hist = {k: np.concatenate(v, axis=1) if v else np.zeros((eng.num_replicas, 0), np.float32)
-            for k, v in history.items()}
-    return engine.Run(task=trial.task, config=trial.fit, state=state,
-                      replica_ids=eng.replica_ids, history=hist,
-                      seconds=time.perf_counter() - start_time)
+        last[0] = done
+
+    return eng.run(state, first_epoch=first, history=history, callback=after_dispatch)
 
 
 def _read_json(path: Path):
