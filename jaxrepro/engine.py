@@ -46,10 +46,13 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jaxrepro import randomness
+from jaxrepro import losses, models, randomness
 
 Array = jax.Array
 PyTree = Any
+
+DEFAULT_LOSS = losses.softmax_cross_entropy()
+"""The task loss when none is given: softmax cross-entropy (of the ensemble prediction)."""
 
 DEFAULT_PERTURB_SCALE = 1e-6
 """Relative size of the ``perturb`` source's change of the initial weights when it is varied."""
@@ -59,11 +62,6 @@ STRATEGIES = ("auto", "map", "vmap", "chunked:K")
 # Incremented each time the epoch function is traced (never at run time): lets tests assert
 # that training compiles once across epochs and across runs of the same task.
 TRACE_COUNTS = {"train_epochs": 0, "init": 0}
-
-
-def softmax_cross_entropy(logits_BxC: Array, labels_B: Array) -> Array:
-    """Mean softmax cross-entropy with integer labels: the default task loss."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B).mean()
 
 
 class TrainState(NamedTuple):
@@ -86,16 +84,23 @@ class Task:
     """The static description of one replica's training: hashable, a ``jit`` static argument.
 
     Attributes:
-      model: a Flax linen module called as ``model(x, train=...)`` returning logits ``[B, C]``.
+      model: a Flax linen module called as ``model(x, train=...)`` returning logits ``[B, C]``,
+        or a ``models.Ensemble`` returning its K components' logits ``[K, B, C]``.
       tx: any optax ``GradientTransformation``.
-      loss_fn: ``(logits_BxC, labels_B) -> scalar``.
+      loss_fn: ``(logits_KxBxC, batch) -> scalar`` (``jaxrepro.losses``: a plain model's
+        logits get a leading axis of 1); default: softmax cross-entropy.
       augment: optional ``(key, x_B...) -> x_B...`` drawing from the ``augment`` source.
     """
 
     model: nn.Module
     tx: optax.GradientTransformation
-    loss_fn: Callable[[Array, Array], Array] = softmax_cross_entropy
+    loss_fn: losses.Loss = DEFAULT_LOSS
     augment: Callable[[Array, Array], Array] | None = None
+
+    @property
+    def num_components(self) -> int | None:
+        """K when the model is an ``Ensemble``, else None."""
+        return models.num_components(self.model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,12 +233,17 @@ def perturb_params(params: PyTree, key: Array, scale: Array) -> PyTree:
     return jax.tree.unflatten(treedef, out)
 
 
-def train_step(task: Task, state: TrainState, x_B: Array, y_B: Array, dropout_key: Array,
-               augment_key: Array) -> tuple[TrainState, dict[str, Array]]:
-    """One optimisation step of one replica on one batch."""
+def train_step(task: Task, state: TrainState, x_B: Array, y_B: Array, idx_B: Array,
+               dropout_key: Array, augment_key: Array) -> tuple[TrainState, dict[str, Array]]:
+    """One optimisation step of one replica on one batch.
+
+    ``idx_B`` are the batch's positions in the training set (``losses.Batch.index``). The
+    reported accuracy is the ensemble prediction's for an ``Ensemble``.
+    """
     if task.augment is not None:
         x_B = task.augment(augment_key, x_B)
     has_stats = bool(jax.tree.leaves(state.batch_stats))
+    ensemble = task.num_components is not None
 
     def loss_of(params):
         variables = {"params": params}
@@ -246,14 +256,18 @@ def train_step(task: Task, state: TrainState, x_B: Array, y_B: Array, dropout_ke
         else:
             logits = task.model.apply(variables, x_B, train=True, rngs={"dropout": dropout_key})
             batch_stats = state.batch_stats
-        return task.loss_fn(logits, y_B), (logits, batch_stats)
+        logits_KxBxC = logits if ensemble else logits[None]
+        batch = losses.Batch(x_B, y_B, jax.nn.one_hot(y_B, logits.shape[-1], dtype=jnp.float32),
+                             idx_B)
+        return task.loss_fn(logits_KxBxC, batch), (logits_KxBxC, batch_stats)
 
-    (loss, (logits_BxC, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+    (loss, (logits_KxBxC, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(
         state.params
     )
     updates, opt_state = task.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    accuracy = jnp.mean((jnp.argmax(logits_BxC, axis=-1) == y_B).astype(jnp.float32))
+    scores_BxC = losses.ensemble_log_probs(logits_KxBxC) if ensemble else logits_KxBxC[0]
+    accuracy = jnp.mean((jnp.argmax(scores_BxC, axis=-1) == y_B).astype(jnp.float32))
     return TrainState(params, batch_stats, opt_state), {"loss": loss, "accuracy": accuracy}
 
 
@@ -295,7 +309,7 @@ def train_epochs(task: Task, state: TrainState, keys: ReplicaKeys, x_N: Array, y
         def step_body(state, inputs):
             idx_B, step = inputs
             return train_step(
-                task, state, x_N[idx_B], y_N[idx_B],
+                task, state, x_N[idx_B], y_N[idx_B], idx_B,
                 randomness.step_key(keys.dropout, step), randomness.step_key(keys.augment, step),
             )
 
@@ -426,13 +440,16 @@ def _batches_R(ids_R, seed, varied_S, num_train, window, epoch, *, batch_size):
     return jax.vmap(lambda k: epoch_batches(k, epoch, base_N, window, batch_size))(keys_R)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "strategy", "mesh"))
-def _predict_chunk(params_R, batch_stats_R, x_B, *, model, strategy, mesh):
+@functools.partial(jax.jit, static_argnames=("model", "strategy", "mesh", "components"))
+def _predict_chunk(params_R, batch_stats_R, x_B, *, model, strategy, mesh, components):
     def one(params, batch_stats, x_B):
         variables = {"params": params}
         if jax.tree.leaves(batch_stats):
             variables["batch_stats"] = batch_stats
-        return model.apply(variables, x_B, train=False)
+        logits = model.apply(variables, x_B, train=False)
+        if models.num_components(model) is None:
+            return logits[None] if components else logits
+        return logits if components else losses.ensemble_log_probs(logits)
 
     return _over_replicas(one, strategy, mesh, (params_R, batch_stats_R), (x_B,))
 
@@ -510,11 +527,20 @@ class Engine:
             return logits, task.tx.init(variables["params"])
 
         logits_example, opt_example = jax.eval_shape(shapes, x_example)
+        k = task.num_components
+        expected = 2 if k is None else 3
+        if len(logits_example.shape) != expected:
+            raise ValueError(
+                "the model must return logits [B, C]"
+                + (" (an Ensemble: [K, B, C])" if k else "")
+                + f"; it returned shape {logits_example.shape} for a batch of 1")
         if logits_example.shape[-1] != int(data.num_classes):
             raise ValueError(
                 f"the model outputs {logits_example.shape[-1]} logits per example but the "
                 f"dataset {getattr(data, 'name', '')!r} has {data.num_classes} classes"
             )
+        losses.check(task.loss_fn, num_components=k or 1, num_train=num_train,
+                     num_classes=int(data.num_classes))
         self._hparams_R = _check_hparams(hparams, len(self.replica_ids), opt_example)
 
     @property
@@ -646,17 +672,22 @@ class Run:
         """The state of the replica at position ``index`` of the stack (not its key index)."""
         return jax.tree.map(lambda a: a[index], self.state)
 
-    def predict(self, x, *, logits: bool = False, chunk_size: int = 1024) -> np.ndarray:
+    def predict(self, x, *, logits: bool = False, components: bool = False,
+                chunk_size: int = 1024) -> np.ndarray:
         """Stacked predictions ``[R, N, C]`` in eval mode, computed in chunks of examples.
+
+        For an ``Ensemble`` model the prediction is the ensemble's, the mean of its components'
+        probabilities (its logits: their log, ``losses.ensemble_log_probs``).
 
         Args:
           x: inputs ``[N, ...]`` shaped like the training inputs.
           logits: return logits instead of softmax probabilities.
+          components: return every component, ``[R, K, N, C]`` (K = 1 for a plain model).
           chunk_size: examples per compiled call; memory is ``O(R * chunk_size * C)`` on the
             device. The last chunk is padded so every call has the same shape.
 
         Returns:
-          float32 numpy ``[R, N, C]``.
+          float32 numpy ``[R, N, C]`` (``[R, K, N, C]`` with ``components``).
         """
         x = np.asarray(x, np.float32)
         if x.ndim < 2:
@@ -674,16 +705,16 @@ class Run:
                 x_B = np.concatenate([x_B, np.zeros((chunk - valid,) + x.shape[1:], x.dtype)])
             logits_RxBxC = _predict_chunk(
                 self.state.params, self.state.batch_stats, jnp.asarray(x_B),
-                model=self.task.model, strategy=strategy, mesh=mesh)
+                model=self.task.model, strategy=strategy, mesh=mesh, components=components)
             if not logits:
                 logits_RxBxC = jax.nn.softmax(logits_RxBxC, axis=-1)
-            out.append(np.asarray(logits_RxBxC)[:, :valid])
-        return np.concatenate(out, axis=1)
+            out.append(np.asarray(logits_RxBxC)[..., :valid, :])
+        return np.concatenate(out, axis=-2)
 
 
 def fit(model: nn.Module, tx: optax.GradientTransformation, data, *,
         config: FitConfig | None = None,
-        loss_fn: Callable[[Array, Array], Array] = softmax_cross_entropy,
+        loss_fn: losses.Loss = DEFAULT_LOSS,
         augment: Callable[[Array, Array], Array] | None = None,
         hparams: Mapping[str, Sequence[float]] | None = None,
         callback: Callable[[int, TrainState, dict[str, np.ndarray]], None] | None = None,
@@ -691,13 +722,15 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, data, *,
     """Trains R replicas of ``model`` with ``tx`` on ``data`` at once.
 
     Args:
-      model: a Flax linen module ``model(x, train=...) -> logits [B, C]``.
+      model: a Flax linen module ``model(x, train=...) -> logits [B, C]``, or a
+        ``models.Ensemble`` (``[K, B, C]``): R replicas of a K-component ensemble.
       tx: an optax ``GradientTransformation`` (schedules included); each replica has its own
         optimizer state.
       data: a ``jaxrepro.data.Dataset``.
       config: a ``FitConfig``; or give its fields as keyword arguments (``replicas=32,
         vary=("init", "order"), batch_size=128, epochs=20, ...``).
-      loss_fn: ``(logits_BxC, labels_B) -> scalar``.
+      loss_fn: ``(logits_KxBxC, batch) -> scalar``: a task loss of ``jaxrepro.losses``,
+        possibly wrapped in its transforms (default: softmax cross-entropy).
       augment: an augmentation drawing from the ``augment`` source (``jaxrepro.augment``).
       hparams: per-replica hyperparameters, ``{name: [R] values}``, for an optimizer built with
         ``optax.inject_hyperparams`` (for instance a learning rate per replica).

@@ -131,6 +131,19 @@ def _check_common(module: nn.Module) -> None:
     n = module.num_classes
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {n!r}")
+    _check_positive_int("heads", module.heads)
+
+
+def _head(h_BxD: jax.Array, num_classes: int, heads: int) -> jax.Array:
+    """The output layer ``head``: logits ``[B, C]``, or ``[heads, B, C]`` for several heads.
+
+    Several heads are one Dense layer of ``heads * C`` outputs (each head's kernel columns are
+    initialised as a lone head's would be: the same fan-in).
+    """
+    if heads == 1:
+        return nn.Dense(num_classes, name="head")(h_BxD)
+    out = nn.Dense(heads * num_classes, name="head")(h_BxD)
+    return jnp.moveaxis(out.reshape(h_BxD.shape[0], heads, num_classes), 1, 0)
 
 
 def _normalize(h: jax.Array, norm: str | None, *, train: bool, name: str) -> jax.Array:
@@ -170,6 +183,8 @@ class MLP(nn.Module):
         dropout_rate: dropout probability after each hidden activation, in [0, 1).
         norm: ``None``, ``"layer"`` or ``"batch"`` after each hidden Dense.
         residual: add skip connections between equal-width hidden layers.
+        heads: output heads on the shared body; more than 1 gives logits ``[heads, B, C]``
+            (``Ensemble(..., shared_body=True)`` sets it).
     """
 
     widths: tuple[int, ...]
@@ -178,6 +193,7 @@ class MLP(nn.Module):
     dropout_rate: float = 0.0
     norm: str | None = None
     residual: bool = False
+    heads: int = 1
 
     def __post_init__(self):
         object.__setattr__(
@@ -197,7 +213,7 @@ class MLP(nn.Module):
             y_BxW = _dropout(act(y_BxW), self.dropout_rate, train=train)
             skip = self.residual and i > 0 and self.widths[i - 1] == width
             h_BxD = h_BxD + y_BxW if skip else y_BxW
-        return nn.Dense(self.num_classes, name="head")(h_BxD)
+        return _head(h_BxD, self.num_classes, self.heads)
 
 
 class CNN1D(nn.Module):
@@ -223,6 +239,7 @@ class CNN1D(nn.Module):
         norm: ``None``, ``"layer"`` or ``"batch"`` after each conv (over the channel axis).
         conv: ``"patches"`` (``PatchConv``, the default: one matrix product per layer) or
             ``"xla"`` (``nn.Conv``); same parameters and, to float rounding, same outputs.
+        heads: output heads on the shared body (logits ``[heads, B, C]`` when more than 1).
     """
 
     features: tuple[int, ...] = (32, 32, 32)
@@ -232,6 +249,7 @@ class CNN1D(nn.Module):
     dropout_rate: float = 0.0
     norm: str | None = None
     conv: str = "patches"
+    heads: int = 1
 
     def __post_init__(self):
         object.__setattr__(
@@ -251,7 +269,7 @@ class CNN1D(nn.Module):
         h_BxLxC = (x[..., None] if x.ndim == 2 else x).astype(jnp.float32)
         h_BxLxC = _conv_stack(self, h_BxLxC, (self.kernel_size,), act, train=train)
         h_BxD = h_BxLxC.reshape((h_BxLxC.shape[0], -1))
-        return nn.Dense(self.num_classes, name="head")(h_BxD)
+        return _head(h_BxD, self.num_classes, self.heads)
 
 
 class CNN2D(nn.Module):
@@ -278,6 +296,7 @@ class CNN2D(nn.Module):
         norm: ``None``, ``"layer"`` or ``"batch"`` after each conv / the hidden Dense.
         conv: ``"patches"`` (``PatchConv``, the default: one matrix product per layer) or
             ``"xla"`` (``nn.Conv``); same parameters and, to float rounding, same outputs.
+        heads: output heads on the shared body (logits ``[heads, B, C]`` when more than 1).
     """
 
     features: tuple[int, ...] = (16, 32)
@@ -288,6 +307,7 @@ class CNN2D(nn.Module):
     dropout_rate: float = 0.0
     norm: str | None = None
     conv: str = "patches"
+    heads: int = 1
 
     def __post_init__(self):
         object.__setattr__(
@@ -312,4 +332,75 @@ class CNN2D(nn.Module):
         h_BxD = nn.Dense(self.dense, name="dense")(h_BxD)
         h_BxD = _normalize(h_BxD, self.norm, train=train, name="norm_dense")
         h_BxD = _dropout(act(h_BxD), self.dropout_rate, train=train)
-        return nn.Dense(self.num_classes, name="head")(h_BxD)
+        return _head(h_BxD, self.num_classes, self.heads)
+
+
+class Ensemble(nn.Module):
+    """K components of a model as one model: logits ``[K, B, C]``.
+
+    Separate towers (the default): K independent copies of ``model``, each with its own
+    parameters (and BatchNorm statistics, and dropout masks), computed together with
+    ``nn.vmap`` (one batched matrix product per layer). Component k's initial parameters come
+    from the replica's ``init`` key split K ways (Flax's ``split_rngs``), so components differ
+    through their initialisation like independently trained models. With
+    ``shared_body=True``: one body and K output heads (``model.heads = K``); the components then
+    differ only in their heads.
+
+    The ensemble's prediction is the mean of the components' probabilities
+    (``losses.ensemble_log_probs``); ``engine.Run.predict`` returns it, or every component with
+    ``components=True``. Replicas of an ensemble train exactly as replicas of a model do, so R
+    replicas of a K-component ensemble are one training step. K = 1 computes the model itself
+    (same outputs and training, given the same parameters with a leading axis of 1).
+
+    Example:
+        >>> model = Ensemble(MLP(widths=(32,), num_classes=10), num_components=4)
+        >>> variables = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 40)), train=False)
+        >>> model.apply(variables, jnp.zeros((8, 40)), train=False).shape
+        (4, 8, 10)
+
+    Attributes:
+        model: any model here (or a module called as ``model(x, train=...)`` returning
+            ``[B, C]``; ``shared_body=True`` needs a ``heads`` field).
+        num_components: K >= 1.
+        shared_body: K heads on one body instead of K towers.
+
+    References:
+        Shamir & Coviello, arXiv 2010.09923 (ensembles inside a model); methods.md section 7.
+    """
+
+    model: nn.Module
+    num_components: int
+    shared_body: bool = False
+
+    def __post_init__(self):
+        _check_positive_int("num_components", self.num_components)
+        if self.shared_body and not hasattr(self.model, "heads"):
+            raise ValueError(f"shared_body=True needs a model with a 'heads' field (MLP, CNN1D, "
+                             f"CNN2D); {type(self.model).__name__} has none")
+        if getattr(self.model, "heads", 1) != 1:
+            raise ValueError("Ensemble: the wrapped model must have heads=1")
+        super().__post_init__()
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """Maps ``x [B, ...]`` to the components' logits ``[K, B, C]``."""
+        k = self.num_components
+        if self.shared_body:
+            return self.model.clone(heads=k, parent=self, name="body")(x, train=train)
+        towers = nn.vmap(
+            lambda module, x: module(x, train=train),
+            variable_axes={"params": 0, "batch_stats": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=None, out_axes=0, axis_size=k,
+        )
+        return towers(self.model, x)
+
+
+def num_components(model: nn.Module) -> int | None:
+    """K for an ``Ensemble`` (its logits are ``[K, B, C]``), None for a plain model
+    (``[B, C]``)."""
+    return model.num_components if isinstance(model, Ensemble) else None

@@ -1,0 +1,59 @@
+"""The optimizers of the regulariser study: SGD, SGD with momentum and Adam, with weight decay.
+
+Synopsis::
+
+    from jaxrepro import optim
+    tx = optim.optimizer("momentum", 0.05, weight_decay=5e-4)
+
+``optimizer`` returns one optax object per distinct argument list for the whole process
+(cached): compiled training functions are cached by the optimizer's identity, so trials that
+use the same optimizer share them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import optax
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+@functools.cache
+def optimizer(name: str, learning_rate: float, *, momentum: float = 0.9,
+              weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """An optax optimizer by name.
+
+    Args:
+      name: ``"sgd"``, ``"momentum"`` (SGD with heavy-ball momentum) or ``"adam"``.
+      learning_rate: the step size.
+      momentum: the momentum coefficient of ``"momentum"``.
+      weight_decay: L2 weight decay added to the gradient before the optimizer,
+        ``g + weight_decay * w`` (the ``weight_decay`` of PyTorch's SGD and Adam, which the
+        regulariser study's source repository used; not AdamW's decoupled decay). It applies to
+        every parameter, biases and norm scales included (project's choice, as in PyTorch's
+        default).
+
+    Raises:
+      ValueError: an unknown name or a negative or non-finite number.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    for label, value, positive in (("learning_rate", learning_rate, True),
+                                   ("momentum", momentum, False),
+                                   ("weight_decay", weight_decay, False)):
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            bound = "> 0" if positive else ">= 0"
+            raise ValueError(f"{label} must be finite and {bound}, got {value!r}")
+    if momentum >= 1:
+        raise ValueError(f"momentum must be < 1, got {momentum!r}")
+    if name == "sgd":
+        tx = optax.sgd(learning_rate)
+    elif name == "momentum":
+        tx = optax.sgd(learning_rate, momentum=momentum)
+    else:
+        tx = optax.adam(learning_rate)
+    if weight_decay:
+        tx = optax.chain(optax.add_decayed_weights(weight_decay), tx)
+    return tx
