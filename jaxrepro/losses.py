@@ -30,8 +30,9 @@ if it is a penalty (``anti_distillation``, ``codistillation``, ``min_entropy``).
 * a penalty that reads the targets (``anti_distillation`` with ``output="residual"``) sees them
   as rewritten by the target transforms *outside* it.
 
-A transform with weight 0 leaves the loss and its gradient unchanged (its term is multiplied by
-0, not skipped; the tests check this bitwise).
+A transform with weight 0 leaves the loss and its gradient unchanged, to float rounding (its
+term is multiplied by 0, not skipped, so XLA may round a fused gradient differently in the last
+bit).
 
 **Ensembles.** The ensemble prediction of K components is the mean of their probabilities
 (methods.md sections 6 and 7); ``ensemble_log_probs`` gives its log, which is also a valid set
