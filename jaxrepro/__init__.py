@@ -8,6 +8,11 @@ Synopsis::
     run = jaxrepro.fit(model, optax.adam(1e-3), data, replicas=32, seed=0,
                        vary=("init", "order"), batch_size=128, epochs=20)
     probs = run.predict(data.x_test)                  # [32, 1000, 10]
+
+    # 16 replicas of a 4-component anti-distilled ensemble, in one training step:
+    ens = jaxrepro.models.Ensemble(model, num_components=4)
+    loss = jaxrepro.losses.anti_distillation(jaxrepro.losses.softmax_cross_entropy(), 0.1)
+    run = jaxrepro.fit(ens, optax.adam(1e-3), data, loss_fn=loss, replicas=16)
 """
 
 from jaxrepro import (
@@ -15,8 +20,10 @@ from jaxrepro import (
     augment,
     data,
     engine,
+    losses,
     metrics,
     models,
+    optim,
     plots,
     randomness,
     study,
@@ -41,8 +48,10 @@ __all__ = [
     "data",
     "engine",
     "fit",
+    "losses",
     "metrics",
     "models",
+    "optim",
     "plots",
     "randomness",
     "study",
