@@ -390,6 +390,10 @@ def _need_components(name: str, num_components: int) -> None:
             f"the model has K = {num_components}")
 
 
+AD_OUTPUTS = ("logits", "centred_logits", "residual")
+"""What anti-distillation decorrelates."""
+
+
 @dataclasses.dataclass(frozen=True)
 class AntiDistillation:
     """``loss + weight * decorrelation(outputs)``; see ``anti_distillation``."""
@@ -402,8 +406,8 @@ class AntiDistillation:
     def __post_init__(self):
         _check_loss("anti_distillation", self.loss)
         object.__setattr__(self, "weight", _check_weight("anti_distillation", self.weight))
-        if self.output not in ("logits", "residual"):
-            raise ValueError(f"anti_distillation: output must be 'logits' or 'residual', got "
+        if self.output not in AD_OUTPUTS:
+            raise ValueError(f"anti_distillation: output must be one of {AD_OUTPUTS}, got "
                              f"{self.output!r}")
         if self.penalty not in ("squared", "absolute"):
             raise ValueError(f"anti_distillation: penalty must be 'squared' or 'absolute', got "
@@ -414,6 +418,8 @@ class AntiDistillation:
         _need_components("anti_distillation", logits_KxBxC.shape[0])
         if self.output == "logits":
             outputs = logits_KxBxC
+        elif self.output == "centred_logits":
+            outputs = logits_KxBxC - jnp.mean(logits_KxBxC, axis=-1, keepdims=True)
         else:
             outputs = jax.nn.softmax(logits_KxBxC, axis=-1) - batch.targets[None]
         return base + self.weight * decorrelation(outputs, penalty=self.penalty)
@@ -427,8 +433,11 @@ def anti_distillation(loss: Loss, weight: float, *, output: str = "logits",
     """Anti-distillation: push an ensemble's components apart over each mini-batch.
 
     ``loss + weight * decorrelation(o)`` where ``o`` is each component's output over the batch:
-    its logits (``output="logits"``), or its residual ``softmax(logits) - targets``
-    (``"residual"``: the correlation of the members' errors, as in Rosen 1996); the penalty is
+    its logits (``output="logits"``); its logits centred over the classes of each example
+    (``"centred_logits"``, the project's addition: the part of the logits the softmax sees, so
+    a component cannot lower the penalty by adding a per-example shift common to all classes,
+    which leaves its prediction unchanged); or its residual ``softmax(logits) - targets``
+    (``"residual"``: the correlation of the members' errors, as in Rosen 1996). The penalty is
     the mean over component pairs of their class-averaged Pearson correlation over the batch,
     squared (``penalty="squared"``) or absolute. Needs K >= 2 components. Wrap the task loss of
     the ensemble (``softmax_cross_entropy()``) to get methods.md section 7's definition.

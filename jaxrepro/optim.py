@@ -20,7 +20,6 @@ import optax
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
 
-@functools.cache
 def optimizer(name: str, learning_rate: float, *, momentum: float = 0.9,
               weight_decay: float = 0.0) -> optax.GradientTransformation:
     """An optax optimizer by name.
@@ -48,6 +47,14 @@ def optimizer(name: str, learning_rate: float, *, momentum: float = 0.9,
             raise ValueError(f"{label} must be finite and {bound}, got {value!r}")
     if momentum >= 1:
         raise ValueError(f"momentum must be < 1, got {momentum!r}")
+    # Normalised arguments, so equivalent calls return the same (cached) object.
+    return _build(name, float(learning_rate), float(momentum) if name == "momentum" else 0.0,
+                  float(weight_decay))
+
+
+@functools.cache
+def _build(name: str, learning_rate: float, momentum: float, weight_decay: float
+           ) -> optax.GradientTransformation:
     if name == "sgd":
         tx = optax.sgd(learning_rate)
     elif name == "momentum":

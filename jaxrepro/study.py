@@ -455,11 +455,13 @@ def save_checkpoint(directory: str | os.PathLike, epoch: int, state: engine.Trai
         mngr.wait_until_finished()
 
 
-def restore_checkpoint(directory: str | os.PathLike, like: engine.TrainState):
+def restore_checkpoint(directory: str | os.PathLike,
+                       like: engine.TrainState | Callable[[], engine.TrainState]):
     """The latest checkpoint as ``(state, epoch, history)``, or None when there is none.
 
-    ``like`` (e.g. a fresh ``Engine.init()``) gives the tree structure, dtypes and shardings,
-    so the restored state is bitwise the saved one, laid out as training expects.
+    ``like`` (e.g. a fresh ``Engine.init()``, or a function returning one, called only when a
+    checkpoint exists) gives the tree structure, dtypes and shardings, so the restored state is
+    bitwise the saved one, laid out as training expects.
     """
     import jax
     import orbax.checkpoint as ocp
@@ -471,6 +473,8 @@ def restore_checkpoint(directory: str | os.PathLike, like: engine.TrainState):
         step = mngr.latest_step()
         if step is None:
             return None
+        if callable(like):
+            like = like()
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         out = mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
@@ -559,7 +563,7 @@ def train_trial(trial: Trial, checkpoint_dir: str | os.PathLike, *, checkpoint_e
     epochs = trial.fit.epochs
     per_epoch, _ = _units(trial)
     state, first, history = None, 0, None
-    restored = restore_checkpoint(checkpoint_dir, eng.init())
+    restored = restore_checkpoint(checkpoint_dir, eng.init)  # initialises only to resume
     if restored is not None:
         state, first, history = restored
         if progress is not None:

@@ -219,3 +219,9 @@ def test_plain_model_components_view_has_one_component(ds):
     comps = run.predict(ds.x_test, components=True)
     assert comps.shape == (4, 1, ds.num_test, 3)
     np.testing.assert_array_equal(comps[:, 0], run.predict(ds.x_test))
+
+
+def test_equivalent_optimizer_calls_share_one_object():
+    assert optim.optimizer("adam", 1e-3) is optim.optimizer("adam", 0.001, weight_decay=0.0)
+    assert optim.optimizer("sgd", 0.1, momentum=0.5) is optim.optimizer("sgd", 0.1)
+    assert optim.optimizer("momentum", 0.1, momentum=0.5) is not optim.optimizer("momentum", 0.1)

@@ -193,6 +193,18 @@ def test_residual_anti_distillation_decorrelates_the_errors():
                                float(losses.decorrelation(residual)), rtol=1e-5)
 
 
+def test_centred_logits_penalty_ignores_a_per_example_shift():
+    """A shift common to all classes of an example leaves the prediction unchanged: the centred
+    penalty is blind to it, the raw-logit penalty is not (it can be lowered that way)."""
+    logits, batch = _logits(), _batch()
+    shift_KxBx1 = 10.0 * jax.random.normal(jax.random.key(5), (K, B, 1))
+    centred = losses.anti_distillation(BASE, 1.0, output="centred_logits")
+    raw = losses.anti_distillation(BASE, 1.0)
+    np.testing.assert_allclose(float(centred(logits + shift_KxBx1, batch)),
+                               float(centred(logits, batch)), rtol=1e-5)
+    assert abs(float(raw(logits + shift_KxBx1, batch)) - float(raw(logits, batch))) > 1e-2
+
+
 def test_codistillation_target_carries_no_gradient():
     """The distillation target is the stop-gradient mean of the others: with two components the
     term's gradient for component 0 depends only on component 0's own softmax."""
@@ -218,6 +230,8 @@ def _all_transforms(weight):
         "anti_distillation": losses.anti_distillation(BASE, weight),
         "anti_distillation_residual": losses.anti_distillation(BASE, weight, output="residual",
                                                                penalty="absolute"),
+        "anti_distillation_centred": losses.anti_distillation(BASE, weight,
+                                                              output="centred_logits"),
         "codistillation": losses.codistillation(BASE, weight),
         "min_entropy": losses.min_entropy(BASE, weight),
     }
