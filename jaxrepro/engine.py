@@ -550,10 +550,13 @@ class Engine:
     def init(self) -> TrainState:
         """The stacked initial state ``[R, ...]``."""
         c = self.config
+        # Initialisation depends on the model and optimizer only: tasks that differ in their
+        # loss or augmentation (a sweep over a loss weight) share its compilation.
+        init_task = Task(model=self.task.model, tx=self.task.tx)
         return _init_states(
             jnp.asarray(self.replica_ids), jnp.uint32(c.seed), self._varied_S, self._x_N[:1],
             jnp.float32(c.effective_perturb_scale), self._hparams_R,
-            task=self.task, strategy=self.strategy, mesh=self.mesh,
+            task=init_task, strategy=self.strategy, mesh=self.mesh,
         )
 
     def batch_indices(self, epoch: int) -> np.ndarray:

@@ -33,7 +33,7 @@ makes derives from (seed, source, replica, step), so the continued run is bitwis
 uninterrupted one) and the final results.json is byte for byte the same. Files are written to a
 temporary name and renamed, so an interruption never leaves a truncated file.
 
-The three studies, one module each in ``jaxrepro/studies/`` (each registers its config, trials
+The five studies, one module each in ``jaxrepro/studies/`` (each registers its config, trials
 and report with ``register``; the binaries in ``experiments/`` are flags over the configs):
 
 - ``IrreproducibilityConfig``: which source of randomness makes replicas disagree, per
@@ -42,9 +42,14 @@ and report with ``register``; the binaries in ``experiments/`` are flags over th
   model size (Snapp & Shamir).
 - ``TestSetVarianceConfig``: the variance of test accuracy across runs against what
   independent errors predict (Jordan).
+- ``AntiDistillationConfig``: ensembles inside a replica, plain, anti-distilled and
+  codistilled, against ensembles of independent replicas (Shamir & Coviello).
+- ``RegularizersConfig``: do weight decay, dropout, LayerNorm, BatchNorm, residual connections
+  or label smoothing make MLPs more reproducible, per depth and optimizer (paired tests)?
 
 References:
-  Snapp & Shamir, arXiv 2102.10696; Jordan, arXiv 2304.01910; methods.md sections 4-8.
+  Snapp & Shamir, arXiv 2102.10696; Jordan, arXiv 2304.01910; Shamir & Coviello, arXiv
+  2010.09923; apurvakokate/Reproducibility; methods.md sections 4-8.
 """
 
 from __future__ import annotations
@@ -549,8 +554,10 @@ def _slug(name: str) -> str:
 
 
 def _units(trial: Trial) -> tuple[float, int]:
+    """Work per epoch (replica-component steps) and epochs: the progress lines' time estimate."""
     steps = trial.data.num_train // trial.fit.batch_size
-    return float(len(trial.fit.replica_ids) * steps), trial.fit.epochs
+    components = trial.task.num_components or 1
+    return float(len(trial.fit.replica_ids) * components * steps), trial.fit.epochs
 
 
 def train_trial(trial: Trial, checkpoint_dir: str | os.PathLike, *, checkpoint_every: int = 5,
@@ -762,8 +769,9 @@ def run(config: StudyConfig, workdir: str | os.PathLike, *, checkpoint_every: in
     report.md and the plots.
 
     Args:
-      config: one of ``IrreproducibilityConfig``, ``SyntheticConfig``,
-        ``TestSetVarianceConfig``.
+      config: a registered study config (``CONFIGS``): ``IrreproducibilityConfig``,
+        ``SyntheticConfig``, ``TestSetVarianceConfig``, ``AntiDistillationConfig``,
+        ``RegularizersConfig``.
       workdir: the run's directory; created, or checked to hold the same config.
       checkpoint_every: epochs between checkpoints (each trial is also saved at its end).
       keep_checkpoints: keep each trial's last checkpoint (its trained replicas) after the
@@ -813,9 +821,13 @@ def _versions_note() -> list[str]:
 
 
 # The studies register themselves when imported; their configs are re-exported here.
+from jaxrepro.studies.anti_distillation import (  # noqa: E402
+    AntiDistillationConfig as AntiDistillationConfig,
+)
 from jaxrepro.studies.irreproducibility import (  # noqa: E402
     IrreproducibilityConfig as IrreproducibilityConfig,
 )
+from jaxrepro.studies.regularizers import RegularizersConfig as RegularizersConfig  # noqa: E402
 from jaxrepro.studies.synthetic_data import SyntheticConfig as SyntheticConfig  # noqa: E402
 from jaxrepro.studies.test_set_variance import PHAT_BINS as PHAT_BINS  # noqa: E402
 from jaxrepro.studies.test_set_variance import TSV_DATASETS as TSV_DATASETS  # noqa: E402

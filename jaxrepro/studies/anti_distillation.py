@@ -25,7 +25,9 @@ are shared; the units resampled are the replicas), and any ensemble against the 
 ensembles of k = K (unpaired). Ensemble trials also record the mean Pearson correlation
 between their components (``losses.pairwise_correlation``, the quantity the penalty acts on)
 on the training and the test set: a penalty that only decorrelates on the training data
-(Jeffares et al. 2023) shows up as a test correlation well above the training one.
+(Jeffares et al. 2023) shows up as a test correlation well above the training one. The
+correlation of the logits centred per example is recorded too: the softmax ignores a shift
+common to all classes, so raw logits can decorrelate without the predictions changing.
 
 References:
   Shamir & Coviello, "Anti-Distillation: Improving Reproducibility of Deep Networks",
@@ -96,6 +98,7 @@ class AntiDistillationConfig(StudyConfig):
         widths=(16,),
         ks=(2,),
         lambdas=(1.0,),
+        codistillation_alpha=0.0,
         num_train=256,
         num_test=128,
         num_samples=100,
@@ -111,7 +114,7 @@ class AntiDistillationConfig(StudyConfig):
     activation: str = flag_field("relu", "activation of the MLP")
     ks: tuple[int, ...] = flag_field((2, 4), "ensemble sizes K (components per replica)")
     lambdas: tuple[float, ...] = flag_field(
-        (0.1, 1.0, 10.0), "anti-distillation weights lambda (the sweep)"
+        (0.01, 0.1, 1.0, 10.0, 100.0), "anti-distillation weights lambda (the sweep)"
     )
     ad_output: str = flag_field(
         "logits", "output the penalty decorrelates: logits, or residual (softmax - one-hot)"
@@ -159,8 +162,8 @@ class AntiDistillationConfig(StudyConfig):
                 and math.isfinite(self.codistillation_alpha) and self.codistillation_alpha >= 0,
                 "codistillation_alpha",
                 f"must be a finite number >= 0, got {self.codistillation_alpha!r}")
-        require(self.ad_output in ("logits", "residual"), "ad_output",
-                f"must be logits or residual, got {self.ad_output!r}")
+        require(self.ad_output in losses.AD_OUTPUTS, "ad_output",
+                f"must be one of {', '.join(losses.AD_OUTPUTS)}, got {self.ad_output!r}")
         require(self.ad_penalty in ("squared", "absolute"), "ad_penalty",
                 f"must be squared or absolute, got {self.ad_penalty!r}")
         require(self.over in losses.OVER, "over",
@@ -177,15 +180,13 @@ class AntiDistillationConfig(StudyConfig):
                 f"must be an int >= 1, got {self.num_samples!r}")
         require(_is_number(self.level) and 0.0 < self.level < 1.0, "level",
                 f"must be in (0, 1), got {self.level!r}")
-        if "synthetic" in self.datasets:
-            try:
-                self.synthetic_spec()
-            except ValueError as e:  # "synthetic <knob>: <problem>"
-                knob = str(e).split(":")[0].replace("synthetic ", "")
-                field = {"dim": "synthetic_dim", "teacher": "synthetic_teacher",
-                         "temperature": "synthetic_temperature", "seed": "data_seed",
-                         "num_train": "num_train", "num_test": "num_test"}.get(knob, "datasets")
-                raise ConfigError(field, str(e)) from None
+        try:
+            self.synthetic_spec()
+        except ValueError as e:  # "synthetic <knob>: <problem>"
+            knob = str(e).split(":")[0].replace("synthetic ", "")
+            field = {"dim": "synthetic_dim", "teacher": "synthetic_teacher",
+                     "temperature": "synthetic_temperature", "seed": "data_seed"}.get(knob, knob)
+            raise ConfigError(field, str(e)) from None
 
     def synthetic_spec(self) -> synthetic.Synthetic:
         """The generator spec of the synthetic dataset (binary labels, tanh teacher)."""
@@ -330,9 +331,11 @@ def pair_stats(probs_GxNxC: np.ndarray, labels_N: np.ndarray) -> dict[str, list[
 
 
 def _group(probs_RxNxC: np.ndarray, k: int) -> np.ndarray:
-    """Ensembles of k consecutive replicas (the last R mod k left out), as ``metrics``."""
+    """Ensembles of k consecutive replicas (the last R mod k left out), as ``metrics.ensemble``:
+    their mean probabilities ``[R // k, N, C]``."""
     g = probs_RxNxC.shape[0] // k
-    return probs_RxNxC[: g * k].reshape((g, k) + probs_RxNxC.shape[1:]).mean(axis=1)
+    p = np.asarray(probs_RxNxC[: g * k], np.float64).reshape((g, k) + probs_RxNxC.shape[1:])
+    return p.mean(axis=1).astype(np.float32)
 
 
 def _evaluate_single(config: AntiDistillationConfig):
@@ -346,13 +349,14 @@ def _evaluate_single(config: AntiDistillationConfig):
             out["error"] = "too few finite replicas for ensembles of every k"
             return out
         curve = metrics.ensemble_curve(probs_RxNxC, ds.y_test, ks=ks, mask=keep)
-        for row in curve:
-            ci = metrics.bootstrap(probs_RxNxC, ds.y_test, _ci_key(config),
-                                   num_samples=config.num_samples, level=config.level,
-                                   mask=keep, ensemble_size=row["k"])
-            row.update({f"{m}_ci": ci[m] for m in REPORT_METRICS if m in ci})
-        out["ensemble_curve"] = curve
         kept = probs_RxNxC[keep]
+        for row in curve:
+            # k = 1: the trial's own intervals (the same key and replicas); k > 1: the groups as
+            # replicas (the same draws as ensemble_size=k; shares the ensembles' compilation).
+            res = out["metrics"] if row["k"] == 1 else metrics.compare(
+                _group(kept, row["k"]), ds.y_test, **_compare_kwargs(config))
+            row.update({f"{m}_ci": res[f"{m}_ci"] for m in REPORT_METRICS if f"{m}_ci" in res})
+        out["ensemble_curve"] = curve
         out["pairs"] = {str(k): {"ids": list(range(kept.shape[0] // k)),
                                  **pair_stats(_group(kept, k), ds.y_test)}
                         for k in sorted(config.ks)}
@@ -361,37 +365,52 @@ def _evaluate_single(config: AntiDistillationConfig):
     return evaluate_fn
 
 
+CORRELATIONS = losses.AD_OUTPUTS  # ("logits", "centred_logits", "residual")
+"""Outputs whose correlation between components is recorded: the logits (what the penalty
+sees with ``ad_output="logits"``), the logits centred per example over the classes (what the
+softmax sees: a per-example shift common to all classes leaves the prediction unchanged but
+changes the logits' correlation), and the residuals ``softmax - one-hot``."""
+
+
+@jax.jit
+def _mean_correlations(logits_RxKxNxC: jax.Array, labels_N: jax.Array) -> jax.Array:
+    """``[3, R]``: per replica, the mean over component pairs of ``losses.pairwise_correlation``
+    of each output of ``CORRELATIONS``."""
+    k, c = logits_RxKxNxC.shape[1], logits_RxKxNxC.shape[-1]
+    i, j = np.triu_indices(k, 1)
+    onehot_NxC = jax.nn.one_hot(labels_N, c, dtype=logits_RxKxNxC.dtype)
+
+    def one(logits_KxNxC):
+        centred = logits_KxNxC - logits_KxNxC.mean(axis=-1, keepdims=True)
+        residual = jax.nn.softmax(logits_KxNxC, axis=-1) - onehot_NxC[None]
+        return jax.numpy.stack([losses.pairwise_correlation(o)[i, j].mean()
+                                for o in (logits_KxNxC, centred, residual)])
+
+    return jax.vmap(one, out_axes=1)(logits_RxKxNxC)
+
+
 def component_stats(logits_RxKxNxC: np.ndarray, labels_N: np.ndarray) -> dict[str, Any]:
     """How far apart the K components of each replica are, on one set of examples.
 
     Returns:
-      ``corr_logits`` and ``corr_residual``: the mean over replicas of the mean over component
-      pairs of ``losses.pairwise_correlation`` (class-averaged Pearson correlation over the
-      examples) of the logits and of the residuals ``softmax - one-hot``, with ``*_replicas``
-      the per-replica values; ``disagreement``: the mean fraction of examples on which two
-      components of one replica predict different classes; ``component_acc``: the mean accuracy
-      of a single component.
+      ``corr_<output>`` for each output of ``CORRELATIONS``: the mean over replicas of the mean
+      over component pairs of ``losses.pairwise_correlation`` (class-averaged Pearson
+      correlation over the examples), with ``corr_<output>_replicas`` the per-replica values;
+      ``disagreement``: the mean fraction of examples on which two components of one replica
+      predict different classes; ``component_acc``: the mean accuracy of a single component.
     """
     logits = np.asarray(logits_RxKxNxC, np.float32)
-    r, k, _, c = logits.shape
-    i, j = np.triu_indices(k, 1)
-    onehot = np.eye(c, dtype=np.float32)[np.asarray(labels_N)]
-    corr = {"logits": [], "residual": []}
-    for rep in range(r):
-        residual = np.asarray(jax.nn.softmax(logits[rep], axis=-1)) - onehot[None]
-        for name, out in (("logits", logits[rep]), ("residual", residual)):
-            rho = np.asarray(losses.pairwise_correlation(out), np.float64)
-            corr[name].append(float(np.mean(rho[i, j])))
+    labels = np.asarray(labels_N, np.int32)
+    corr = np.asarray(_mean_correlations(logits, labels), np.float64)
+    i, j = np.triu_indices(logits.shape[1], 1)
     yhat = np.argmax(logits, axis=-1)
     disagree = np.mean([np.mean(yhat[:, a] != yhat[:, b]) for a, b in zip(i, j, strict=True)])
-    return {
-        "corr_logits": float(np.mean(corr["logits"])),
-        "corr_residual": float(np.mean(corr["residual"])),
-        "corr_logits_replicas": corr["logits"],
-        "corr_residual_replicas": corr["residual"],
-        "disagreement": float(disagree),
-        "component_acc": float(np.mean(yhat == np.asarray(labels_N)[None, None, :])),
-    }
+    out: dict[str, Any] = {f"corr_{name}": float(np.mean(corr[n]))
+                           for n, name in enumerate(CORRELATIONS)}
+    out.update({f"corr_{name}_replicas": corr[n].tolist() for n, name in enumerate(CORRELATIONS)})
+    out.update(disagreement=float(disagree),
+               component_acc=float(np.mean(yhat == labels[None, None, :])))
+    return out
 
 
 def _evaluate_ensemble(config: AntiDistillationConfig):
@@ -539,11 +558,9 @@ def _differences(config, records, dataset) -> dict[tuple[int, str], dict[str, An
 
 
 def report(config: AntiDistillationConfig, records, workdir: Path):
-    from jaxrepro import plots
-
     pct = int(round(config.level * 100))
     lines = [
-        "Each row trains replicas of a relu MLP component "
+        f"Each row trains replicas of a {config.activation} MLP component "
         f"{list(config.widths)} (Adam {config.learning_rate}, batch {config.batch_size}, "
         f"{config.epochs} epochs, varying {'+'.join(config.vary)}): 'single' is one MLP "
         f"trained as {config.single_replicas} replicas, 'k=K indep.' the ensembles of K "
@@ -554,9 +571,13 @@ def report(config: AntiDistillationConfig, records, workdir: Path):
         f"class-averaged batch correlation of their {config.ad_output}) or plus alpha times "
         "the codistillation term ('codistill-alpha': KL to the mean of the other components). "
         f"Brackets: {pct}% bootstrap intervals over replicas ({config.num_samples} samples). "
-        "corr test / train: the mean correlation between the components' logits over the whole "
-        "test / training set (what the penalty pushes down, batch by batch, in training); "
-        "comp. disagree: how often two components of one replica disagree on a test example.",
+        f"corr {config.ad_output} test / train: the mean correlation between the components' "
+        f"{config.ad_output} over the whole test / training set (what the penalty pushes down, "
+        "batch by batch, in training); corr centred: the same for the logits centred per "
+        "example over the classes (the part of the logits the softmax sees: a shift common to "
+        "all classes of an example changes the logits' correlation but not the prediction); "
+        "comp. disagree: how often two components of one replica predict different classes "
+        "on a test example; comp. acc: the mean test accuracy of one component alone.",
         "",
         f"Test: the difference of a metric between two trials with its {pct}% bootstrap "
         "interval; anti-distilled against plain ensemble of the same K is paired (replica r of "
@@ -567,17 +588,20 @@ def report(config: AntiDistillationConfig, records, workdir: Path):
         "",
     ]
     summary, diff_lines, points = [], [], []
+    tally = dict.fromkeys(_TALLY, 0)
     for dataset in config.datasets:
         diffs = _differences(config, records, dataset)
         lines += _dataset_section(config, records, dataset, diffs)
-        summary += _summary(config, records, dataset, diffs)
+        sentences, counts = _summary(config, records, dataset, diffs)
+        summary += sentences
+        tally = {key: tally[key] + counts[key] for key in tally}
         for k in config.ks:
             for variant, _, _ in _variants(config):
                 comp = records[ensemble_name(dataset, k, variant)].get("components")
                 if comp:
                     points.append({"group": f"{dataset} K={k}", "series": variant,
-                                   "x": comp["train"]["corr_logits"],
-                                   "y": comp["test"]["corr_logits"]})
+                                   "x": comp["train"][f"corr_{config.ad_output}"],
+                                   "y": comp["test"][f"corr_{config.ad_output}"]})
         png = f"{dataset}_lambda.png"
         _lambda_plot(workdir / png, config, records, dataset)
         png_k = f"{dataset}_k.png"
@@ -597,16 +621,23 @@ def report(config: AntiDistillationConfig, records, workdir: Path):
             "K-component ensembles (plain, every lambda, codistilled), spread around x = K.",
             "",
         ]
-    plots.scatter_intervals(
-        workdir / "component_correlation.png", points,
-        xlabel="mean correlation of component logits, training set",
-        ylabel="mean correlation of component logits, test set",
-        title="Do components stay decorrelated on held-out data?")
+    _correlation_plot(workdir / "component_correlation.png", points, config.ad_output)
+    total = sum(tally[key] for key in ("lower", "higher", "no difference", "undefined"))
+    summary.append(
+        f"- Overall: of {total} anti-distilled ensembles (dataset x K x lambda), "
+        f"{tally['lower']} have a pd_abs lower than the plain ensemble of the same K "
+        f"({tally['lower_clean']} of them with churn not higher and accuracy not lower), "
+        f"{tally['higher']} higher, {tally['no difference']} not distinguishable"
+        + (f", {tally['undefined']} undefined" if tally["undefined"] else "")
+        + f"; {tally['lower_indep']} are lower than the independent ensembles of k = K (equal "
+        f"compute). Criterion: the {pct}% paired bootstrap interval of the difference excludes "
+        "0.")
     return (["## Findings", ""] + summary + [""] + lines + diff_lines + [
         "![component correlation](component_correlation.png)",
         "",
-        "Each point is an ensemble trial: the mean correlation between its components' logits "
-        "on the training set (x) and the test set (y). Points near the diagonal decorrelate "
+        "Each point is an ensemble trial: the mean correlation between its components' "
+        f"{config.ad_output} (the penalised output) on the training set (x) and the test set "
+        "(y). Points near the diagonal decorrelate "
         "as much on held-out data as on training data; points above it are less diverse on "
         "the test set than training suggests (Jeffares et al. 2023).",
         "",
@@ -615,14 +646,16 @@ def report(config: AntiDistillationConfig, records, workdir: Path):
 
 def _dataset_section(config, records, dataset, diffs) -> list[str]:
     single = records[single_name(dataset)]
+    out_key = f"corr_{config.ad_output}"
     header = ["trial", "K", "lambda / alpha"] + list(REPORT_METRICS) + [
-        "corr test / train", "comp. disagree", "comp. acc"]
+        f"corr {config.ad_output} test / train", "corr centred test", "comp. disagree",
+        "comp. acc"]
     rows = [["single", 1, "-"] + [_with_ci(single.get("metrics"), m) for m in REPORT_METRICS]
-            + ["-", "-", "-"]]
+            + ["-"] * 4]
     for k in config.ks:
         row = _curve_row(single, k)
         rows.append([f"k={k} indep.", k, "-"] + [_with_ci(row, m) for m in REPORT_METRICS]
-                    + ["-", "-", "-"])
+                    + ["-"] * 4)
     for k in config.ks:
         for variant, kind, weight in _variants(config):
             rec = records[ensemble_name(dataset, k, variant)]
@@ -631,8 +664,9 @@ def _dataset_section(config, records, dataset, diffs) -> list[str]:
             rows.append(
                 [variant, k, _num(weight) if kind != "plain" else "0"]
                 + [_with_ci(rec.get("metrics"), m) for m in REPORT_METRICS]
-                + [f"{fmt(test.get('corr_logits'))} / {fmt(train.get('corr_logits'))}",
-                   fmt(test.get("disagreement")), fmt(test.get("component_acc"))])
+                + [f"{fmt(test.get(out_key))} / {fmt(train.get(out_key))}",
+                   fmt(test.get("corr_centred_logits")), fmt(test.get("disagreement")),
+                   fmt(test.get("component_acc"))])
     n_test = single["info"]["num_test"]
     n_train = single["info"]["num_train"]
     out = [f"## {dataset} ({n_train} training, {n_test} test examples)", "",
@@ -663,50 +697,93 @@ def _dataset_section(config, records, dataset, diffs) -> list[str]:
     return out
 
 
-def _summary(config, records, dataset, diffs) -> list[str]:
+_TALLY = ("lower", "higher", "no difference", "undefined", "lower_indep", "lower_clean")
+
+
+def _costs(d: Mapping[str, Any]) -> list[str]:
+    """What a pd_abs reduction cost, from a ``difference``: higher churn, lower accuracy (a
+    flatter, less accurate prediction also has a smaller pd_abs)."""
     out = []
+    if _verdict(d["churn"]["ci"]) == "higher":
+        out.append("higher churn")
+    if _verdict(d["acc_mean"]["ci"]) == "lower":
+        out.append("lower accuracy")
+    return out
+
+
+def _phrase(verdict: str) -> str:
+    return {"lower": "lower than", "higher": "higher than",
+            "no difference": "not distinguishable from"}.get(verdict, "undefined against")
+
+
+def _summary(config, records, dataset, diffs) -> tuple[list[str], dict[str, int]]:
+    """Findings sentences of one dataset, and the tally of the anti-distillation verdicts."""
+    out, tally = [], dict.fromkeys(_TALLY, 0)
+    single = records[single_name(dataset)]
     for k in config.ks:
         plain = records[ensemble_name(dataset, k, "plain")]
-        indep = _curve_row(records[single_name(dataset)], k)
-        ad = {v: e["vs_plain"] for (kk, v), e in diffs.items()
+        indep = _curve_row(single, k)
+        ad = {v: e for (kk, v), e in diffs.items()
               if kk == k and v.startswith("ad-") and "vs_plain" in e}
-        if not ad:
-            continue
-        lower = [v for v, d in ad.items() if _verdict(d["pd_abs"]["ci"]) == "lower"]
-        higher = [v for v, d in ad.items() if _verdict(d["pd_abs"]["ci"]) == "higher"]
-        best = min(ad, key=lambda v: ad[v]["pd_abs"]["diff"])
-        d = ad[best]
-        rec_best = records[ensemble_name(dataset, k, best)]
-        text = (f"- {dataset}, K={k}: plain ensemble pd_abs {fmt(record_metric(plain, 'pd_abs'))}"
-                f" (independent ensembles of {k}: "
-                f"{fmt(indep['pd_abs']) if indep else '-'}, single model "
-                f"{fmt(record_metric(records[single_name(dataset)], 'pd_abs'))}). ")
-        if lower:
-            text += (f"Anti-distillation reduced PD beyond the plain ensemble at "
-                     f"{', '.join(lower)}")
-        else:
-            text += "Anti-distillation did not reduce pd_abs below the plain ensemble at any lambda"
-        text += (f"; the largest reduction is at {best}: pd_abs "
-                 f"{fmt(record_metric(rec_best, 'pd_abs'))}, difference {_diff_text(d, 'pd_abs')}"
-                 f", churn difference {_diff_text(d, 'churn')}, accuracy difference "
-                 f"{_diff_text(d, 'acc_mean')}")
-        if higher:
-            text += f"; it increased pd_abs at {', '.join(higher)}"
-        comp_p = (plain.get("components") or {}).get("test") or {}
-        comp_b = (rec_best.get("components") or {}).get("test") or {}
-        comp_tr = (rec_best.get("components") or {}).get("train") or {}
-        if comp_p and comp_b:
-            text += (f". Component correlation on the test set {fmt(comp_p['corr_logits'])} "
-                     f"(plain) -> {fmt(comp_b['corr_logits'])} ({best}; training set "
-                     f"{fmt(comp_tr.get('corr_logits'))})")
-        vi = diffs.get((k, best), {}).get("vs_independent")
-        if vi:
-            verdict = _verdict(vi["pd_abs"]["ci"])
-            text += (f". Against the independent ensembles of {k} at equal compute, {best} "
-                     f"is {verdict if verdict != 'no difference' else 'not distinguishable'}"
-                     f" ({_diff_text(vi, 'pd_abs')})")
+        text = (f"- {dataset}, K={k}: pd_abs of the single model "
+                f"{fmt(record_metric(single, 'pd_abs'))}, of independent ensembles of {k} "
+                f"{fmt(indep['pd_abs']) if indep else '-'}, of the plain {k}-component ensemble "
+                f"{fmt(record_metric(plain, 'pd_abs'))}.")
+        if ad:
+            verdicts = {v: _verdict(e["vs_plain"]["pd_abs"]["ci"]) for v, e in ad.items()}
+            for v, verdict in verdicts.items():
+                tally[verdict] += 1
+                vi = ad[v].get("vs_independent")
+                tally["lower_indep"] += bool(vi and _verdict(vi["pd_abs"]["ci"]) == "lower")
+            lower = [v for v, x in verdicts.items() if x == "lower"]
+            higher = [v for v, x in verdicts.items() if x == "higher"]
+            if lower:
+                costs = {v: _costs(ad[v]["vs_plain"]) for v in lower}
+                tally["lower_clean"] += sum(not c for c in costs.values())
+                text += (" Anti-distillation reduced pd_abs beyond plain ensembling at "
+                         + ", ".join(v + (f" (but {' and '.join(costs[v])})" if costs[v] else
+                                          " (churn and accuracy no worse)") for v in lower))
+            else:
+                text += (" Anti-distillation did not reduce pd_abs beyond plain ensembling at any "
+                         "lambda")
+            if higher:
+                text += f" and increased it at {', '.join(higher)}"
+            best = min(ad, key=lambda v: ad[v]["vs_plain"]["pd_abs"]["diff"])
+            d, rec = ad[best]["vs_plain"], records[ensemble_name(dataset, k, best)]
+            text += (f". Lowest pd_abs at {best}: {fmt(record_metric(rec, 'pd_abs'))}, minus "
+                     f"plain {_diff_text(d, 'pd_abs')}, churn {_diff_text(d, 'churn')}, "
+                     f"accuracy {_diff_text(d, 'acc_mean')}")
+            vi = ad[best].get("vs_independent")
+            if vi:
+                text += (f"; {_phrase(_verdict(vi['pd_abs']['ci']))} the independent ensembles "
+                         f"of {k} ({_diff_text(vi, 'pd_abs')})")
+            strongest = max(ad, key=lambda v: records[ensemble_name(dataset, k, v)]["info"][
+                "lambda"])
+            comp = [(records[ensemble_name(dataset, k, v)].get("components") or {})
+                    for v in ("plain", strongest)]
+            key = f"corr_{config.ad_output}"
+            if all(c.get("test") for c in comp):
+                text += (f". Component correlation of the {config.ad_output} (test / train): "
+                         f"plain {fmt(comp[0]['test'][key])} / {fmt(comp[0]['train'][key])}, "
+                         f"{strongest} {fmt(comp[1]['test'][key])} / "
+                         f"{fmt(comp[1]['train'][key])} (centred logits, test: "
+                         f"{fmt(comp[0]['test']['corr_centred_logits'])}, "
+                         f"{fmt(comp[1]['test']['corr_centred_logits'])}); components disagree on "
+                         f"{fmt(comp[0]['test']['disagreement'])} and "
+                         f"{fmt(comp[1]['test']['disagreement'])} of test examples")
+        for (kk, v), e in diffs.items():
+            if kk == k and v.startswith("codistill-") and "vs_plain" in e:
+                rec = records[ensemble_name(dataset, k, v)]
+                text += (f". Codistillation ({v}): pd_abs {fmt(record_metric(rec, 'pd_abs'))}, "
+                         f"{_phrase(_verdict(e['vs_plain']['pd_abs']['ci']))} plain "
+                         f"({_diff_text(e['vs_plain'], 'pd_abs')})")
+                if "vs_independent" in e:
+                    vi = e["vs_independent"]
+                    text += (f" and {_phrase(_verdict(vi['pd_abs']['ci']))} the independent "
+                             f"ensembles ({_diff_text(vi, 'pd_abs')})")
+                text += f", accuracy {fmt(record_metric(rec, 'acc_mean'))}"
         out.append(text + ".")
-    return out
+    return out, tally
 
 
 # ---------------------------------------------------------------------------------------------
@@ -811,6 +888,35 @@ def _k_plot(path: Path, config, records, dataset) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="x-small")
     fig.suptitle(f"{dataset}: joint K-component ensembles against independent ensembles")
+    return _save(fig, path)
+
+
+def _correlation_plot(path: Path, points: Sequence[Mapping[str, Any]], output: str) -> Path:
+    """Test against training correlation of the components, one point per ensemble trial
+    (colour: variant; marker: dataset and K), with the diagonal; negative values are kept."""
+    fig, (ax,) = _figure(1, width=6.4, height=5.2)
+    colors: dict[str, str] = {}
+    markers: dict[str, str] = {}
+    lo, hi = 0.0, 0.1
+    for p in points:
+        x, y = p["x"], p["y"]
+        if x is None or y is None or not (math.isfinite(x) and math.isfinite(y)):
+            continue
+        color = colors.setdefault(p["series"], f"C{len(colors) % 10}")
+        marker = markers.setdefault(p["group"], "osD^vP*Xph"[len(markers) % 10])
+        ax.plot([x], [y], marker=marker, color=color, linestyle="none",
+                label=f"{p['group']} {p['series']}")
+        lo, hi = min(lo, x, y), max(hi, x, y)
+    pad = 0.05 * (hi - lo)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="gray", linestyle="--",
+            linewidth=1, label="y = x")
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xlabel(f"mean correlation of component {output}, training set")
+    ax.set_ylabel(f"mean correlation of component {output}, test set")
+    ax.set_title("Do components stay decorrelated on held-out data?")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="xx-small", ncols=2)
     return _save(fig, path)
 
 

@@ -1,0 +1,270 @@
+"""The anti-distillation study: the binary end to end with --quick, config and flag errors, the
+trial grid, and the per-pair statistics behind the report's intervals of differences."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from absl import app, flags
+
+from jaxrepro import losses, metrics, plots, study
+from jaxrepro.studies import anti_distillation as ad
+from jaxrepro.studies.anti_distillation import AntiDistillationConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK_TRIALS = ["synthetic/single", "synthetic/ensemble-K2/plain", "synthetic/ensemble-K2/ad-1"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """The binary with --quick, run once as a subprocess: (workdir, completed process)."""
+    workdir = tmp_path_factory.mktemp("ad") / "run"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "anti_distillation.py"), "--quick",
+         f"--workdir={workdir}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir, proc
+
+
+def test_binary_quick_end_to_end(quick_run):
+    workdir, proc = quick_run
+    results = json.loads((workdir / "results.json").read_text())
+    config = AntiDistillationConfig.quick()
+    assert results["study"] == "anti_distillation" and results["complete"] is True
+    assert results["config"] == config.to_dict()
+    assert list(results["results"]) == QUICK_TRIALS
+    for name, rec in results["results"].items():
+        assert rec["diverged"] == [], name
+        m = rec["metrics"]
+        for key in ("acc_mean", "churn", "pd_abs", "pd_rel"):
+            assert isinstance(m[key], float) and math.isfinite(m[key]), (name, key)
+            lo, hi = m[key + "_ci"]
+            assert lo <= hi, (name, key)
+        assert m["ci_num_samples"] == config.num_samples
+    single = results["results"]["synthetic/single"]
+    assert single["info"]["replicas"] == config.replicas * max(config.ks)
+    assert single["metrics"]["num_replicas"] == config.replicas * max(config.ks)
+    assert [row["k"] for row in single["ensemble_curve"]] == [1, 2]
+    assert single["ensemble_curve"][1]["num_groups"] == config.replicas
+    assert all("pd_abs_ci" in row for row in single["ensemble_curve"])
+    ad_rec = results["results"]["synthetic/ensemble-K2/ad-1"]
+    assert ad_rec["info"]["kind"] == "anti_distillation"
+    assert ad_rec["info"]["K"] == 2 and ad_rec["info"]["lambda"] == 1.0
+    assert ad_rec["metrics"]["num_replicas"] == config.replicas
+    for split in ("train", "test"):
+        comp = ad_rec["components"][split]
+        assert -1.0 <= comp["corr_logits"] <= 1.0
+        assert len(comp["corr_logits_replicas"]) == config.replicas
+    assert ad_rec["pairs"]["ids"] == list(range(config.replicas))
+    assert len(ad_rec["pairs"]["pd_abs"]) == config.replicas * (config.replicas - 1) // 2
+    report = (workdir / "report.md").read_text()
+    assert report.startswith("# Anti-distillation")
+    assert "## Findings" in report and "Overall:" in report and "bootstrap" in report
+    assert "| trial | K | lambda / alpha | acc_mean | churn | pd_abs | pd_rel |" in report
+    assert "| trial | K | lambda / alpha | acc_mean" in proc.stdout
+    pngs = ["synthetic_lambda.png", "synthetic_k.png", "component_correlation.png"]
+    for png in pngs:
+        assert plots.is_png(workdir / png), png
+        assert f"]({png})" in report
+    assert "config 3/3 synthetic/ensemble-K2/ad-1 epoch 2/2" in proc.stderr
+    assert not [p for p in workdir.rglob("*.tmp")]
+
+
+def test_report_is_deterministic_and_reads_back(quick_run, tmp_path):
+    """The report recomputed from results.json gives the same markdown (the intervals of
+    differences are seeded); a rerun in the same workdir trains nothing and keeps
+    results.json byte for byte."""
+    workdir, _ = quick_run
+    before = (workdir / "results.json").read_bytes()
+    config = AntiDistillationConfig.quick()
+    records = json.loads(before)["results"]
+    first = ad.report(config, records, tmp_path)
+    assert ad.report(config, records, tmp_path) == first
+    out = study.run(config, workdir, progress=False)
+    assert (workdir / "results.json").read_bytes() == before
+    assert "\n".join(first) in out["report_markdown"]
+
+
+def test_report_with_codistillation_and_more_lambdas(quick_run, tmp_path):
+    """The report's codistillation and multi-lambda paths, on records copied from the quick run
+    (no training): a codistilled trial and a second lambda identical to the plain ensemble."""
+    workdir, _ = quick_run
+    records = json.loads((workdir / "results.json").read_text())["results"]
+    config = AntiDistillationConfig.quick(codistillation_alpha=0.5, lambdas=(1.0, 2.0))
+    ad_info = {**records["synthetic/ensemble-K2/ad-1"]["info"], "lambda": 2.0}
+    records["synthetic/ensemble-K2/ad-2"] = {**records["synthetic/ensemble-K2/plain"],
+                                             "info": ad_info}
+    records["synthetic/ensemble-K2/codistill-0.5"] = records["synthetic/ensemble-K2/plain"]
+    lines = "\n".join(ad.report(config, records, tmp_path))
+    assert "Codistillation (codistill-0.5): pd_abs" in lines
+    assert "not distinguishable from plain (0.0000 [0.0000, 0.0000])" in lines
+    assert "| K=2 ad-2 | 0.0000 [0.0000, 0.0000] |" in lines
+    assert "Overall: of 2 anti-distilled ensembles" in lines
+    assert plots.is_png(tmp_path / "synthetic_lambda.png")
+
+
+# --- configs and flags --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(replicas=1), "replicas"),
+    (dict(datasets=("mnist1d", "cifar")), "datasets"),
+    (dict(datasets=("mnist1d", "mnist1d")), "datasets"),
+    (dict(ks=(1, 2)), "ks"),
+    (dict(ks=(2, 2)), "ks"),
+    (dict(lambdas=(0.1, -1.0)), "lambdas"),
+    (dict(lambdas=(math.nan,)), "lambdas"),
+    (dict(lambdas=()), "lambdas"),
+    (dict(codistillation_alpha=-0.5), "codistillation_alpha"),
+    (dict(ad_output="probs"), "ad_output"),
+    (dict(ad_penalty="cubic"), "ad_penalty"),
+    (dict(over="batch"), "over"),
+    (dict(vary=("init", "weather")), "vary"),
+    (dict(vary=()), "vary"),
+    (dict(widths=(64, 0)), "widths"),
+    (dict(activation="softmaxx"), "activation"),
+    (dict(level=1.5), "level"),
+    (dict(num_samples=0), "num_samples"),
+    (dict(synthetic_teacher="cubic"), "synthetic_teacher"),
+    (dict(synthetic_dim=0), "synthetic_dim"),
+    (dict(synthetic_temperature=-1.0), "synthetic_temperature"),
+    (dict(num_train=64, batch_size=128), "batch_size"),
+    (dict(learning_rate=0.0), "learning_rate"),
+])
+def test_bad_config_names_the_field(changes, field):
+    with pytest.raises(study.ConfigError) as e:
+        AntiDistillationConfig(**changes)
+    assert e.value.fields == (field,)
+    assert f"--{field}" in e.value.as_flags()
+
+
+def test_config_round_trips_and_is_registered():
+    for config in (AntiDistillationConfig(), AntiDistillationConfig.quick()):
+        assert AntiDistillationConfig.from_dict(json.loads(json.dumps(config.to_dict()))) \
+            == config
+    assert study.CONFIGS["anti_distillation"] is AntiDistillationConfig
+
+
+def _main_in_process(argv):
+    fv = flags.FlagValues()
+    study.define_flags(AntiDistillationConfig, fv)
+    fv(["prog", *argv])
+    return study.main(AntiDistillationConfig, ["prog"], flag_values=fv)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--lambdas=0.1,oops"], "--lambdas"),
+    (["--ks=2,1"], "--ks"),
+    (["--ad_output=probs"], "--ad_output"),
+    (["--datasets=synthetic,cifar"], "--datasets"),
+])
+def test_bad_flags_are_usage_errors_before_training(tmp_path, argv, flag):
+    with pytest.raises(app.UsageError, match=flag):
+        _main_in_process(["--quick", f"--workdir={tmp_path}", *argv])
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_flags_give_the_config():
+    fv = flags.FlagValues()
+    study.define_flags(AntiDistillationConfig, fv)
+    fv(["prog", "--quick", "--lambdas=0.01,0.1", "--ks=2,4", "--over=components"])
+    config = study.config_from_flags(AntiDistillationConfig, fv)
+    assert config == AntiDistillationConfig.quick(lambdas=(0.01, 0.1), ks=(2, 4),
+                                                  over="components")
+
+
+# --- the trial grid -------------------------------------------------------------------------
+
+
+def test_default_trials_names_info_and_shared_objects():
+    config = AntiDistillationConfig()
+    trials = ad.trials(config)
+    names = [t.name for t in trials]
+    per_k = ["plain", "ad-0.01", "ad-0.1", "ad-1", "ad-10", "ad-100", "codistill-1"]
+    assert names == [f"{d}/{v}" for d in ("mnist1d", "synthetic")
+                     for v in ["single"] + [f"ensemble-K{k}/{p}" for k in (2, 4)
+                                            for p in per_k]]
+    by_name = {t.name: t for t in trials}
+    single = by_name["mnist1d/single"]
+    assert single.fit.replica_ids.tolist() == list(range(16 * 4))
+    assert single.task.num_components is None
+    t = by_name["mnist1d/ensemble-K4/ad-0.1"]
+    assert t.info == {"dataset": "mnist1d", "num_train": 4000, "num_test": 1000,
+                      "vary": ["init", "order"], "kind": "anti_distillation", "K": 4,
+                      "lambda": 0.1, "alpha": None, "replicas": 16}
+    assert t.task.num_components == 4 and len(t.fit.replica_ids) == 16
+    assert t.task.loss_fn == losses.anti_distillation(losses.softmax_cross_entropy(), 0.1)
+    assert by_name["synthetic/ensemble-K2/codistill-1"].task.loss_fn == losses.codistillation(
+        losses.softmax_cross_entropy(), 1.0)
+    # One optimizer object and one model per (dataset, K): compiled functions are shared.
+    assert len({id(t.task.tx) for t in trials}) == 1
+    assert len({id(t.task.model) for t in trials if t.name.startswith("mnist1d/ensemble-K4")}) \
+        == 1
+    synth = by_name["synthetic/single"].data
+    assert (synth.num_train, synth.num_test, synth.num_classes) == (4000, 1000, 2)
+
+
+def test_codistillation_trials_only_when_alpha_is_positive():
+    names = [t.name for t in ad.trials(AntiDistillationConfig.quick(codistillation_alpha=0.5))]
+    assert names == QUICK_TRIALS + ["synthetic/ensemble-K2/codistill-0.5"]
+    assert [t.name for t in ad.trials(AntiDistillationConfig.quick())] == QUICK_TRIALS
+
+
+# --- statistics -----------------------------------------------------------------------------
+
+
+def _probs(key, r, n, c):
+    return np.asarray(jax.random.dirichlet(jax.random.key(key), np.ones(c) * 0.7, (r, n)))
+
+
+def test_pair_stats_average_to_the_library_metrics():
+    probs, labels = _probs(0, 6, 50, 3), np.arange(50) % 3
+    pairs = ad.pair_stats(probs, labels)
+    ref = metrics.compare(probs, labels)
+    assert len(pairs["churn"]) == 15
+    assert np.mean(pairs["churn"]) == pytest.approx(ref["churn"], abs=1e-9)
+    assert np.mean(pairs["pd_abs"]) == pytest.approx(ref["pd_abs"], abs=1e-6)
+    assert np.mean(pairs["acc"]) == pytest.approx(ref["acc_mean"], abs=1e-9)
+
+
+def test_difference_intervals():
+    labels = np.arange(60) % 3
+    a = {"ids": list(range(8)), **ad.pair_stats(_probs(1, 8, 60, 3), labels)}
+    kw = dict(seed=0, num_samples=300, level=0.9)
+    # A trial against itself: every paired bootstrap difference is exactly 0.
+    same = ad.difference(a, a, paired=True, **kw)
+    for m in ("churn", "pd_abs", "acc_mean"):
+        assert same[m] == {"diff": 0.0, "ci": [0.0, 0.0]}
+    # Replicas that agree more (predictions shrunk towards their mean) are clearly lower.
+    p = _probs(1, 8, 60, 3)
+    closer = 0.3 * p + 0.7 * p.mean(axis=0, keepdims=True)
+    b = {"ids": list(range(8)), **ad.pair_stats(closer, labels)}
+    d = ad.difference(b, a, paired=True, **kw)
+    assert d["pd_abs"]["diff"] == pytest.approx(
+        np.mean(b["pd_abs"]) - np.mean(a["pd_abs"]))
+    assert d["pd_abs"]["ci"][1] < 0 and ad._verdict(d["pd_abs"]["ci"]) == "lower"
+    # Deterministic, and the paired units are the ids both trials kept.
+    assert ad.difference(b, a, paired=True, **kw) == d
+    c = {"ids": [0, 1, 2, 3, 5, 6, 7], **ad.pair_stats(np.delete(p, 4, axis=0), labels)}
+    assert ad.difference(a, c, paired=True, **kw)["units"] == [7, 7]
+    assert ad.difference(a, c, paired=True, **kw)["pd_abs"]["ci"] == [0.0, 0.0]
+    assert ad.difference(a, c, paired=False, **kw)["units"] == [8, 7]
+
+
+def test_component_stats():
+    key = jax.random.key(3)
+    base = np.asarray(jax.random.normal(key, (1, 1, 40, 3)))
+    labels = np.arange(40) % 3
+    identical = np.broadcast_to(base, (2, 3, 40, 3))
+    s = ad.component_stats(identical, labels)
+    assert s["corr_logits"] == pytest.approx(1.0, abs=1e-4)
+    assert s["disagreement"] == 0.0
+    independent = np.asarray(jax.random.normal(key, (2, 3, 40, 3)))
+    s = ad.component_stats(independent, labels)
+    assert abs(s["corr_logits"]) < 0.3 and s["disagreement"] > 0.2
+    assert len(s["corr_residual_replicas"]) == 2
