@@ -155,7 +155,7 @@ def scatter_intervals(path: str | os.PathLike, points: Sequence[Mapping[str, Any
     fig, (ax,) = _figure(width=6.4, height=5.2)
     colors, markers = {}, {}
     palette, shapes = [f"C{i}" for i in range(10)], "osD^vP*Xph"
-    top = 0.0
+    top, bottom = 0.0, 0.0
     for p in points:
         x, y = _num(p.get("x")), _num(p.get("y"))
         if not (math.isfinite(x) and math.isfinite(y)):
@@ -166,12 +166,16 @@ def scatter_intervals(path: str | os.PathLike, points: Sequence[Mapping[str, Any
         label = p.get("label") or "/".join(v for v in (group, series) if v)
         ax.errorbar([x], [y], xerr=_err(x, p.get("x_ci")), yerr=_err(y, p.get("y_ci")),
                     fmt=marker, color=color, capsize=3, label=label)
-        top = max(top, x, y, *(p.get("x_ci") or [0.0]), *(p.get("y_ci") or [0.0]))
+        values = [x, y, *(p.get("x_ci") or [0.0]), *(p.get("y_ci") or [0.0])]
+        values = [v for v in map(_num, values) if math.isfinite(v)]
+        top, bottom = max(top, *values), min(bottom, *values)
     if diagonal:
-        top = top * 1.1 or 1.0
-        ax.plot([0, top], [0, top], color="gray", linestyle="--", linewidth=1, label="y = x")
-        ax.set_xlim(0, top)
-        ax.set_ylim(0, top)
+        # From 0 (or below it, when a value is negative, e.g. a correlation) to the largest.
+        span = (top - bottom) or 1.0
+        lo, hi = (bottom - 0.05 * span if bottom < 0 else 0.0), top + 0.1 * span
+        ax.plot([lo, hi], [lo, hi], color="gray", linestyle="--", linewidth=1, label="y = x")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
