@@ -27,17 +27,25 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DPI = 110
 
 
-def _figure(ncols: int = 1, *, width: float = 6.4, height: float = 4.0):
+def figure(ncols: int = 1, *, nrows: int = 1, width: float = 6.4, height: float = 4.0):
+    """A constrained-layout figure of ``nrows x ncols`` panels of ``width x height`` inches each,
+    on the Agg canvas (no display needed).
+
+    Returns:
+      ``(fig, axes)``: ``axes`` a list of the ``ncols`` panels when ``nrows == 1``, else a
+      ``[nrows, ncols]`` array.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
-    return fig, axes
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, (list(axes[0]) if nrows == 1 else axes)
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def save(fig, path: str | os.PathLike) -> Path:
+    """Writes ``fig`` as a PNG at ``DPI``, atomically (a temporary file renamed into place)."""
     from jaxrepro import study
 
     buf = io.BytesIO()
@@ -63,7 +71,7 @@ def grouped_bars(path: str | os.PathLike, categories: Sequence[str],
     Returns:
       The path written.
     """
-    fig, (ax,) = _figure(width=max(6.4, 1.1 * len(categories) + 2))
+    fig, (ax,) = figure(width=max(6.4, 1.1 * len(categories) + 2))
     n = max(len(series), 1)
     width = 0.8 / n
     for i, (name, values) in enumerate(series.items()):
@@ -76,7 +84,7 @@ def grouped_bars(path: str | os.PathLike, categories: Sequence[str],
     ax.grid(axis="y", alpha=0.3)
     if len(series) > 1:
         ax.legend()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def metric_panels(path: str | os.PathLike, labels: Sequence[str],
@@ -94,7 +102,7 @@ def metric_panels(path: str | os.PathLike, labels: Sequence[str],
     """
     if kind not in ("line", "bar"):
         raise ValueError(f"kind must be 'line' or 'bar', got {kind!r}")
-    fig, axes = _figure(len(panels), width=max(3.6, 0.4 * len(labels) + 1.4), height=3.4)
+    fig, axes = figure(len(panels), width=max(3.6, 0.4 * len(labels) + 1.4), height=3.4)
     xs = list(range(len(labels)))
     for ax, (metric, values) in zip(axes, panels.items(), strict=True):
         ys = [_num(v) for v in values]
@@ -110,7 +118,7 @@ def metric_panels(path: str | os.PathLike, labels: Sequence[str],
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def histograms(path: str | os.PathLike, edges: Sequence[float],
@@ -125,7 +133,7 @@ def histograms(path: str | os.PathLike, edges: Sequence[float],
       xlabel, title: axis label and title.
     """
     groups = list(counts.items()) or [("(no data)", {})]
-    fig, axes = _figure(len(groups), width=4.6, height=3.6)
+    fig, axes = figure(len(groups), width=4.6, height=3.6)
     for ax, (group, series) in zip(axes, groups, strict=True):
         for name, c in series.items():
             ax.stairs([int(v) for v in c], list(edges), label=str(name))
@@ -137,7 +145,7 @@ def histograms(path: str | os.PathLike, edges: Sequence[float],
             ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def scatter_intervals(path: str | os.PathLike, points: Sequence[Mapping[str, Any]], *,
@@ -152,7 +160,7 @@ def scatter_intervals(path: str | os.PathLike, points: Sequence[Mapping[str, Any
       xlabel, ylabel, title: axis labels and title.
       diagonal: draw y = x (where observed equals predicted).
     """
-    fig, (ax,) = _figure(width=6.4, height=5.2)
+    fig, (ax,) = figure(width=6.4, height=5.2)
     colors, markers = {}, {}
     palette, shapes = [f"C{i}" for i in range(10)], "osD^vP*Xph"
     top, bottom = 0.0, 0.0
@@ -182,7 +190,7 @@ def scatter_intervals(path: str | os.PathLike, points: Sequence[Mapping[str, Any
     ax.grid(alpha=0.3)
     if points:
         ax.legend(fontsize="x-small", ncols=2)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _err(center: float, ci):

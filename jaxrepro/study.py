@@ -138,8 +138,9 @@ class StudyConfig:
             require(is_int(value) and value >= 1, name, f"must be an int >= 1, got {value!r}")
         require(self.replicas >= 2, "replicas",
                  f"must be >= 2 (the metrics compare pairs of replicas), got {self.replicas}")
-        require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning_rate",
-                 f"must be a positive number, got {self.learning_rate!r}")
+        if hasattr(self, "learning_rate"):  # studies with one rate per optimizer check their own
+            require(math.isfinite(self.learning_rate) and self.learning_rate > 0,
+                    "learning_rate", f"must be a positive number, got {self.learning_rate!r}")
         for name in ("num_train", "num_test"):
             value = getattr(self, name)
             require(is_int(value) and value >= 0, name,

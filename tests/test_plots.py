@@ -11,14 +11,14 @@ from jaxrepro import plots
 def axes():
     """Records the axes of the next figure a plot function draws."""
     seen = []
-    real_figure = plots._figure
+    real_figure = plots.figure
 
     def spy(*args, **kwargs):
         fig, ax = real_figure(*args, **kwargs)
         seen.extend(ax)
         return fig, ax
 
-    with mock.patch.object(plots, "_figure", spy):
+    with mock.patch.object(plots, "figure", spy):
         yield seen
 
 

@@ -38,7 +38,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,12 +46,11 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 
-from jaxrepro import data, engine, losses, metrics, models, optim, randomness, synthetic
+from jaxrepro import data, engine, losses, metrics, models, optim, plots, randomness, synthetic
 from jaxrepro.study import (
     ConfigError,
     StudyConfig,
     Trial,
-    atomic_write_bytes,
     check_activation,
     check_unique,
     check_widths,
@@ -790,23 +788,6 @@ def _summary(config, records, dataset, diffs) -> tuple[list[str], dict[str, int]
 # Plots (matplotlib imported lazily, Agg canvas, atomic writes; see jaxrepro.plots).
 
 
-def _figure(ncols: int, *, width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width * ncols, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
-
-
-def _save(fig, path: Path) -> Path:
-    from jaxrepro import plots
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=plots.DPI)
-    return atomic_write_bytes(path, buf.getvalue())
-
-
 def _value_err(m: Mapping[str, Any] | None, key: str):
     """(value, [[below], [above]]) for errorbar; NaN and None when undefined."""
     if not m or m.get(key) is None:
@@ -823,7 +804,7 @@ def _lambda_plot(path: Path, config, records, dataset) -> Path:
     labels = ["0 (plain)" if kind == "plain" else
               (_num(w) if kind == "anti_distillation" else f"codist {_num(w)}")
               for _, kind, w in variants]
-    fig, axes = _figure(len(REPORT_METRICS), width=3.8, height=3.4)
+    fig, axes = plots.figure(len(REPORT_METRICS), width=3.8, height=3.4)
     single = records[single_name(dataset)]
     for ax, metric in zip(axes, REPORT_METRICS, strict=True):
         for ci_k, k in enumerate(config.ks):
@@ -856,14 +837,14 @@ def _lambda_plot(path: Path, config, records, dataset) -> Path:
     axes[0].legend(fontsize="x-small")
     fig.suptitle(f"{dataset}: anti-distilled ensembles against lambda "
                  f"(R={config.replicas}, {config.ad_output}, {config.ad_penalty})")
-    return _save(fig, path)
+    return plots.save(fig, path)
 
 
 def _k_plot(path: Path, config, records, dataset) -> Path:
     variants = _variants(config)
     single = records[single_name(dataset)]
     curve = single.get("ensemble_curve") or []
-    fig, axes = _figure(len(REPORT_METRICS), width=3.8, height=3.4)
+    fig, axes = plots.figure(len(REPORT_METRICS), width=3.8, height=3.4)
     for ax, metric in zip(axes, REPORT_METRICS, strict=True):
         xs = [row["k"] for row in curve]
         ys = [_value_err(row, metric)[0] for row in curve]
@@ -888,13 +869,13 @@ def _k_plot(path: Path, config, records, dataset) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="x-small")
     fig.suptitle(f"{dataset}: joint K-component ensembles against independent ensembles")
-    return _save(fig, path)
+    return plots.save(fig, path)
 
 
 def _correlation_plot(path: Path, points: Sequence[Mapping[str, Any]], output: str) -> Path:
     """Test against training correlation of the components, one point per ensemble trial
     (colour: variant; marker: dataset and K), with the diagonal; negative values are kept."""
-    fig, (ax,) = _figure(1, width=6.4, height=5.2)
+    fig, (ax,) = plots.figure(1, width=6.4, height=5.2)
     colors: dict[str, str] = {}
     markers: dict[str, str] = {}
     lo, hi = 0.0, 0.1
@@ -917,7 +898,7 @@ def _correlation_plot(path: Path, points: Sequence[Mapping[str, Any]], output: s
     ax.set_title("Do components stay decorrelated on held-out data?")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="xx-small", ncols=2)
-    return _save(fig, path)
+    return plots.save(fig, path)
 
 
 register(AntiDistillationConfig, "Anti-distillation: decorrelated ensembles and "

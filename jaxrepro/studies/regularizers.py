@@ -53,7 +53,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -63,12 +62,11 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 
-from jaxrepro import data, engine, losses, models, optim, randomness
+from jaxrepro import data, engine, losses, models, optim, plots, randomness
 from jaxrepro.study import (
     ConfigError,
     StudyConfig,
     Trial,
-    atomic_write_bytes,
     check_unique,
     evaluate_predictions,
     fit_config,
@@ -146,17 +144,10 @@ class RegularizersConfig(StudyConfig):
     level: float = flag_field(0.95, "confidence level of the intervals and the paired tests")
 
     def __post_init__(self):
-        for name in ("replicas", "epochs", "batch_size", "width", "num_samples"):
+        self._check_common()
+        for name in ("width", "num_samples"):
             value = getattr(self, name)
             require(is_int(value) and value >= 1, name, f"must be an int >= 1, got {value!r}")
-        require(self.replicas >= 2, "replicas",
-                f"must be >= 2 (the metrics compare pairs of replicas), got {self.replicas}")
-        for name in ("num_train", "num_test"):
-            value = getattr(self, name)
-            require(is_int(value) and value >= 0, name,
-                    f"must be an int >= 0 (0: the whole split), got {value!r}")
-        require(is_int(self.seed) and 0 <= self.seed < 2**32, "seed",
-                f"must be an int in [0, 2**32), got {self.seed!r}")
         require(self.dataset in DATASETS, "dataset",
                 f"must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
         check_unique("depths", self.depths)
@@ -665,23 +656,6 @@ def _learned(rec: Mapping[str, Any]) -> bool:
 # Plots (matplotlib imported lazily; Agg canvas; atomic writes).
 
 
-def _figure(nrows: int, ncols: int, width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(nrows, ncols, squeeze=False)
-
-
-def _save(fig, path: Path) -> Path:
-    from jaxrepro import plots
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=plots.DPI)
-    return atomic_write_bytes(path, buf.getvalue())
-
-
 def _err(center: float, ci) -> list[list[float]]:
     if not ci or any(v is None for v in ci) or not math.isfinite(center):
         return [[0.0], [0.0]]
@@ -690,7 +664,8 @@ def _err(center: float, ci) -> list[list[float]]:
 
 def _plot_metrics(path: Path, config: RegularizersConfig, records) -> Path:
     arms = _arms(config)
-    fig, axes = _figure(2, len(config.optimizers), max(4.5, 0.75 * len(arms) + 1.5), 3.2)
+    fig, axes = plots.figure(len(config.optimizers), nrows=2,
+                             width=max(4.5, 0.75 * len(arms) + 1.5), height=3.2)
     width = 0.8 / len(config.depths)
     for col, optimizer in enumerate(config.optimizers):
         for row, metric in enumerate(("churn", "eta")):
@@ -715,15 +690,16 @@ def _plot_metrics(path: Path, config: RegularizersConfig, records) -> Path:
                 ax.legend(fontsize="small")
     fig.suptitle(f"Churn and Effective Test Accuracy per regulariser\n({config.dataset}, "
                  f"width {config.width}, R={config.replicas})", fontsize="medium")
-    return _save(fig, path)
+    return plots.save(fig, path)
 
 
 def _plot_differences(path: Path, config: RegularizersConfig, records) -> Path:
     regs = list(config.regularizers)
-    fig, axes = _figure(1, len(config.optimizers), max(4.5, 0.75 * len(regs) + 1.5), 3.6)
+    fig, axes = plots.figure(len(config.optimizers), nrows=1,
+                             width=max(4.5, 0.75 * len(regs) + 1.5), height=3.6)
     width = 0.8 / len(config.depths)
     for col, optimizer in enumerate(config.optimizers):
-        ax = axes[0][col]
+        ax = axes[col]
         for i, depth in enumerate(config.depths):
             for j, reg in enumerate(regs):
                 p = _paired(records[_name(depth, optimizer, reg)], "pd_abs")
@@ -743,7 +719,7 @@ def _plot_differences(path: Path, config: RegularizersConfig, records) -> Path:
                 ax.legend(fontsize="small")
     fig.suptitle("Paired difference of pd_abs against the baseline\n(filled: significant, "
                  f"{int(round(config.level * 100))}% intervals)", fontsize="medium")
-    return _save(fig, path)
+    return plots.save(fig, path)
 
 
 register(RegularizersConfig, "Do regularisers improve reproducibility?", trials, report)
