@@ -33,15 +33,6 @@ def _at(tree, r):
 
 
 @pytest.fixture(scope="module")
-def ds():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(330, 12)).astype(np.float32)
-    w = rng.normal(size=(12, 3))
-    y = np.argmax(x @ w + 0.3 * rng.normal(size=(330, 3)), axis=1)
-    return data.Dataset(x[:266], y[:266], x[266:], y[266:], num_classes=3, name="tiny")
-
-
-@pytest.fixture(scope="module")
 def run4(ds):
     return engine.fit(MODEL, TX, ds, **BASE)
 

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxrepro import data, engine, losses, metrics, models, optim
+from jaxrepro import engine, losses, metrics, models, optim
 
 # Shared objects: compiled functions are cached by model, optimizer and loss, so the tests that
 # train the same task share one compilation.
@@ -18,15 +18,6 @@ TX = optax.adam(1e-2)
 BASE = losses.softmax_cross_entropy()
 AD = losses.anti_distillation(BASE, 1.0)
 CFG = dict(replicas=4, epochs=4, batch_size=32, vary=("init", "order"), seed=3)
-
-
-@pytest.fixture(scope="module")
-def ds():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(330, 12)).astype(np.float32)
-    w = rng.normal(size=(12, 3))
-    y = np.argmax(x @ w + 0.3 * rng.normal(size=(330, 3)), axis=1)
-    return data.Dataset(x[:266], y[:266], x[266:], y[266:], num_classes=3, name="tiny")
 
 
 @pytest.fixture(scope="module")
