@@ -11,7 +11,7 @@ var_ratio per (activation, setting), and writes results.json, report.md and chur
 workdir. Rerun the same command to resume after an interruption. ``--quick`` shrinks it to a
 smoke run (relu; nothing and all; 4 replicas, 2 epochs, 512 training examples, MLP [32]).
 
-Expected runtime on a 2-core CPU: under 2 minutes (81 s to 99 s measured, compilation
+Expected runtime on a 2-core CPU: under 2 minutes (50 s to 99 s measured, compilation
 included); ``--quick`` about 12 seconds, mostly compilation.
 
 Expected result (seed 0; MLP test accuracy about 0.65 on MNIST-1D):
