@@ -216,3 +216,10 @@ def test_equivalent_optimizer_calls_share_one_object():
     assert optim.optimizer("adam", 1e-3) is optim.optimizer("adam", 0.001, weight_decay=0.0)
     assert optim.optimizer("sgd", 0.1, momentum=0.5) is optim.optimizer("sgd", 0.1)
     assert optim.optimizer("momentum", 0.1, momentum=0.5) is not optim.optimizer("momentum", 0.1)
+
+
+def test_a_multi_head_model_must_be_wrapped(ds):
+    """Several heads give [K, B, C] logits: the engine asks for the Ensemble wrapper, which
+    tells it how to combine them."""
+    with pytest.raises(ValueError, match=r"must return logits \[B, C\]; it returned shape"):
+        engine.Engine(engine.Task(models.MLP((8,), 3, heads=2), TX), ds, engine.FitConfig(**CFG))
