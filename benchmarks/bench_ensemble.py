@@ -27,21 +27,11 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
+import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-def _timed(fn, repeats: int) -> dict:
-    t = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    sec = statistics.median(times)
-    return dict(seconds=sec, compile_seconds=max(first - sec, 0.0), runs=times)
+from run import _timed  # noqa: E402  (the suite's timer: warm-up, then the median)
 
 
 def main(argv=None) -> dict:
