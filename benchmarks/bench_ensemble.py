@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
 
     def fit(model, loss, replicas, **kw):
         run = engine.fit(model, tx, ds, loss_fn=loss, replicas=replicas, **common, **kw)
-        jax.block_until_ready(run.state)
+        jax.block_until_ready(run.device_state)
 
     cases = {
         "ensemble": lambda: fit(ens, plain_loss, r),

@@ -105,7 +105,7 @@ def part_engine(args) -> dict:
         def fn(r=r):
             run = engine.fit(model, tx, ds, replicas=r, seed=0, vary=("init", "order"),
                              batch_size=w.batch_size, epochs=w.epochs, strategy=args.strategy)
-            jax.block_until_ready(run.state)
+            jax.block_until_ready(run.device_state)
         out[r] = _timed(fn, args.repeats)
         out[r]["devices"] = len(engine.replica_mesh(r).devices) if engine.replica_mesh(r) else 1
     return out
@@ -125,7 +125,7 @@ def part_loop(args) -> dict:
                 run = engine.fit(model, tx, ds, replicas=(i,), seed=0, vary=("init", "order"),
                                  batch_size=w.batch_size, epochs=w.epochs,
                                  epochs_per_call=w.epochs, strategy="map")
-                jax.block_until_ready(run.state)
+                jax.block_until_ready(run.device_state)
         out[r] = _timed(fn, args.loop_repeats)
     return out
 

@@ -66,7 +66,6 @@ Two variants, measured the same way (results in BUILD_NOTES.md):
 
 from absl import app
 
-import jaxrepro
 from jaxrepro import study
 from jaxrepro.studies.anti_distillation import AntiDistillationConfig
 
@@ -74,7 +73,6 @@ study.define_flags(AntiDistillationConfig)
 
 
 def main(argv):
-    jaxrepro.use_cpu_devices()
     study.main(AntiDistillationConfig, argv)
 
 

@@ -26,14 +26,12 @@ Expected result (seed 0; MLP test accuracy about 0.65 on MNIST-1D):
 
 from absl import app
 
-import jaxrepro
 from jaxrepro import study
 
 study.define_flags(study.IrreproducibilityConfig)
 
 
 def main(argv):
-    jaxrepro.use_cpu_devices()
     study.main(study.IrreproducibilityConfig, argv)
 
 

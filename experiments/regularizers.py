@@ -47,7 +47,6 @@ Expected result (seed 0, the default run):
 
 from absl import app
 
-import jaxrepro
 from jaxrepro import study
 from jaxrepro.studies.regularizers import RegularizersConfig
 
@@ -55,7 +54,6 @@ study.define_flags(RegularizersConfig)
 
 
 def main(argv):
-    jaxrepro.use_cpu_devices()
     study.main(RegularizersConfig, argv)
 
 

@@ -30,14 +30,12 @@ Expected result (seed 0; students reach test accuracy about 0.83 to 0.87):
 
 from absl import app
 
-import jaxrepro
 from jaxrepro import study
 
 study.define_flags(study.SyntheticConfig)
 
 
 def main(argv):
-    jaxrepro.use_cpu_devices()
     study.main(study.SyntheticConfig, argv)
 
 

@@ -25,14 +25,12 @@ against 7, std 0.023, where var_cal = err/(2N) = 6.3e-4 against var_obs 5.3e-4).
 
 from absl import app
 
-import jaxrepro
 from jaxrepro import study
 
 study.define_flags(study.TestSetVarianceConfig)
 
 
 def main(argv):
-    jaxrepro.use_cpu_devices()
     study.main(study.TestSetVarianceConfig, argv)
 
 

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxrepro import losses, models, randomness
@@ -124,8 +124,15 @@ class FitConfig:
       strategy: batching strategy over replicas, one of ``STRATEGIES``.
       epochs_per_call: epochs run per dispatch of the compiled function (more: fewer host
         round trips; fewer: more frequent callbacks and checkpoints).
-      devices: how many devices the replica axis is sharded over (``None``: the largest count
-        of the default backend's devices that divides R). The result does not depend on it.
+      devices: how many devices the replica axis is sharded over (``None``: every device of
+        every process, or R of them when R is smaller; in a run of several processes it must
+        be all of them). When R is not a multiple of it, the replica axis is padded with copies
+        of the last replica, computed and dropped (never returned). The result does not depend
+        on it.
+      deterministic: compile with XLA's GPU deterministic-ops option
+        (``xla_gpu_deterministic_ops``: no atomics in reductions and scatters, deterministic
+        algorithms only), so the same command twice gives bitwise the same result on a GPU.
+        CPU and TPU runs are deterministic without it; there it changes nothing.
     """
 
     replicas: int | tuple[int, ...] = 8
@@ -138,6 +145,7 @@ class FitConfig:
     strategy: str = "auto"
     epochs_per_call: int = 1
     devices: int | None = None
+    deterministic: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "vary", randomness.check_sources(self.vary, what="vary"))
@@ -163,6 +171,8 @@ class FitConfig:
         ):
             raise ValueError(f"perturb_scale must be finite and >= 0, got {self.perturb_scale}")
         parse_strategy(self.strategy)
+        if not isinstance(self.deterministic, (bool, np.bool_)):
+            raise ValueError(f"deterministic must be True or False, got {self.deterministic!r}")
 
     @property
     def replica_ids(self) -> np.ndarray:
@@ -353,20 +363,185 @@ def use_cpu_devices(count: int | None = None) -> int:
 def replica_mesh(num_replicas: int, devices: int | None = None) -> Mesh | None:
     """The 1-D device mesh the replica axis is sharded over, or None for a single device.
 
-    ``devices=None`` takes the largest number of the default backend's devices that divides R
-    (so every device holds the same number of replicas); an explicit count must divide R.
+    ``devices=None`` takes every device of every process (``jax.devices()``, global in a run
+    of several processes), or R of them when there are fewer replicas than devices in a
+    single process. In a run of several processes the mesh always spans every device: each
+    process must hold a block of the replica axis to take part in the computation. R need
+    not be a multiple of the count: ``Placement`` pads the replica axis.
     """
     available = jax.devices()
+    processes = jax.process_count()
     if devices is None:
-        devices = max(d for d in range(1, len(available) + 1) if num_replicas % d == 0)
+        devices = len(available) if processes > 1 else min(num_replicas, len(available))
+    devices = int(devices)
     if devices > len(available):
         raise ValueError(f"devices={devices} but only {len(available)} "
-                         f"{jax.default_backend()} devices exist")
-    if num_replicas % devices:
-        raise ValueError(f"devices={devices} does not divide the {num_replicas} replicas")
+                         f"{jax.default_backend()} devices exist"
+                         + (f" across {processes} processes" if processes > 1 else ""))
+    if processes > 1 and devices != len(available):
+        raise ValueError(
+            f"devices={devices}: a run of {processes} processes shards the replicas over all "
+            f"{len(available)} devices of all processes (leave devices unset)")
     if devices == 1:
         return None
     return Mesh(np.asarray(available[:devices]), (REPLICA_AXIS,))
+
+
+def _device_free_bytes(device) -> int | None:
+    """Free memory of an accelerator (its allocator's limit minus what is in use), or None
+    when the backend does not report it (CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory statistics
+        return None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def replica_memory_bytes(task: Task, x_example: Array, batch_size: int,
+                         num_classes: int) -> int:
+    """Estimated device memory of one replica while it trains: its state, its optimizer state
+    and the buffers of one training step on one batch (XLA's own memory analysis of the
+    compiled step; the state's size times 4 where the backend gives no analysis)."""
+    x_B = jax.ShapeDtypeStruct((batch_size,) + tuple(x_example.shape[1:]), jnp.float32)
+    y_B = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    key = jax.random.key(0, impl=randomness.PRNG_IMPL)
+    state = jax.eval_shape(lambda x: init_replica(task, x, key, key, jnp.float32(0.0), {}),
+                           x_example)
+    state_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(state))
+    try:
+        compiled = jax.jit(functools.partial(train_step, task)).lower(
+            state, x_B, y_B, y_B, key, key).compile()
+        mem = compiled.memory_analysis()
+        total = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                 + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001 - no memory analysis on this backend
+        total = 0
+    del num_classes
+    return int(max(total, 4 * state_bytes))
+
+
+def choose_strategy(replicas_per_device: int, bytes_per_replica: int,
+                    free_bytes: int | None, *, headroom: float = 0.8) -> tuple[str, int]:
+    """``"auto"`` on an accelerator: ``vmap`` over all of a device's replicas when they fit in
+    ``headroom`` of its free memory, else ``chunked:K`` with the largest K that fits (at least
+    1). Unknown free memory: ``vmap``."""
+    if free_bytes is None:
+        return "vmap", 0
+    fits = int(headroom * free_bytes) // max(1, int(bytes_per_replica))
+    if fits >= replicas_per_device:
+        return "vmap", 0
+    return "chunked", max(1, fits)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Placement:
+    """Where the replica axis lives: the strategy, the device mesh and the padding.
+
+    The R replicas are padded to ``num_padded`` (a multiple of the mesh size) with copies of
+    the last replica: its index, its hyperparameters, its state. The copies are computed like
+    any replica and dropped by ``unpad`` and ``to_host``, the only ways results leave the
+    device, so they never reach a returned value, a metric or a file.
+
+    On the device a stacked array is ``[num_padded, ...]`` sharded over the mesh's
+    ``replica`` axis (a global array spanning every process in a multi-process run). What the
+    user holds is ``[R, ...]``: the same array when nothing is padded in a single process,
+    else a copy replicated over the mesh, which every process can read.
+    """
+
+    strategy: tuple[str, int]
+    mesh: Mesh | None
+    num_replicas: int
+    num_padded: int
+
+    @classmethod
+    def create(cls, num_replicas: int, strategy: str, devices: int | None = None, *,
+               memory: Callable[[], int] | None = None) -> Placement:
+        """The placement of ``num_replicas`` replicas; ``memory`` (called only for ``"auto"``
+        on an accelerator) estimates the bytes of one training replica."""
+        mesh = replica_mesh(num_replicas, devices)
+        size = 1 if mesh is None else mesh.size
+        padded = -(-num_replicas // size) * size
+        if strategy == "auto" and jax.default_backend() != "cpu" and memory is not None:
+            device = jax.local_devices()[0]
+            kind = choose_strategy(padded // size, memory(), _device_free_bytes(device))
+        else:
+            kind = parse_strategy(strategy)
+        return cls(kind, mesh, int(num_replicas), int(padded))
+
+    @property
+    def num_devices(self) -> int:
+        return 1 if self.mesh is None else self.mesh.size
+
+    @property
+    def num_pad(self) -> int:
+        return self.num_padded - self.num_replicas
+
+    def _sharding(self, spec: P):
+        return None if self.mesh is None else NamedSharding(self.mesh, spec)
+
+    def pad_host(self, x_R: np.ndarray) -> np.ndarray:
+        """A host array ``[R, ...]`` padded to ``[num_padded, ...]`` with its last row."""
+        x_R = np.asarray(x_R)
+        if not self.num_pad:
+            return x_R
+        return np.concatenate([x_R, np.repeat(x_R[-1:], self.num_pad, axis=0)])
+
+    def shard(self, x_R) -> Array:
+        """A host array ``[R, ...]`` as a device array ``[num_padded, ...]`` split over the
+        replica axis."""
+        x = self.pad_host(x_R)
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.make_array_from_callback(x.shape, self._sharding(P(REPLICA_AXIS)),
+                                            lambda index: x[index])
+
+    def replicate(self, x) -> Array:
+        """A host array the same for every replica, on every device of the mesh."""
+        x = np.asarray(x)
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.make_array_from_callback(x.shape, self._sharding(P()), lambda index: x[index])
+
+    def pad(self, tree_R: PyTree) -> PyTree:
+        """A stacked tree ``[R, ...]`` (host or device) laid out for training."""
+        leading = {int(np.shape(a)[0]) if np.ndim(a) else None for a in jax.tree.leaves(tree_R)}
+        if leading - {self.num_replicas}:
+            raise ValueError(f"a stacked state must have a leading replica axis of "
+                             f"{self.num_replicas} on every array; got leading sizes "
+                             f"{sorted(leading, key=str)}")
+        if self.mesh is None:
+            return tree_R
+        return _pad_fn(self.num_padded, self._sharding(P(REPLICA_AXIS)))(tree_R)
+
+    def unpad(self, tree: PyTree) -> PyTree:
+        """A device tree ``[num_padded, ...]`` as ``[R, ...]`` readable on every process."""
+        if self.mesh is None or (not self.num_pad and jax.process_count() == 1):
+            return tree
+        return _unpad_fn(self.num_replicas, self._sharding(P()))(tree)
+
+    def to_host(self, tree: PyTree) -> PyTree:
+        """A device tree ``[num_padded, ...]`` as NumPy ``[R, ...]``, the same on every process:
+        the one way results are read back (gathered across processes where needed)."""
+        if self.mesh is not None and jax.process_count() > 1:
+            tree = self.unpad(tree)
+        return jax.tree.map(lambda a: np.asarray(a)[: self.num_replicas], tree)
+
+
+@functools.cache
+def _pad_fn(num_padded: int, sharding):
+    def pad(a):
+        extra = num_padded - a.shape[0]
+        return jnp.concatenate([a, jnp.repeat(a[-1:], extra, axis=0)]) if extra else a
+
+    return jax.jit(lambda tree: jax.tree.map(pad, tree), out_shardings=sharding)
+
+
+@functools.cache
+def _unpad_fn(num_replicas: int, sharding):
+    return jax.jit(lambda tree: jax.tree.map(lambda a: a[:num_replicas], tree),
+                   out_shardings=sharding)
 
 
 def _over_replicas(fn: Callable, strategy: tuple[str, int], mesh: Mesh | None,
@@ -392,13 +567,36 @@ def _over_replicas(fn: Callable, strategy: tuple[str, int], mesh: Mesh | None,
                          out_specs=P(REPLICA_AXIS), check_vma=False)(per_replica, shared)
 
 
+DETERMINISTIC_OPTIONS = {"xla_gpu_deterministic_ops": True}
+"""XLA compiler options of ``FitConfig(deterministic=True)``: deterministic GPU kernels (no
+atomics in reductions and scatters, no run-to-run choice between algorithms). A GPU option;
+the CPU and TPU backends accept it and are deterministic without it."""
+
+
+def _jit_pair(*, static_argnames=(), donate_argnames=()):
+    """``fn`` jitted twice, plainly and with ``DETERMINISTIC_OPTIONS``; the wrapper takes a
+    ``deterministic`` keyword that picks one (each compiles on first use only)."""
+    def wrap(fn):
+        plain = jax.jit(fn, static_argnames=static_argnames, donate_argnames=donate_argnames)
+        det = jax.jit(fn, static_argnames=static_argnames, donate_argnames=donate_argnames,
+                      compiler_options=DETERMINISTIC_OPTIONS)
+
+        @functools.wraps(fn)
+        def call(*args, deterministic: bool = False, **kwargs):
+            return (det if deterministic else plain)(*args, **kwargs)
+
+        return call
+
+    return wrap
+
+
 def _keys_for(seed, replica: Array, varied_S: Array) -> ReplicaKeys:
     return ReplicaKeys(*(randomness.replica_key(seed, s, replica,
                                                 varied=varied_S[randomness.SOURCE_IDS[s]])
                          for s in ("order", "dropout", "augment")))
 
 
-@functools.partial(jax.jit, static_argnames=("task", "strategy", "mesh"))
+@_jit_pair(static_argnames=("task", "strategy", "mesh"))
 def _init_states(ids_R, seed, varied_S, x_example, perturb_scale, hparams_R, *, task, strategy,
                  mesh):
     TRACE_COUNTS["init"] += 1
@@ -413,11 +611,8 @@ def _init_states(ids_R, seed, varied_S, x_example, perturb_scale, hparams_R, *, 
                           (seed, varied_S, x_example, perturb_scale))
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("task", "strategy", "mesh", "batch_size", "num_epochs"),
-    donate_argnames=("state_R",),
-)
+@_jit_pair(static_argnames=("task", "strategy", "mesh", "batch_size", "num_epochs"),
+           donate_argnames=("state_R",))
 def _train_epochs_R(state_R, ids_R, seed, varied_S, x_N, y_N, window, first_epoch, *, task,
                     strategy, mesh, batch_size, num_epochs):
     TRACE_COUNTS["train_epochs"] += 1
@@ -440,16 +635,30 @@ def _batches_R(ids_R, seed, varied_S, num_train, window, epoch, *, batch_size):
     return jax.vmap(lambda k: epoch_batches(k, epoch, base_N, window, batch_size))(keys_R)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "strategy", "mesh", "components"))
-def _predict_chunk(params_R, batch_stats_R, x_B, *, model, strategy, mesh, components):
+def _finite_one(params) -> Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(params)]))
+
+
+@_jit_pair(static_argnames=("strategy", "mesh"))
+def _finite_R(params_R, *, strategy, mesh):
+    return _over_replicas(_finite_one, strategy, mesh, (params_R,))
+
+
+@_jit_pair(static_argnames=("model", "strategy", "mesh", "components", "probs"))
+def _predict_chunk(params_R, batch_stats_R, x_B, *, model, strategy, mesh, components, probs):
+    """Every replica's logits (or probabilities) for one chunk of examples. The softmax runs
+    inside the per-replica function, so a replica's probabilities are bitwise the same
+    whatever R, the strategy's batching or the device count."""
     def one(params, batch_stats, x_B):
         variables = {"params": params}
         if jax.tree.leaves(batch_stats):
             variables["batch_stats"] = batch_stats
         logits = model.apply(variables, x_B, train=False)
         if models.num_components(model) is None:
-            return logits[None] if components else logits
-        return logits if components else losses.ensemble_log_probs(logits)
+            out = logits[None] if components else logits
+        else:
+            out = logits if components else losses.ensemble_log_probs(logits)
+        return jax.nn.softmax(out, axis=-1) if probs else out
 
     return _over_replicas(one, strategy, mesh, (params_R, batch_stats_R), (x_B,))
 
@@ -500,6 +709,12 @@ class Engine:
     ``init()`` gives the stacked initial state; ``train(state, first_epoch, num_epochs)``
     continues it. A checkpointed state and its epoch count are all a resumed run needs: every
     draw derives from (seed, source, replica, step).
+
+    States passed in and out are ``[R, ...]``; inside, the replica axis is padded and sharded
+    as ``placement`` says. In a run of several processes (after ``jax.distributed.initialize``)
+    every process builds the same Engine and makes the same calls; each computes its block of
+    replicas, and what comes back (states, histories, predictions) is the whole ``[R, ...]``
+    on every process.
     """
 
     def __init__(self, task: Task, data, config: FitConfig, *,
@@ -515,12 +730,9 @@ class Engine:
             )
         self.steps_per_epoch = num_train // config.batch_size
         self.window = num_train if config.window is None else min(int(config.window), num_train)
-        self.strategy = parse_strategy(config.strategy)
-        self.mesh = replica_mesh(len(self.replica_ids), config.devices)
         self._varied_S = randomness.varied_mask(config.vary)
-        self._x_N = jnp.asarray(data.x_train)
-        self._y_N = jnp.asarray(data.y_train)
-        x_example = self._x_N[:1]
+        x_host = np.asarray(data.x_train, np.float32)
+        x_example = jnp.asarray(x_host[:1])
         def shapes(x):  # one abstract trace of init: the logits and the optimizer state
             logits, variables = task.model.init_with_output({"params": jax.random.key(0)}, x,
                                                             train=False)
@@ -541,23 +753,51 @@ class Engine:
             )
         losses.check(task.loss_fn, num_components=k or 1, num_train=num_train,
                      num_classes=int(data.num_classes))
-        self._hparams_R = _check_hparams(hparams, len(self.replica_ids), opt_example)
+        hparams_R = _check_hparams(hparams, len(self.replica_ids), opt_example)
+        self.placement = Placement.create(
+            len(self.replica_ids), config.strategy, config.devices,
+            memory=lambda: replica_memory_bytes(Task(task.model, task.tx, task.loss_fn),
+                                                x_example, config.batch_size,
+                                                int(data.num_classes)))
+        pl = self.placement
+        self.strategy, self.mesh = pl.strategy, pl.mesh
+        self._ids_R = pl.shard(self.replica_ids)
+        self._hparams_R = {name: pl.shard(v) for name, v in hparams_R.items()}
+        self._x_N = pl.replicate(x_host)
+        self._y_N = pl.replicate(np.asarray(data.y_train, np.int32))
+        self._x_example = pl.replicate(x_host[:1])
+        self._num_train = num_train
 
     @property
     def num_replicas(self) -> int:
         return len(self.replica_ids)
 
-    def init(self) -> TrainState:
-        """The stacked initial state ``[R, ...]``."""
+    def _init_padded(self) -> TrainState:
         c = self.config
         # Initialisation depends on the model and optimizer only: tasks that differ in their
         # loss or augmentation (a sweep over a loss weight) share its compilation.
         init_task = Task(model=self.task.model, tx=self.task.tx)
         return _init_states(
-            jnp.asarray(self.replica_ids), jnp.uint32(c.seed), self._varied_S, self._x_N[:1],
+            self._ids_R, jnp.uint32(c.seed), self._varied_S, self._x_example,
             jnp.float32(c.effective_perturb_scale), self._hparams_R,
             task=init_task, strategy=self.strategy, mesh=self.mesh,
+            deterministic=c.deterministic,
         )
+
+    def init(self) -> TrainState:
+        """The stacked initial state ``[R, ...]``."""
+        return self.placement.unpad(self._init_padded())
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of ``init()``'s state, computing nothing (what a
+        checkpoint is restored into)."""
+        shapes = jax.eval_shape(self._init_padded)
+        pl = self.placement
+        sharding = (pl._sharding(P()) if pl.mesh is not None
+                    else jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+        return jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct((pl.num_replicas,) + a.shape[1:], a.dtype,
+                                           sharding=sharding), shapes)
 
     def batch_indices(self, epoch: int) -> np.ndarray:
         """int ``[R, steps, batch_size]``: the training examples each replica visits in ``epoch``.
@@ -565,11 +805,22 @@ class Engine:
         Computed by the same function the training step uses.
         """
         c = self.config
-        num_train = int(self._x_N.shape[0])
         return np.asarray(_batches_R(
-            jnp.asarray(self.replica_ids), jnp.uint32(c.seed), self._varied_S, num_train,
+            jnp.asarray(self.replica_ids), jnp.uint32(c.seed), self._varied_S, self._num_train,
             jnp.int32(self.window), jnp.int32(epoch), batch_size=c.batch_size,
         ))
+
+    def _train_padded(self, state: TrainState, first_epoch: int, num_epochs: int
+                      ) -> tuple[TrainState, dict[str, np.ndarray]]:
+        c = self.config
+        state, metrics = _train_epochs_R(
+            state, self._ids_R, jnp.uint32(c.seed), self._varied_S, self._x_N,
+            self._y_N, jnp.int32(self.window), jnp.int32(first_epoch), task=self.task,
+            strategy=self.strategy, mesh=self.mesh, batch_size=c.batch_size,
+            num_epochs=num_epochs, deterministic=c.deterministic,
+        )
+        metrics = self.placement.to_host(metrics)
+        return state, {k: np.asarray(v, np.float32) for k, v in metrics.items()}
 
     def train(self, state: TrainState, first_epoch: int, num_epochs: int
               ) -> tuple[TrainState, dict[str, np.ndarray]]:
@@ -581,14 +832,8 @@ class Engine:
           The new stacked state and ``{"loss", "accuracy"}``, each float ``[R, num_epochs]``:
           per-replica means over the epoch's training batches.
         """
-        c = self.config
-        state, metrics = _train_epochs_R(
-            state, jnp.asarray(self.replica_ids), jnp.uint32(c.seed), self._varied_S, self._x_N,
-            self._y_N, jnp.int32(self.window), jnp.int32(first_epoch), task=self.task,
-            strategy=self.strategy, mesh=self.mesh, batch_size=c.batch_size,
-            num_epochs=num_epochs,
-        )
-        return state, {k: np.asarray(v) for k, v in metrics.items()}
+        state, metrics = self._train_padded(self.placement.pad(state), first_epoch, num_epochs)
+        return self.placement.unpad(state), metrics
 
     def run(self, state: TrainState | None = None, *, first_epoch: int = 0,
             history: Mapping[str, np.ndarray] | None = None,
@@ -601,33 +846,35 @@ class Engine:
         the epochs before it, and ends bitwise where an uninterrupted run would.
 
         Args:
-          state: the stacked state after ``first_epoch`` epochs (default: ``init()``).
+          state: the stacked state ``[R, ...]`` after ``first_epoch`` epochs (default:
+            ``init()``).
           first_epoch: epochs already trained.
           history: ``{"loss", "accuracy"}`` float ``[R, first_epoch]`` of those epochs.
           callback: called after each dispatch as ``callback(epochs_done, state, history)``
-            (to checkpoint, say); the state is donated to the next dispatch, so the callback
-            must finish with it before returning.
+            (to checkpoint, say), on every process; the state is ``[R, ...]`` and may be
+            donated to the next dispatch, so the callback must finish with it before returning.
 
         Returns:
           A ``Run`` with the whole history ``[R, epochs]``.
         """
         c = self.config
         start = time.perf_counter()
-        if state is None:
-            state = self.init()
+        state = self._init_padded() if state is None else self.placement.pad(state)
         past = {k: [np.asarray(history[k], np.float32)] if history is not None
                 else [np.zeros((self.num_replicas, 0), np.float32)] for k in ("loss", "accuracy")}
         done = first_epoch
         while done < c.epochs:
             n = min(c.epochs_per_call, c.epochs - done)
-            state, metrics = self.train(state, done, n)
+            state, metrics = self._train_padded(state, done, n)
             for k in past:
                 past[k].append(metrics[k])
             done += n
             if callback is not None:
-                callback(done, state, {k: np.concatenate(v, axis=1) for k, v in past.items()})
+                callback(done, self.placement.unpad(state),
+                         {k: np.concatenate(v, axis=1) for k, v in past.items()})
         jax.block_until_ready(state)
-        return Run(task=self.task, config=c, state=state, replica_ids=self.replica_ids,
+        return Run(task=self.task, config=c, device_state=state, placement=self.placement,
+                   replica_ids=self.replica_ids,
                    history={k: np.concatenate(v, axis=1) for k, v in past.items()},
                    seconds=time.perf_counter() - start)
 
@@ -636,10 +883,17 @@ class Engine:
 class Run:
     """Trained replicas: stacked state, per-epoch history, and prediction.
 
+    In a run of several processes every process holds the same ``Run``: ``history``,
+    ``diverged``, ``state`` and ``predict`` give the whole ``[R, ...]`` result on each of
+    them (so the same script, run as every process, reads its results the same way; only the
+    writing of files is left to process 0, see ``jaxrepro.distributed``).
+
     Attributes:
       task: the static description of the training.
       config: the ``FitConfig`` used.
-      state: stacked ``TrainState`` with a leading replica axis ``[R, ...]``.
+      device_state: the stacked ``TrainState`` as training left it, ``[num_padded, ...]``
+        sharded over devices (``placement`` says how; padding replicas included).
+      placement: the strategy, mesh and padding of the replica axis.
       replica_ids: int ``[R]``, the replica indices (keys) of the stacked replicas.
       history: ``{"loss", "accuracy"}``, float ``[R, epochs]`` training means per epoch.
       seconds: wall time of training (compilation included).
@@ -647,7 +901,8 @@ class Run:
 
     task: Task
     config: FitConfig
-    state: TrainState
+    device_state: TrainState
+    placement: Placement
     replica_ids: np.ndarray
     history: dict[str, np.ndarray]
     seconds: float = 0.0
@@ -657,19 +912,23 @@ class Run:
         return len(self.replica_ids)
 
     @functools.cached_property
-    def _placement(self) -> tuple[tuple[str, int], Mesh | None]:
-        """Strategy and mesh of prediction: the training's, derived once."""
-        return (parse_strategy(self.config.strategy),
-                replica_mesh(self.num_replicas, self.config.devices))
+    def state(self) -> TrainState:
+        """The stacked ``TrainState`` ``[R, ...]`` (padding replicas dropped), readable with
+        ``np.asarray`` on every process."""
+        return self.placement.unpad(self.device_state)
 
-    @property
+    @functools.cached_property
     def diverged(self) -> np.ndarray:
         """bool ``[R]``: the replica's loss or parameters became NaN or infinite."""
-        bad = ~np.all(np.isfinite(self.history["loss"]), axis=1)
-        for leaf in jax.tree.leaves(self.state.params):
-            leaf = np.asarray(leaf)
-            bad |= ~np.all(np.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
-        return bad
+        pl = self.placement
+        finite = pl.to_host(_finite_R(self.device_state.params, strategy=pl.strategy,
+                                      mesh=pl.mesh, deterministic=self.config.deterministic))
+        return ~np.all(np.isfinite(self.history["loss"]), axis=1) | ~np.asarray(finite, bool)
+
+    def with_state(self, state: TrainState) -> Run:
+        """This run with another stacked state ``[R, ...]`` (edited parameters, say), laid out
+        as training left this one's; history and config are kept."""
+        return dataclasses.replace(self, device_state=self.placement.pad(state))
 
     def replica(self, index: int) -> TrainState:
         """The state of the replica at position ``index`` of the stack (not its key index)."""
@@ -680,7 +939,9 @@ class Run:
         """Stacked predictions ``[R, N, C]`` in eval mode, computed in chunks of examples.
 
         For an ``Ensemble`` model the prediction is the ensemble's, the mean of its components'
-        probabilities (its logits: their log, ``losses.ensemble_log_probs``).
+        probabilities (its logits: their log, ``losses.ensemble_log_probs``). Each replica's
+        prediction is computed by the same per-replica function whatever R and the device
+        count, softmax included.
 
         Args:
           x: inputs ``[N, ...]`` shaped like the training inputs.
@@ -690,7 +951,8 @@ class Run:
             device. The last chunk is padded so every call has the same shape.
 
         Returns:
-          float32 numpy ``[R, N, C]`` (``[R, K, N, C]`` with ``components``).
+          float32 numpy ``[R, N, C]`` (``[R, K, N, C]`` with ``components``), the same on
+          every process.
         """
         x = np.asarray(x, np.float32)
         if x.ndim < 2:
@@ -699,19 +961,19 @@ class Run:
             raise ValueError(f"predict: x holds {int(np.sum(~np.isfinite(x)))} NaN or inf values")
         n = x.shape[0]
         chunk = max(1, min(chunk_size, n))
-        strategy, mesh = self._placement
+        pl = self.placement
         out = []
         for start in range(0, n, chunk):
             x_B = x[start:start + chunk]
             valid = x_B.shape[0]
             if valid < chunk:
                 x_B = np.concatenate([x_B, np.zeros((chunk - valid,) + x.shape[1:], x.dtype)])
-            logits_RxBxC = _predict_chunk(
-                self.state.params, self.state.batch_stats, jnp.asarray(x_B),
-                model=self.task.model, strategy=strategy, mesh=mesh, components=components)
-            if not logits:
-                logits_RxBxC = jax.nn.softmax(logits_RxBxC, axis=-1)
-            out.append(np.asarray(logits_RxBxC)[..., :valid, :])
+            out_RxBxC = _predict_chunk(
+                self.device_state.params, self.device_state.batch_stats, pl.replicate(x_B),
+                model=self.task.model, strategy=pl.strategy, mesh=pl.mesh,
+                components=components, probs=not logits,
+                deterministic=self.config.deterministic)
+            out.append(pl.to_host(out_RxBxC)[..., :valid, :])
         return np.concatenate(out, axis=-2)
 
 

@@ -19,8 +19,9 @@ the other in a *workdir*::
     timings.json         wall time per trial (kept out of results.json, which is deterministic)
     report.md, *.png     tables with a sentence each, and plots
 
-results.json holds ``study``, ``config``, ``versions`` (python, jax, jaxlib, flax, optax,
-orbax-checkpoint, numpy, jaxrepro), ``complete`` and ``results``: per trial, in trial order,
+results.json holds ``study``, ``config``, ``deterministic`` (XLA's GPU deterministic ops,
+``--deterministic``), ``versions`` (python, jax, jaxlib, flax, optax, orbax-checkpoint, numpy,
+jaxrepro), ``complete`` and ``results``: per trial, in trial order,
 ``{"info": its grid coordinates, "diverged": [replica ids excluded], "train_loss",
 "train_accuracy", "metrics": metrics.compare(...) of the kept replicas, or null with an
 "error" when fewer than 2 are left}``; the test-set variance study adds ``*_ci`` intervals,
@@ -32,6 +33,12 @@ from results.json, an unfinished one continues from its latest checkpoint (every
 makes derives from (seed, source, replica, step), so the continued run is bitwise the
 uninterrupted one) and the final results.json is byte for byte the same. Files are written to a
 temporary name and renamed, so an interruption never leaves a truncated file.
+
+A study runs the same as several processes (``jaxrepro.distributed``; the binaries' flags
+``--coordinator_address``, ``--num_processes``, ``--process_id``): every process trains its
+block of each trial's replicas and computes the same results; process 0 alone writes the
+workdir, orbax writes the checkpoints from every process, and results.json is byte for byte
+the one a single process writes.
 
 The five studies, one module each in ``jaxrepro/studies/`` (each registers its config, trials
 and report with ``register``; the binaries in ``experiments/`` are flags over the configs):
@@ -73,7 +80,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from jaxrepro import activations, data, engine, metrics, models, randomness
+from jaxrepro import activations, data, distributed, engine, metrics, models, randomness
 
 # ---------------------------------------------------------------------------------------------
 # Errors and config objects.
@@ -203,7 +210,9 @@ def _field_types(config_cls) -> dict[str, Any]:
 def define_flags(config_cls: type[StudyConfig], flag_values=None,
                  module_name: str | None = None) -> None:
     """Defines one absl flag per config field, plus ``--workdir``, ``--quick``,
-    ``--checkpoint_every`` and ``--keep_checkpoints``. Field defaults are the flag defaults;
+    ``--checkpoint_every``, ``--keep_checkpoints``, ``--deterministic``, ``--cpu_devices`` and
+    the multi-process flags (``--coordinator_address``, ``--num_processes``, ``--process_id``,
+    ``--distributed``). Field defaults are the flag defaults;
     list fields take commas. The flags are registered as the main module's (``module_name``,
     default ``sys.argv[0]``), so ``--help`` and usage errors list them."""
     from absl import flags
@@ -231,6 +240,20 @@ def define_flags(config_cls: type[StudyConfig], flag_values=None,
     flags.DEFINE_integer("checkpoint_every", 5, "epochs between checkpoints", **kw)
     flags.DEFINE_bool("keep_checkpoints", True, "keep each trial's final checkpoint (its trained "
                       "replicas) once its results are recorded", **kw)
+    flags.DEFINE_bool("deterministic", False, "compile with XLA's GPU deterministic ops (the same "
+                      "command twice gives bitwise the same results on a GPU; CPU and TPU are "
+                      "deterministic without it); recorded in results.json", **kw)
+    flags.DEFINE_integer("cpu_devices", 0, "split each process's CPU into this many JAX devices "
+                         "(0: one per core); the results do not depend on it", **kw)
+    flags.DEFINE_string("coordinator_address", None, "multi-process run: host:port of process 0 "
+                        "(or $JAX_COORDINATOR_ADDRESS); see jaxrepro.distributed", **kw)
+    flags.DEFINE_integer("num_processes", None, "multi-process run: number of processes (or "
+                         "$JAX_NUM_PROCESSES)", **kw)
+    flags.DEFINE_integer("process_id", None, "multi-process run: this process's index (or "
+                         "$JAX_PROCESS_ID)", **kw)
+    flags.DEFINE_bool("distributed", None, "join a multi-process run found by JAX's cluster "
+                      "auto-detection (Slurm, Open MPI, Kubernetes, Cloud TPU); unset: detect, "
+                      "--nodistributed: never", **kw)
 
 
 def config_from_flags(config_cls: type[StudyConfig], flag_values=None) -> StudyConfig:
@@ -275,13 +298,36 @@ def main(config_cls: type[StudyConfig], argv: Sequence[str], flag_values=None) -
         raise app.UsageError(f"unexpected arguments {list(argv[1:])}; flags start with --")
     if fv["checkpoint_every"].value < 1:
         raise app.UsageError("--checkpoint_every: must be >= 1")
+    if fv["cpu_devices"].value < 0:
+        raise app.UsageError("--cpu_devices: must be >= 0 (0: one per core)")
     try:
         config = config_from_flags(config_cls, fv)
-        out = run(config, fv["workdir"].value, checkpoint_every=fv["checkpoint_every"].value,
-                  keep_checkpoints=fv["keep_checkpoints"].value)
     except ConfigError as e:
         raise app.UsageError(e.as_flags()) from None
-    print(out["report_markdown"])
+    cpu_devices = fv["cpu_devices"].value or os.cpu_count() or 1
+    if not fv["cpu_devices"].present:
+        # One device per core, unless JAX already started in this process (a caller in
+        # Python that chose its devices): then its devices stand.
+        try:
+            engine.use_cpu_devices(None)
+        except RuntimeError:
+            pass
+        cpu_devices = 0
+    try:
+        distributed.initialize(fv["coordinator_address"].value, fv["num_processes"].value,
+                               fv["process_id"].value, auto=fv["distributed"].value,
+                               cpu_devices=cpu_devices)
+    except ValueError as e:
+        raise app.UsageError(f"--coordinator_address, --num_processes, --process_id: {e}"
+                             ) from None
+    try:
+        out = run(config, fv["workdir"].value, checkpoint_every=fv["checkpoint_every"].value,
+                  keep_checkpoints=fv["keep_checkpoints"].value,
+                  deterministic=fv["deterministic"].value)
+    except ConfigError as e:
+        raise app.UsageError(e.as_flags()) from None
+    if distributed.is_writer():
+        print(out["report_markdown"])
     return out
 
 
@@ -290,8 +336,14 @@ def main(config_cls: type[StudyConfig], argv: Sequence[str], flag_values=None) -
 
 
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
-    """Writes ``payload`` to a temporary file beside ``path``, then renames it over ``path``."""
+    """Writes ``payload`` to a temporary file beside ``path``, then renames it over ``path``.
+
+    In a run of several processes only process 0 writes (``distributed.is_writer``): every
+    process computes the same results, and one copy of each file is wanted on shared storage.
+    """
     path = Path(path)
+    if not distributed.is_writer():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
@@ -344,16 +396,19 @@ def versions() -> dict[str, str]:
     return out
 
 
-def prepare_workdir(workdir: str | os.PathLike, config: StudyConfig) -> Path:
+def prepare_workdir(workdir: str | os.PathLike, config: StudyConfig, *,
+                    deterministic: bool = False) -> Path:
     """Creates ``workdir`` and its ``config.json``, or checks the one it holds.
 
     Raises:
-      ConfigError: the workdir holds another study or a config that differs; ``fields`` names
-        the differing fields, so nothing is trained into a mismatched run.
+      ConfigError: the workdir holds another study or a config that differs (or was run with
+        another ``deterministic`` setting); ``fields`` names the differing fields, so nothing
+        is trained into a mismatched run.
     """
     workdir = Path(workdir)
     path = workdir / "config.json"
-    wanted = {"study": config.STUDY, "config": to_json(config.to_dict())}
+    wanted = {"study": config.STUDY, "config": to_json(config.to_dict()),
+              "deterministic": bool(deterministic)}
     if path.exists():
         try:
             held = json.loads(path.read_text())
@@ -371,8 +426,13 @@ def prepare_workdir(workdir: str | os.PathLike, config: StudyConfig) -> Path:
                                f"{json.dumps(wanted['config'].get(k))} requested" for k in diff)
             raise ConfigError(diff, f"workdir {workdir} holds a run with a different config "
                                     f"({detail}); use another workdir or the same flags")
+        if bool(held.get("deterministic", False)) != wanted["deterministic"]:
+            raise ConfigError("deterministic", f"workdir {workdir} holds a run with "
+                              f"deterministic={held.get('deterministic', False)}; use another "
+                              "workdir or the same flags")
         return workdir
-    workdir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_writer():
+        workdir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, wanted)
     return workdir
 
@@ -428,6 +488,8 @@ class Progress:
 
     def write(self, line: str) -> None:
         self.lines.append(line)
+        if not distributed.is_writer():  # one copy of the progress, from process 0
+            return
         if self.echo:
             print(line, file=self.stream, flush=True)
         if self.log_path is not None:
@@ -465,8 +527,9 @@ def restore_checkpoint(directory: str | os.PathLike,
                        like: engine.TrainState | Callable[[], engine.TrainState]):
     """The latest checkpoint as ``(state, epoch, history)``, or None when there is none.
 
-    ``like`` (e.g. a fresh ``Engine.init()``, or a function returning one, called only when a
-    checkpoint exists) gives the tree structure, dtypes and shardings, so the restored state is
+    ``like`` (e.g. ``Engine.abstract_state()`` or a fresh ``Engine.init()``, or a function
+    returning one, called only when a checkpoint exists) gives the tree structure, dtypes and
+    shardings, so the restored state is
     bitwise the saved one, laid out as training expects.
     """
     import jax
@@ -571,7 +634,7 @@ def train_trial(trial: Trial, checkpoint_dir: str | os.PathLike, *, checkpoint_e
     epochs = trial.fit.epochs
     per_epoch, _ = _units(trial)
     state, first, history = None, 0, None
-    restored = restore_checkpoint(checkpoint_dir, eng.init)  # initialises only to resume
+    restored = restore_checkpoint(checkpoint_dir, eng.abstract_state)  # shapes only
     if restored is not None:
         state, first, history = restored
         if progress is not None:
@@ -641,7 +704,7 @@ def run_trials(trials: Sequence[Trial], workdir: str | os.PathLike, *, header: M
         atomic_write_json(workdir / "results.json",
                           {**header, "complete": False, "results": ordered})
         atomic_write_json(workdir / "timings.json", {"seconds": timings})
-        if not keep_checkpoints:
+        if not keep_checkpoints and distributed.is_writer():
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return {n: records[n] for n in names}
 
@@ -765,7 +828,8 @@ def register(config_cls: type[StudyConfig], title: str,
 def run(config: StudyConfig, workdir: str | os.PathLike, *, checkpoint_every: int = 5,
         keep_checkpoints: bool = True, progress: bool = True,
         clock: Callable[[], float] = time.monotonic, stream=None,
-        on_checkpoint: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+        on_checkpoint: Callable[[str, int], None] | None = None,
+        deterministic: bool = False) -> dict[str, Any]:
     """Runs (or resumes) a study in ``workdir``: trains its trials, writes results.json,
     report.md and the plots.
 
@@ -782,6 +846,12 @@ def run(config: StudyConfig, workdir: str | os.PathLike, *, checkpoint_every: in
       clock: time source of the progress lines.
       on_checkpoint: called as ``on_checkpoint(trial_name, epoch)`` after each checkpoint
         (tests use it to interrupt a run).
+      deterministic: train every trial with ``FitConfig(deterministic=True)`` (XLA's GPU
+        deterministic ops); recorded in config.json and results.json.
+
+    In a run of several processes (``jaxrepro.distributed``) every process calls ``run`` with
+    the same arguments; each trains its block of replicas, all compute the same results, and
+    process 0 alone writes the workdir (orbax checkpoints: every process, its own shards).
 
     Returns:
       The content of results.json (``study``, ``config``, ``versions``, ``complete``,
@@ -796,12 +866,17 @@ def run(config: StudyConfig, workdir: str | os.PathLike, *, checkpoint_every: in
     if config.STUDY not in _STUDIES:
         raise TypeError(f"not a study config: {type(config).__name__}")
     title, make_trials, make_report = _STUDIES[config.STUDY]
-    workdir = prepare_workdir(workdir, config)
+    workdir = prepare_workdir(workdir, config, deterministic=deterministic)
+    distributed.barrier("jaxrepro-workdir-ready")
     trials = make_trials(config)
+    if deterministic:
+        trials = [dataclasses.replace(t, fit=dataclasses.replace(t.fit, deterministic=True))
+                  for t in trials]
     total = sum(units * epochs for units, epochs in map(_units, trials))
     prog = Progress(total, clock=clock, stream=stream, log_path=workdir / "progress.log",
                     echo=progress)
-    header = {"study": config.STUDY, "config": config.to_dict(), "versions": versions()}
+    header = {"study": config.STUDY, "config": config.to_dict(),
+              "deterministic": bool(deterministic), "versions": versions()}
     records = run_trials(trials, workdir, header=header, checkpoint_every=checkpoint_every,
                          keep_checkpoints=keep_checkpoints, progress=prog,
                          on_checkpoint=on_checkpoint)

@@ -1,7 +1,8 @@
 """The replica axis sharded over several (fake CPU) devices gives the same result as one device.
 
 JAX fixes its device count when its backend starts, so the check runs in a subprocess that asks
-for 4 CPU devices.
+for 4 CPU devices. R need not be a multiple of the device count: the replica axis is padded,
+and the padding never shows.
 """
 
 import json
@@ -9,6 +10,10 @@ import os
 import subprocess
 import sys
 import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.slow
 
 SCRIPT = textwrap.dedent("""
     import json, jax
@@ -23,18 +28,44 @@ SCRIPT = textwrap.dedent("""
     model = models.MLP(widths=(8,), num_classes=2, dropout_rate=0.1)
     tx = optax.adam(1e-2)
     out = {"num_devices": len(jax.devices())}
+
+    def max_diff(a, b):
+        return max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
+                   for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
     for strategy in ("map", "vmap"):
         runs = {d: engine.fit(model, tx, ds, replicas=4, epochs=2, batch_size=32, devices=d,
                               strategy=strategy, vary=("init", "order", "dropout"))
                 for d in (1, 2, 4)}
         ref = runs[1]
-        out[strategy] = {
-            str(d): max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-                        for a, b in zip(jax.tree.leaves(ref.state), jax.tree.leaves(r.state)))
-            for d, r in runs.items()}
+        out[strategy] = {str(d): max_diff(ref.state, r.state) for d, r in runs.items()}
         out[strategy + "_pred"] = float(np.max(np.abs(runs[4].predict(ds.x_test)
                                                       - ref.predict(ds.x_test))))
-        out[strategy + "_sharded"] = len(jax.tree.leaves(runs[4].state)[0].sharding.device_set)
+        out[strategy + "_sharded"] = len(
+            jax.tree.leaves(runs[4].device_state)[0].sharding.device_set)
+    # R not a multiple of the device count: padded, bitwise the one-device result (map).
+    grid = {}
+    for r in (3, 5, 6):
+        ref = engine.fit(model, tx, ds, replicas=r, epochs=2, batch_size=32, devices=1,
+                         strategy="map", vary=("init", "order", "dropout"))
+        ref_probs = ref.predict(ds.x_test)
+        for d in (2, 3, 4, None):
+            run = engine.fit(model, tx, ds, replicas=r, epochs=2, batch_size=32, devices=d,
+                             strategy="map", vary=("init", "order", "dropout"))
+            probs = run.predict(ds.x_test)
+            lead = jax.tree.leaves(run.device_state)[0]
+            grid[f"{r}/{d}"] = {
+                "state": max_diff(ref.state, run.state),
+                "history": float(np.max(np.abs(ref.history["loss"] - run.history["loss"]))),
+                "probs": float(np.max(np.abs(ref_probs - probs))),
+                "shapes": [probs.shape[0], run.history["loss"].shape[0],
+                           int(run.diverged.shape[0]),
+                           int(jax.tree.leaves(run.state)[0].shape[0]),
+                           len(run.predict(ds.x_test, components=True))],
+                "padded": run.placement.num_padded, "device_rows": int(lead.shape[0]),
+                "devices": len(lead.sharding.device_set),
+            }
+    out["grid"] = grid
     # Replicas of a 2-component ensemble, plain and anti-distilled, over 1 and 4 devices.
     from jaxrepro import losses
     ens = models.Ensemble(models.MLP(widths=(8,), num_classes=2), num_components=2)
@@ -42,20 +73,23 @@ SCRIPT = textwrap.dedent("""
     for name, loss in (("ensemble", base), ("anti_distilled", losses.anti_distillation(base, 0.5))):
         pair = [engine.fit(ens, tx, ds, loss_fn=loss, replicas=4, epochs=2, batch_size=32,
                            devices=d, strategy="map") for d in (1, 4)]
-        out[name] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
-                        zip(jax.tree.leaves(pair[0].state), jax.tree.leaves(pair[1].state)))
+        out[name] = max_diff(pair[0].state, pair[1].state)
     print("RESULT" + json.dumps(out))
 """)
 
 
-def test_result_does_not_depend_on_the_number_of_devices():
+@pytest.fixture(scope="module")
+def out():
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-    out = json.loads(line[len("RESULT"):])
+    return json.loads(line[len("RESULT"):])
+
+
+def test_result_does_not_depend_on_the_number_of_devices(out):
     assert out["num_devices"] == 4
     for strategy in ("map", "vmap"):
         assert out[strategy + "_sharded"] == 4      # the state really is spread over 4 devices
@@ -71,3 +105,17 @@ def test_result_does_not_depend_on_the_number_of_devices():
     # The decorrelation penalty's gradient (centring then normalising over the batch) compiles
     # to a different rounding inside shard_map than on one device: about 1 ulp per step.
     assert out["anti_distilled"] <= 1e-6
+
+
+@pytest.mark.parametrize("r", [3, 5, 6])
+@pytest.mark.parametrize("d", ["2", "3", "4", "None"])
+def test_any_replica_count_on_any_device_count_is_padded_invisibly(out, r, d):
+    cell = out["grid"][f"{r}/{d}"]
+    # State, history and probabilities: bitwise those of one device.
+    assert cell["state"] == 0.0 and cell["history"] == 0.0 and cell["probs"] == 0.0, cell
+    # Nothing returned holds a padding replica.
+    assert cell["shapes"] == [r] * 5, cell
+    devices = min(r, 4) if d == "None" else int(d)
+    padded = -(-r // devices) * devices
+    assert cell["devices"] == devices, cell          # every device is used
+    assert cell["padded"] == padded and cell["device_rows"] == padded, cell

@@ -217,13 +217,13 @@ def test_diverged_replicas_are_reported_and_excluded(trial, tmp_path):
     run = study.train_trial(dataclasses.replace(trial), tmp_path, checkpoint_every=10)
     nan_at = lambda a, rows: a.at[rows].set(np.nan)  # noqa: E731
     bad_params = jax.tree.map(lambda a: nan_at(a, 1), run.state.params)
-    one_bad = dataclasses.replace(run, state=run.state._replace(params=bad_params))
+    one_bad = run.with_state(run.state._replace(params=bad_params))
     record = study.evaluate(one_bad, trial.data)
     assert record["diverged"] == [1]
     assert record["metrics"]["num_excluded"] == 1 and record["metrics"]["num_replicas"] == 3
     assert math.isfinite(record["metrics"]["churn"])
 
-    all_bad = dataclasses.replace(run, state=run.state._replace(
+    all_bad = run.with_state(run.state._replace(
         params=jax.tree.map(lambda a: nan_at(a, slice(None)), run.state.params)))
     record = study.evaluate(all_bad, trial.data)
     assert record["metrics"] is None and "0 of 4 replicas" in record["error"]
