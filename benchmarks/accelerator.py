@@ -60,9 +60,9 @@ def _launch(args) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
-    argv = [a for a in sys.argv[1:] if not a.startswith("--processes")]
+    argv = [f"--{k}={v}" for k, v in vars(args).items()
+            if v is not None and k not in ("coordinator_address", "process_id")]
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv,
-                               f"--processes={args.processes}",
                                f"--coordinator_address={address}", f"--process_id={i}"],
                               stdout=None if i == 0 else subprocess.DEVNULL)
              for i in range(args.processes)]

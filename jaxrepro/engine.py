@@ -399,8 +399,7 @@ def _device_free_bytes(device) -> int | None:
     return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
 
 
-def replica_memory_bytes(task: Task, x_example: Array, batch_size: int,
-                         num_classes: int) -> int:
+def replica_memory_bytes(task: Task, x_example: Array, batch_size: int) -> int:
     """Estimated device memory of one replica while it trains: its state, its optimizer state
     and the buffers of one training step on one batch (XLA's own memory analysis of the
     compiled step; the state's size times 4 where the backend gives no analysis)."""
@@ -418,7 +417,6 @@ def replica_memory_bytes(task: Task, x_example: Array, batch_size: int,
                  + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
     except Exception:  # noqa: BLE001 - no memory analysis on this backend
         total = 0
-    del num_classes
     return int(max(total, 4 * state_bytes))
 
 
@@ -757,8 +755,7 @@ class Engine:
         self.placement = Placement.create(
             len(self.replica_ids), config.strategy, config.devices,
             memory=lambda: replica_memory_bytes(Task(task.model, task.tx, task.loss_fn),
-                                                x_example, config.batch_size,
-                                                int(data.num_classes)))
+                                                x_example, config.batch_size))
         pl = self.placement
         self.strategy, self.mesh = pl.strategy, pl.mesh
         self._ids_R = pl.shard(self.replica_ids)

@@ -1,6 +1,6 @@
 """One process of a multi-process test run (started by tests/test_multiprocess.py).
 
-Usage: python multiprocess_worker.py MODE OUT_DIR [ADDRESS NUM_PROCESSES PROCESS_ID]
+Usage: python multiprocess_worker.py MODE[+MODE] OUT_DIR [ADDRESS NUM_PROCESSES PROCESS_ID]
 
 Without the last three arguments it runs as a single process. Every process writes what it
 read back to OUT_DIR/<mode>-<process id>.npz, so the test can check that each process holds
@@ -38,7 +38,8 @@ def main(argv):
 
     out = {"num_devices": np.int32(len(jax.devices())),
            "num_processes": np.int32(jax.process_count())}
-    if mode == "fit":
+    modes = mode.split("+")
+    if "fit" in modes:
         rng = np.random.default_rng(0)
         x = rng.normal(size=(200, 6)).astype(np.float32)
         y = (x[:, 0] + 0.3 * x[:, 1] > 0).astype(np.int32)
@@ -53,7 +54,13 @@ def main(argv):
             out[f"r{r}_diverged"] = run.diverged
             out[f"r{r}_kernel"] = np.asarray(run.state.params["dense_0"]["kernel"])
             out[f"r{r}_devices"] = np.int32(run.placement.num_devices)
-    elif mode in ("study", "resume"):
+        # A learning rate per replica: the hyperparameters are sharded (and padded) too.
+        tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+        run = engine.fit(model, tx, ds, replicas=3, epochs=1, batch_size=32, strategy="map",
+                         hparams={"learning_rate": [0.0, 0.1, 0.3]}, vary=("init",))
+        out["hp_kernel"] = np.asarray(run.state.params["dense_0"]["kernel"])
+        out["hp_lr"] = np.asarray(run.state.opt_state.hyperparams["learning_rate"])
+    if "study" in modes or "resume" in modes:
         config = study.IrreproducibilityConfig.quick()
         workdir = f"{out_dir}/study"
 
@@ -64,7 +71,7 @@ def main(argv):
             if name == "relu/all" and epoch == 1:
                 raise Interrupt
 
-        if mode == "resume":
+        if "resume" in modes:
             try:
                 study.run(config, workdir, checkpoint_every=1, progress=False,
                           on_checkpoint=interrupt)
@@ -72,7 +79,8 @@ def main(argv):
             except Interrupt:
                 pass
         study.run(config, workdir, checkpoint_every=1, progress=False)
-    np.savez(f"{out_dir}/{mode}-{pid}.npz", **out)
+    for m in modes:
+        np.savez(f"{out_dir}/{m}-{pid}.npz", **out)
     print("WORKER DONE", mode, pid, flush=True)
 
 

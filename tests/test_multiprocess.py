@@ -87,8 +87,7 @@ def _worker(mode: str, out: Path, num_processes: int = 1) -> None:
 def single(tmp_path_factory):
     """The one-process reference: fit outputs and the quick main job's results.json."""
     out = tmp_path_factory.mktemp("single")
-    _worker("fit", out)
-    _worker("study", out)
+    _worker("fit+study", out)
     return out
 
 
@@ -107,6 +106,7 @@ def test_fit_and_predict_over_two_processes_equal_one_process(single, tmp_path):
             assert got[key].shape == ref[key].shape, key
             np.testing.assert_array_equal(got[key], ref[key], err_msg=f"{key}, process {pid}")
         assert got["r5_probs"].shape[0] == 5 and got["r5_kernel"].shape[0] == 5
+        np.testing.assert_array_equal(got["hp_lr"], np.float32([0.0, 0.1, 0.3]))
         assert int(got["r5_devices"]) == 4
 
 

@@ -35,12 +35,12 @@ def test_accelerator_strategy_rule(per_device, per_replica, free, expected):
 
 def test_replica_memory_estimate_covers_the_state(ds):
     x = ds.x_train[:1]
-    est = engine.replica_memory_bytes(engine.Task(MODEL, TX), x, 16, 3)
+    est = engine.replica_memory_bytes(engine.Task(MODEL, TX), x, 16)
     params = MODEL.init(jax.random.key(0), x, train=False)["params"]
     param_bytes = sum(a.size * 4 for a in jax.tree.leaves(params))
     # Parameters, Adam's two moments, the new state and the step's buffers.
     assert est >= 4 * param_bytes
-    bigger = engine.replica_memory_bytes(engine.Task(MODEL, TX), x, 1024, 3)
+    bigger = engine.replica_memory_bytes(engine.Task(MODEL, TX), x, 1024)
     assert bigger > est  # the activations of a bigger batch count
 
 

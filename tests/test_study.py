@@ -109,6 +109,11 @@ def test_workdir_with_another_config_is_refused_naming_the_fields(tmp_path):
     with pytest.raises(study.ConfigError):
         study.run(config.replace(seed=1), tmp_path, progress=False)
     assert sorted(os.listdir(tmp_path)) == ["config.json"]
+    # A run in deterministic mode is not resumed in the other mode, nor the reverse.
+    with pytest.raises(study.ConfigError) as e:
+        study.prepare_workdir(tmp_path, config, deterministic=True)
+    assert e.value.fields == ("deterministic",)
+    assert json.loads((tmp_path / "config.json").read_text())["deterministic"] is False
 
 
 # --- files and progress -------------------------------------------------------------------
