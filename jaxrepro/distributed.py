@@ -13,8 +13,11 @@ After ``initialize`` the replica axis spans every device of every process (``jax
 is global) and each process trains its own block of replicas; the training itself needs no
 communication (replicas are independent), only reading results back gathers them. Every
 process must make the same calls in the same order (the usual JAX multi-controller rule): run
-the same script everywhere. The results are bitwise those of one process with the same
-devices (``map`` strategy): where a replica is computed never changes what it computes.
+the same script everywhere (and read results, such as ``run.predict``, on every process: the
+reads are collective). The results are bitwise those of one process with the same devices
+(``map`` strategy): where a replica is computed never changes what it computes. The training
+steps exchange nothing between processes; results read back are gathered (``run.history``
+after each dispatch, ``run.state`` and ``run.predict`` when called).
 
 Files: a study (``jaxrepro.study``) writes its workdir from process 0 only; orbax writes the
 checkpoints with its multi-process support (the workdir must be on a file system every process
@@ -42,18 +45,24 @@ def _env_int(name: str) -> int | None:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def cluster_detected() -> bool:
-    """Whether JAX's cluster auto-detection recognises this environment (Slurm, Open MPI,
-    Kubernetes, Cloud TPU), so ``jax.distributed.initialize()`` needs no arguments."""
+def cluster_processes() -> int:
+    """How many processes the cluster JAX's auto-detection recognises (Slurm, Open MPI,
+    Kubernetes, Cloud TPU) says this job has; 0 when it recognises none.
+
+    Reads JAX's private registry of cluster environments (``jax._src.clusters``), the one
+    private JAX name the project uses; any failure there counts as no cluster.
+    """
     try:
         from jax._src.clusters import ClusterEnv
     except ImportError:  # a JAX without the cluster registry: no auto-detection
-        return False
+        return 0
     try:
-        return any(env.is_env_present() for env in ClusterEnv._cluster_types
-                   if not getattr(env, "opt_in_only_method", False))
+        for env in ClusterEnv._cluster_types:
+            if not getattr(env, "opt_in_only_method", False) and env.is_env_present():
+                return int(env.get_process_count())
     except Exception:  # noqa: BLE001 - a detector that fails means no cluster
-        return False
+        return 0
+    return 0
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -63,9 +72,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
     Which run: the arguments; else the environment variables ``JAX_COORDINATOR_ADDRESS``,
     ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (the address is JAX's own variable, the other
-    two this project's); else, on a cluster JAX detects by itself (``auto=None`` detects,
-    ``True`` insists, ``False`` never), no arguments at all. With none of these the process
-    stays a run of its own and nothing is initialised.
+    two this project's); else a cluster JAX detects by itself, no arguments at all:
+    ``auto=None`` joins one whose job has more than one process (a single-task Slurm job
+    stays a process of its own, with all its devices), ``True`` joins whatever JAX detects,
+    ``False`` never. With none of these the process stays a run of its own and nothing is
+    initialised.
 
     Collectives between CPU processes use gloo (``jax_cpu_collectives_implementation``), set
     here; GPU and TPU processes use their own.
@@ -96,7 +107,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         process_id = _env_int(ENV_PROCESS_ID)
     explicit = address is not None or num_processes is not None or process_id is not None
     if not explicit:
-        if auto is False or (auto is None and not cluster_detected()):
+        if auto is False or (auto is None and cluster_processes() < 2):
             return False
     elif auto is not True and None in (address, num_processes, process_id):
         missing = [name for name, v in (("coordinator_address", address),
@@ -121,8 +132,30 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 def is_writer() -> bool:
-    """Whether this process writes shared files: process 0 (and any single-process run)."""
-    return jax.process_index() == 0
+    """Whether this process writes shared files: process 0 (and any single-process run).
+
+    Asks nothing of JAX's backend unless the distributed runtime is up, so writing a file
+    never starts a GPU."""
+    return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
+def from_writer(value):
+    """``value`` as process 0 has it, on every process (JSON-ready values: process 0 decides
+    what all processes do, such as which trials are finished or whether a checkpoint exists,
+    so they never take different paths into a collective). Itself in a single process."""
+    if jax.process_count() == 1:
+        return value
+    import json
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    payload = np.frombuffer(json.dumps(value).encode() if is_writer() else b"", np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(payload.size)))
+    buffer = np.zeros(size, np.uint8)
+    buffer[: payload.size] = payload[:size]
+    data = multihost_utils.broadcast_one_to_all(buffer)
+    return json.loads(np.asarray(data, np.uint8).tobytes().decode())
 
 
 def barrier(name: str) -> None:

@@ -18,7 +18,8 @@ one of the batching strategies:
   Every replica executes the same program as a replica trained alone.
 - ``"vmap"``: ``vmap`` over replicas (batched matrix products).
 - ``"chunked:K"``: ``lax.map`` over chunks of K replicas, ``vmap`` inside a chunk.
-- ``"auto"``: ``"map"`` on CPU, ``"vmap"`` on accelerators (see BUILD_NOTES.md for the
+- ``"auto"``: ``"map"`` on CPU; on accelerators ``"vmap"``, or ``"chunked:K"`` when a
+  device's replicas would not fit in its memory (``choose_strategy``; BUILD_NOTES.md has the
   measurements behind the rule).
 
 The whole training set lives on the device; each replica's batch is gathered inside the
@@ -195,7 +196,9 @@ class FitConfig:
 
 
 def parse_strategy(strategy: str, num_replicas: int | None = None) -> tuple[str, int]:
-    """``strategy`` as ``(kind, chunk)``; resolves ``"auto"`` for the default backend."""
+    """``strategy`` as ``(kind, chunk)``; resolves ``"auto"`` for the default backend without
+    looking at memory (``"map"`` on CPU, ``"vmap"`` elsewhere; ``Placement.create`` refines
+    it on accelerators)."""
     if strategy == "auto":
         strategy = "map" if jax.default_backend() == "cpu" else "vmap"
     if strategy in ("map", "vmap"):
@@ -369,6 +372,10 @@ def replica_mesh(num_replicas: int, devices: int | None = None) -> Mesh | None:
     process must hold a block of the replica axis to take part in the computation. R need
     not be a multiple of the count: ``Placement`` pads the replica axis.
     """
+    if int(num_replicas) < 1:
+        raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
+    if devices is not None and int(devices) < 1:
+        raise ValueError(f"devices must be >= 1 (or None), got {devices}")
     available = jax.devices()
     processes = jax.process_count()
     if devices is None:
@@ -387,30 +394,36 @@ def replica_mesh(num_replicas: int, devices: int | None = None) -> Mesh | None:
     return Mesh(np.asarray(available[:devices]), (REPLICA_AXIS,))
 
 
-def _device_free_bytes(device) -> int | None:
-    """Free memory of an accelerator (its allocator's limit minus what is in use), or None
-    when the backend does not report it (CPU)."""
+def _device_memory_bytes(device) -> int | None:
+    """The memory an accelerator's allocator may use (``bytes_limit``), or None when the
+    backend does not report it (CPU). The limit, not what is free at the moment: the same
+    hardware then always gives the same strategy (and so the same bits), on every process and
+    on every rerun or resume."""
     try:
         stats = device.memory_stats()
     except Exception:  # noqa: BLE001 - backends without memory statistics
         return None
     if not stats or "bytes_limit" not in stats:
         return None
-    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return int(stats["bytes_limit"])
 
 
-def replica_memory_bytes(task: Task, x_example: Array, batch_size: int) -> int:
+@functools.cache
+def replica_memory_bytes(task: Task, example_shape: tuple[int, ...], batch_size: int) -> int:
     """Estimated device memory of one replica while it trains: its state, its optimizer state
-    and the buffers of one training step on one batch (XLA's own memory analysis of the
-    compiled step; the state's size times 4 where the backend gives no analysis)."""
-    x_B = jax.ShapeDtypeStruct((batch_size,) + tuple(x_example.shape[1:]), jnp.float32)
+    and the buffers of one training step on one batch of inputs shaped ``example_shape``
+    (XLA's own memory analysis of the compiled step, the state donated as in training; at
+    least 4x the state, the floor where the backend gives no analysis). Cached per task and
+    shape."""
+    x_1 = jax.ShapeDtypeStruct((1,) + tuple(example_shape), jnp.float32)
+    x_B = jax.ShapeDtypeStruct((batch_size,) + tuple(example_shape), jnp.float32)
     y_B = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
     key = jax.random.key(0, impl=randomness.PRNG_IMPL)
     state = jax.eval_shape(lambda x: init_replica(task, x, key, key, jnp.float32(0.0), {}),
-                           x_example)
+                           x_1)
     state_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(state))
     try:
-        compiled = jax.jit(functools.partial(train_step, task)).lower(
+        compiled = jax.jit(functools.partial(train_step, task), donate_argnums=0).lower(
             state, x_B, y_B, y_B, key, key).compile()
         mem = compiled.memory_analysis()
         total = (mem.argument_size_in_bytes + mem.output_size_in_bytes
@@ -423,8 +436,8 @@ def replica_memory_bytes(task: Task, x_example: Array, batch_size: int) -> int:
 def choose_strategy(replicas_per_device: int, bytes_per_replica: int,
                     free_bytes: int | None, *, headroom: float = 0.8) -> tuple[str, int]:
     """``"auto"`` on an accelerator: ``vmap`` over all of a device's replicas when they fit in
-    ``headroom`` of its free memory, else ``chunked:K`` with the largest K that fits (at least
-    1). Unknown free memory: ``vmap``."""
+    ``headroom`` of ``free_bytes`` (the device's memory less the training data), else
+    ``chunked:K`` with the largest K that fits (at least 1). Unknown memory: ``vmap``."""
     if free_bytes is None:
         return "vmap", 0
     fits = int(headroom * free_bytes) // max(1, int(bytes_per_replica))
@@ -455,15 +468,27 @@ class Placement:
 
     @classmethod
     def create(cls, num_replicas: int, strategy: str, devices: int | None = None, *,
-               memory: Callable[[], int] | None = None) -> Placement:
-        """The placement of ``num_replicas`` replicas; ``memory`` (called only for ``"auto"``
-        on an accelerator) estimates the bytes of one training replica."""
+               memory: Callable[[], int] | None = None, shared_bytes: int = 0) -> Placement:
+        """The placement of ``num_replicas`` replicas.
+
+        ``memory`` (called only for ``"auto"`` on an accelerator) estimates the bytes of one
+        training replica; ``shared_bytes`` is what every device holds besides (the training
+        data). The accelerator rule reads the memory limit of process 0's first device and
+        sends it to every process, so all processes choose the same strategy.
+        """
         mesh = replica_mesh(num_replicas, devices)
         size = 1 if mesh is None else mesh.size
         padded = -(-num_replicas // size) * size
         if strategy == "auto" and jax.default_backend() != "cpu" and memory is not None:
-            device = jax.local_devices()[0]
-            kind = choose_strategy(padded // size, memory(), _device_free_bytes(device))
+            limit = _device_memory_bytes(jax.local_devices()[0])
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                limit = int(multihost_utils.broadcast_one_to_all(
+                    np.int64(-1 if limit is None else limit)))
+                limit = None if limit < 0 else limit
+            free = None if limit is None else max(0, limit - int(shared_bytes))
+            kind = choose_strategy(padded // size, memory(), free)
         else:
             kind = parse_strategy(strategy)
         return cls(kind, mesh, int(num_replicas), int(padded))
@@ -729,7 +754,10 @@ class Engine:
         self.steps_per_epoch = num_train // config.batch_size
         self.window = num_train if config.window is None else min(int(config.window), num_train)
         self._varied_S = randomness.varied_mask(config.vary)
-        x_host = np.asarray(data.x_train, np.float32)
+        x_host = np.asarray(data.x_train)  # kept as JAX would keep it (float64 -> float32)
+        x_host = x_host.astype(jax.dtypes.canonicalize_dtype(x_host.dtype), copy=False)
+        y_host = np.asarray(data.y_train)
+        y_host = y_host.astype(jax.dtypes.canonicalize_dtype(y_host.dtype), copy=False)
         x_example = jnp.asarray(x_host[:1])
         def shapes(x):  # one abstract trace of init: the logits and the optimizer state
             logits, variables = task.model.init_with_output({"params": jax.random.key(0)}, x,
@@ -754,14 +782,15 @@ class Engine:
         hparams_R = _check_hparams(hparams, len(self.replica_ids), opt_example)
         self.placement = Placement.create(
             len(self.replica_ids), config.strategy, config.devices,
-            memory=lambda: replica_memory_bytes(Task(task.model, task.tx, task.loss_fn),
-                                                x_example, config.batch_size))
+            memory=lambda: replica_memory_bytes(task, tuple(x_host.shape[1:]),
+                                                config.batch_size),
+            shared_bytes=x_host.nbytes + y_host.nbytes)
         pl = self.placement
         self.strategy, self.mesh = pl.strategy, pl.mesh
         self._ids_R = pl.shard(self.replica_ids)
         self._hparams_R = {name: pl.shard(v) for name, v in hparams_R.items()}
         self._x_N = pl.replicate(x_host)
-        self._y_N = pl.replicate(np.asarray(data.y_train, np.int32))
+        self._y_N = pl.replicate(y_host)
         self._x_example = pl.replicate(x_host[:1])
         self._num_train = num_train
 
@@ -835,6 +864,7 @@ class Engine:
     def run(self, state: TrainState | None = None, *, first_epoch: int = 0,
             history: Mapping[str, np.ndarray] | None = None,
             callback: Callable[[int, TrainState, dict[str, np.ndarray]], None] | None = None,
+            callback_state: Callable[[int], bool] | None = None,
             ) -> Run:
         """Trains to the config's last epoch, from the start or from a saved point.
 
@@ -850,6 +880,11 @@ class Engine:
           callback: called after each dispatch as ``callback(epochs_done, state, history)``
             (to checkpoint, say), on every process; the state is ``[R, ...]`` and may be
             donated to the next dispatch, so the callback must finish with it before returning.
+          callback_state: ``callback_state(epochs_done)`` says whether the callback needs the
+            state after that dispatch (default: always); when it does not, it gets None. In a
+            padded or multi-process run the ``[R, ...]`` state is a copy gathered onto every
+            device, which a callback that checkpoints every few epochs need not pay for at
+            every epoch.
 
         Returns:
           A ``Run`` with the whole history ``[R, epochs]``.
@@ -867,7 +902,8 @@ class Engine:
                 past[k].append(metrics[k])
             done += n
             if callback is not None:
-                callback(done, self.placement.unpad(state),
+                wanted = callback_state is None or callback_state(done)
+                callback(done, self.placement.unpad(state) if wanted else None,
                          {k: np.concatenate(v, axis=1) for k, v in past.items()})
         jax.block_until_ready(state)
         return Run(task=self.task, config=c, device_state=state, placement=self.placement,
@@ -883,13 +919,19 @@ class Run:
     In a run of several processes every process holds the same ``Run``: ``history``,
     ``diverged``, ``state`` and ``predict`` give the whole ``[R, ...]`` result on each of
     them (so the same script, run as every process, reads its results the same way; only the
-    writing of files is left to process 0, see ``jaxrepro.distributed``).
+    writing of files is left to process 0, see ``jaxrepro.distributed``). Reading ``state``,
+    ``diverged``, ``predict`` or ``replica`` there is a collective computation: every process
+    must make the call, not process 0 alone.
+
+    ``state`` is ``[R, ...]``; assigning it (or ``with_state``) lays the new state out as
+    training did, and ``predict`` and ``diverged`` then use it.
 
     Attributes:
       task: the static description of the training.
       config: the ``FitConfig`` used.
       device_state: the stacked ``TrainState`` as training left it, ``[num_padded, ...]``
-        sharded over devices (``placement`` says how; padding replicas included).
+        sharded over devices (``placement`` says how). The one attribute that holds the
+        padding replicas: the device layout itself, for code that continues on the device.
       placement: the strategy, mesh and padding of the replica axis.
       replica_ids: int ``[R]``, the replica indices (keys) of the stacked replicas.
       history: ``{"loss", "accuracy"}``, float ``[R, epochs]`` training means per epoch.
@@ -908,13 +950,21 @@ class Run:
     def num_replicas(self) -> int:
         return len(self.replica_ids)
 
-    @functools.cached_property
+    @property
     def state(self) -> TrainState:
         """The stacked ``TrainState`` ``[R, ...]`` (padding replicas dropped), readable with
-        ``np.asarray`` on every process."""
-        return self.placement.unpad(self.device_state)
+        ``np.asarray`` on every process; computed once per ``device_state``."""
+        cached = self.__dict__.get("_state_cache")
+        if cached is None or cached[0] is not self.device_state:
+            cached = (self.device_state, self.placement.unpad(self.device_state))
+            self.__dict__["_state_cache"] = cached
+        return cached[1]
 
-    @functools.cached_property
+    @state.setter
+    def state(self, state: TrainState) -> None:
+        self.device_state = self.placement.pad(state)
+
+    @property
     def diverged(self) -> np.ndarray:
         """bool ``[R]``: the replica's loss or parameters became NaN or infinite."""
         pl = self.placement
@@ -945,7 +995,8 @@ class Run:
           logits: return logits instead of softmax probabilities.
           components: return every component, ``[R, K, N, C]`` (K = 1 for a plain model).
           chunk_size: examples per compiled call; memory is ``O(R * chunk_size * C)`` on the
-            device. The last chunk is padded so every call has the same shape.
+            device (on every device when it is gathered: padded or multi-process runs). The
+            last chunk is padded so every call has the same shape.
 
         Returns:
           float32 numpy ``[R, N, C]`` (``[R, K, N, C]`` with ``components``), the same on

@@ -359,7 +359,7 @@ def anchor_distillation(loss: Loss, weight: float, anchor, *, x=None) -> AnchorD
     References:
       Jiang et al. 2022, "Churn reduction via distillation" (arXiv 2106.02654).
     """
-    if hasattr(anchor, "predict") and hasattr(anchor, "state"):
+    if hasattr(anchor, "predict") and hasattr(anchor, "device_state"):  # an engine.Run
         if x is None:
             raise ValueError("anchor_distillation: an anchor Run needs x, the training inputs")
         anchor = anchor.predict(x)

@@ -529,17 +529,18 @@ def restore_checkpoint(directory: str | os.PathLike,
 
     ``like`` (e.g. ``Engine.abstract_state()`` or a fresh ``Engine.init()``, or a function
     returning one, called only when a checkpoint exists) gives the tree structure, dtypes and
-    shardings, so the restored state is
-    bitwise the saved one, laid out as training expects.
+    shardings, so the restored state is bitwise the saved one, ``[R, ...]`` as ``Engine.run``
+    takes it (which lays it out for training).
     """
     import jax
     import orbax.checkpoint as ocp
 
     directory = Path(directory)
-    if not directory.exists():
+    # Process 0 decides whether there is a checkpoint, so every process takes the same path.
+    if not distributed.from_writer(directory.exists()):
         return None
     with _manager(directory) as mngr:
-        step = mngr.latest_step()
+        step = distributed.from_writer(mngr.latest_step())
         if step is None:
             return None
         if callable(like):
@@ -643,17 +644,22 @@ def train_trial(trial: Trial, checkpoint_dir: str | os.PathLike, *, checkpoint_e
                            f"{first}/{epochs}")
     last = [first]
 
-    def after_dispatch(done: int, state: engine.TrainState, hist: dict[str, np.ndarray]):
+    def checkpoints_now(done: int) -> bool:  # also: the callback needs the state only then
+        return done // checkpoint_every > last[0] // checkpoint_every or done == epochs
+
+    def after_dispatch(done: int, state: engine.TrainState | None,
+                       hist: dict[str, np.ndarray]):
         if progress is not None:
             progress.step(index[0], index[1], trial.name, done, epochs,
                           per_epoch * (done - last[0]))
-        if done // checkpoint_every > last[0] // checkpoint_every or done == epochs:
+        if checkpoints_now(done):
             save_checkpoint(checkpoint_dir, done, state, hist)
             if on_checkpoint is not None:
                 on_checkpoint(trial.name, done)
         last[0] = done
 
-    return eng.run(state, first_epoch=first, history=history, callback=after_dispatch)
+    return eng.run(state, first_epoch=first, history=history, callback=after_dispatch,
+                   callback_state=checkpoints_now)
 
 
 def _read_json(path: Path):
@@ -680,9 +686,11 @@ def run_trials(trials: Sequence[Trial], workdir: str | os.PathLike, *, header: M
     if len(set(names)) != len(names):
         raise ValueError(f"trial names must be unique, got {names}")
     workdir = Path(workdir)
-    held = _read_json(workdir / "results.json") or {}
+    # Process 0's view of what is finished, on every process (they must train the same trials).
+    held = distributed.from_writer(_read_json(workdir / "results.json") or {})
     records = {k: v for k, v in held.get("results", {}).items() if k in names}
-    timings = (_read_json(workdir / "timings.json") or {}).get("seconds", {})
+    timings = distributed.from_writer(
+        (_read_json(workdir / "timings.json") or {}).get("seconds", {}))
     if progress is not None:
         for t in trials:
             if t.name in records:
@@ -851,7 +859,8 @@ def run(config: StudyConfig, workdir: str | os.PathLike, *, checkpoint_every: in
 
     In a run of several processes (``jaxrepro.distributed``) every process calls ``run`` with
     the same arguments; each trains its block of replicas, all compute the same results, and
-    process 0 alone writes the workdir (orbax checkpoints: every process, its own shards).
+    process 0 alone writes the workdir (orbax checkpoints: every process takes part; each
+    array is written once).
 
     Returns:
       The content of results.json (``study``, ``config``, ``versions``, ``complete``,
@@ -880,7 +889,8 @@ def run(config: StudyConfig, workdir: str | os.PathLike, *, checkpoint_every: in
     records = run_trials(trials, workdir, header=header, checkpoint_every=checkpoint_every,
                          keep_checkpoints=keep_checkpoints, progress=prog,
                          on_checkpoint=on_checkpoint)
-    timings = (_read_json(workdir / "timings.json") or {}).get("seconds", {})
+    timings = distributed.from_writer(
+        (_read_json(workdir / "timings.json") or {}).get("seconds", {}))
     seconds = sum(timings.get(t.name, 0.0) for t in trials)
     body = make_report(config, records, workdir)
     markdown = "\n".join(_report_head(title, config, seconds) + body

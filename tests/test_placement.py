@@ -35,13 +35,13 @@ def test_accelerator_strategy_rule(per_device, per_replica, free, expected):
 
 def test_replica_memory_estimate_covers_the_state(ds):
     x = ds.x_train[:1]
-    est = engine.replica_memory_bytes(engine.Task(MODEL, TX), x, 16)
+    est = engine.replica_memory_bytes(engine.Task(MODEL, TX), x.shape[1:], 16)
     params = MODEL.init(jax.random.key(0), x, train=False)["params"]
     param_bytes = sum(a.size * 4 for a in jax.tree.leaves(params))
     # Parameters, Adam's two moments, the new state and the step's buffers.
     assert est >= 4 * param_bytes
-    bigger = engine.replica_memory_bytes(engine.Task(MODEL, TX), x, 1024)
-    assert bigger > est  # the activations of a bigger batch count
+    bigger = engine.replica_memory_bytes(engine.Task(MODEL, TX), x.shape[1:], 4096)
+    assert bigger > est + 4096 * 12 * 4  # a bigger batch's inputs and activations count
 
 
 def test_deterministic_mode_changes_nothing_on_cpu(ds):
@@ -60,6 +60,27 @@ def test_one_device_means_no_mesh_and_no_padding(ds):
     assert run.placement.mesh is None and run.placement.num_padded == 3
     assert jax.tree.leaves(run.device_state)[0].shape[0] == 3
     assert run.diverged.shape == (3,) and not run.diverged.any()
+
+
+def test_assigning_a_state_is_what_predict_and_diverged_use(ds):
+    run = engine.fit(MODEL, TX, ds, **BASE)
+    before = run.predict(ds.x_test)
+    zeroed = jax.tree.map(lambda a: np.zeros_like(np.asarray(a)), run.state)
+    other = run.with_state(zeroed)
+    np.testing.assert_array_equal(run.predict(ds.x_test), before)   # the original is kept
+    np.testing.assert_allclose(other.predict(ds.x_test), 1 / 3)     # zero weights: uniform
+    nan = jax.tree.map(lambda a: np.full_like(np.asarray(a), np.nan), run.state.params)
+    run.state = run.state._replace(params=nan)
+    assert run.diverged.all() and np.isnan(np.asarray(run.state.params["dense_0"]["kernel"])).all()
+
+
+def test_callback_gets_the_state_only_when_it_asks(ds):
+    seen = []
+    eng = engine.Engine(engine.Task(MODEL, TX), ds, engine.FitConfig(**dict(BASE, epochs=3)))
+    eng.run(callback=lambda done, state, hist: seen.append((done, state is None,
+                                                             hist["loss"].shape)),
+            callback_state=lambda done: done == 2)
+    assert seen == [(1, True, (3, 1)), (2, False, (3, 2)), (3, True, (3, 3))]
 
 
 def test_abstract_state_matches_init(ds):
@@ -86,6 +107,23 @@ def test_distributed_initialize_names_what_is_missing(kwargs, match, monkeypatch
         distributed.initialize(**kwargs)
 
 
+def test_cluster_detection_joins_only_a_job_of_several_processes(monkeypatch):
+    for name in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                 "SLURM_LOCALID", "OMPI_MCA_orte_hnp_uri", "KUBERNETES_SERVICE_HOST",
+                 distributed.ENV_ADDRESS, distributed.ENV_NUM_PROCESSES,
+                 distributed.ENV_PROCESS_ID):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.cluster_processes() == 0
+    # A single-task Slurm job: detected, but not a multi-process run, so not joined.
+    for name, value in (("SLURM_JOB_ID", "7"), ("SLURM_STEP_NODELIST", "node1"),
+                        ("SLURM_NTASKS", "1"), ("SLURM_PROCID", "0"), ("SLURM_LOCALID", "0")):
+        monkeypatch.setenv(name, value)
+    assert distributed.cluster_processes() == 1
+    assert distributed.initialize() is False
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert distributed.cluster_processes() == 4
+
+
 def test_distributed_initialize_without_a_run_is_a_single_process(monkeypatch):
     for name in (distributed.ENV_ADDRESS, distributed.ENV_NUM_PROCESSES,
                  distributed.ENV_PROCESS_ID):
@@ -96,6 +134,7 @@ def test_distributed_initialize_without_a_run_is_a_single_process(monkeypatch):
         distributed.initialize()
     assert distributed.is_writer() and jax.process_count() == 1
     distributed.barrier("nothing to wait for")
+    assert distributed.from_writer({"a": [1, 2]}) == {"a": [1, 2]}
 
 
 def test_a_state_with_the_wrong_replica_count_is_refused(ds):

@@ -419,6 +419,9 @@ def _evaluate_fn(config: RegularizersConfig, depth: int, optimizer: str, regular
                                    key=jax.random.fold_in(jax.random.key(config.seed), 1),
                                    num_samples=config.num_samples, level=config.level)
         baseline = _trial(config, ds, depth, optimizer, BASELINE)
+        # The baseline (retrained here on a resume) compiles as this run did.
+        baseline = dataclasses.replace(baseline, fit=dataclasses.replace(
+            baseline.fit, deterministic=run.config.deterministic))
         if regularizer == BASELINE:
             _remember(_cache_key(baseline), (probs_RxNxC, keep))
             return out
