@@ -78,8 +78,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     ``False`` never. With none of these the process stays a run of its own and nothing is
     initialised.
 
-    Collectives between CPU processes use gloo (``jax_cpu_collectives_implementation``), set
-    here; GPU and TPU processes use their own.
+    Collectives between CPU processes use ``jax_cpu_collectives_implementation``: gloo unless
+    the user chose another (``"mpi"``); GPU and TPU processes use their own.
 
     Args:
       coordinator_address: ``host:port`` of process 0, reachable from every process.
@@ -122,8 +122,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
-    try:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:  # gloo for CPU collectives where JAX has none chosen (its default in recent JAX)
+        if getattr(jax.config, "jax_cpu_collectives_implementation", None) in (None, "none"):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except Exception:  # noqa: BLE001 - older JAX: CPU collectives are not configurable
         pass
     jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
