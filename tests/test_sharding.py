@@ -68,6 +68,26 @@ SCRIPT = textwrap.dedent("""
             }
     out["grid"] = grid
     out["components"] = list(run.predict(ds.x_test, components=True).shape)  # R = 6, 4 devices
+    # A checkpoint holds [R, ...] whatever the placement: saved from 4 devices (R = 5 padded
+    # to 8), resumed on 1 and on 3, it ends where an uninterrupted run (2 devices) does.
+    import tempfile
+    from jaxrepro import study
+    task = engine.Task(model, tx)
+    cfg = dict(replicas=5, epochs=2, batch_size=32, strategy="map",
+               vary=("init", "order", "dropout"))
+    on4 = engine.Engine(task, ds, engine.FitConfig(devices=4, **cfg))
+    state, hist = on4.train(on4.init(), 0, 1)
+    ckpt = tempfile.mkdtemp()
+    study.save_checkpoint(ckpt, 1, state, hist)
+    full = engine.fit(model, tx, ds, devices=2, **cfg)
+    out["resume"] = {}
+    for d in (1, 3):
+        eng = engine.Engine(task, ds, engine.FitConfig(devices=d, **cfg))
+        restored, epoch, history = study.restore_checkpoint(ckpt, eng.abstract_state)
+        run = eng.run(restored, first_epoch=epoch, history=history)
+        out["resume"][str(d)] = [max_diff(full.state, run.state),
+                                 float(np.max(np.abs(full.history["loss"]
+                                                     - run.history["loss"]))), epoch]
     # Replicas of a 2-component ensemble, plain and anti-distilled, over 1 and 4 devices.
     from jaxrepro import losses
     ens = models.Ensemble(models.MLP(widths=(8,), num_classes=2), num_components=2)
@@ -103,6 +123,10 @@ def test_result_does_not_depend_on_the_number_of_devices(out):
     # The decorrelation penalty's gradient (centring then normalising over the batch) compiles
     # to a different rounding inside shard_map than on one device: about 1 ulp per step.
     assert out["anti_distilled"] <= 1e-6
+
+
+def test_a_checkpoint_resumes_on_another_device_count(out):
+    assert out["resume"] == {"1": [0.0, 0.0, 1], "3": [0.0, 0.0, 1]}
 
 
 @pytest.mark.parametrize("r", [3, 4, 5, 6])
