@@ -47,7 +47,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrepro import losses, models, randomness
+from jaxrepro import distributed, losses, models, randomness
 
 Array = jax.Array
 PyTree = Any
@@ -480,13 +480,7 @@ class Placement:
         size = 1 if mesh is None else mesh.size
         padded = -(-num_replicas // size) * size
         if strategy == "auto" and jax.default_backend() != "cpu" and memory is not None:
-            limit = _device_memory_bytes(jax.local_devices()[0])
-            if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
-
-                limit = int(multihost_utils.broadcast_one_to_all(
-                    np.int64(-1 if limit is None else limit)))
-                limit = None if limit < 0 else limit
+            limit = distributed.from_writer(_device_memory_bytes(jax.local_devices()[0]))
             free = None if limit is None else max(0, limit - int(shared_bytes))
             kind = choose_strategy(padded // size, memory(), free)
         else:
@@ -786,7 +780,6 @@ class Engine:
                                                 config.batch_size),
             shared_bytes=x_host.nbytes + y_host.nbytes)
         pl = self.placement
-        self.strategy, self.mesh = pl.strategy, pl.mesh
         self._ids_R = pl.shard(self.replica_ids)
         self._hparams_R = {name: pl.shard(v) for name, v in hparams_R.items()}
         self._x_N = pl.replicate(x_host)
@@ -797,6 +790,14 @@ class Engine:
     @property
     def num_replicas(self) -> int:
         return len(self.replica_ids)
+
+    @property
+    def strategy(self) -> tuple[str, int]:
+        return self.placement.strategy
+
+    @property
+    def mesh(self) -> Mesh | None:
+        return self.placement.mesh
 
     def _init_padded(self) -> TrainState:
         c = self.config

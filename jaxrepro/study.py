@@ -304,19 +304,15 @@ def main(config_cls: type[StudyConfig], argv: Sequence[str], flag_values=None) -
         config = config_from_flags(config_cls, fv)
     except ConfigError as e:
         raise app.UsageError(e.as_flags()) from None
-    cpu_devices = fv["cpu_devices"].value or os.cpu_count() or 1
-    if not fv["cpu_devices"].present:
-        # One device per core, unless JAX already started in this process (a caller in
-        # Python that chose its devices): then its devices stand.
-        try:
-            engine.use_cpu_devices(None)
-        except RuntimeError:
-            pass
-        cpu_devices = 0
+    try:
+        engine.use_cpu_devices(fv["cpu_devices"].value or None)  # 0: one per core
+    except RuntimeError:
+        if fv["cpu_devices"].present:
+            raise
+        # JAX already started in this process (a Python caller chose its devices): they stand.
     try:
         distributed.initialize(fv["coordinator_address"].value, fv["num_processes"].value,
-                               fv["process_id"].value, auto=fv["distributed"].value,
-                               cpu_devices=cpu_devices)
+                               fv["process_id"].value, auto=fv["distributed"].value)
     except ValueError as e:
         raise app.UsageError(f"--coordinator_address, --num_processes, --process_id: {e}"
                              ) from None
