@@ -21,13 +21,12 @@ from jaxrepro import (
     data,
     distributed,
     engine,
+    files,
     losses,
     metrics,
     models,
     optim,
-    plots,
     randomness,
-    study,
     synthetic,
 )
 from jaxrepro.data import Dataset
@@ -35,6 +34,19 @@ from jaxrepro.engine import Engine, FitConfig, Run, Task, TrainState, fit, use_c
 from jaxrepro.randomness import SOURCES
 
 __version__ = "0.1.0"
+
+_LAZY = ("plots", "studies", "study")
+"""Submodules imported on first use (``jaxrepro.study``, ...): the core never imports the study
+machinery, plotting or checkpoint code."""
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"jaxrepro.{name}")
+    raise AttributeError(f"module 'jaxrepro' has no attribute {name!r}")
+
 
 __all__ = [
     "SOURCES",
@@ -49,6 +61,7 @@ __all__ = [
     "data",
     "distributed",
     "engine",
+    "files",
     "fit",
     "losses",
     "metrics",
@@ -56,6 +69,7 @@ __all__ = [
     "optim",
     "plots",
     "randomness",
+    "studies",
     "study",
     "synthetic",
     "use_cpu_devices",

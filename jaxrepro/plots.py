@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxrepro import files
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DPI = 110
 
@@ -46,11 +48,9 @@ def figure(ncols: int = 1, *, nrows: int = 1, width: float = 6.4, height: float 
 
 def save(fig, path: str | os.PathLike) -> Path:
     """Writes ``fig`` as a PNG at ``DPI``, atomically (a temporary file renamed into place)."""
-    from jaxrepro import study
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
-    return study.atomic_write_bytes(path, buf.getvalue())
+    return files.atomic_write_bytes(path, buf.getvalue())
 
 
 def _num(v) -> float:

@@ -19,6 +19,12 @@ Derivation (the project's own; any fixed scheme would do as long as it keeps tha
     key(source, r)  = fold_in(replica space, r if varied else 0)
     key(source, r, step) = fold_in(key(source, r), step)
     base order key  = fold_in(fold_in(root, SOURCE_IDS["order"]), 1)
+    bootstrap key   = fold_in(root, 1), then fold_in(., i) for each index i given
+
+A bootstrap (``metrics.compare(key=...)``, ``metrics.difference``) draws sample s from
+``fold_in(bootstrap key, s)``. The bootstrap key's value equals the order source's root (the
+studies have always used ``fold_in(key(seed), 1)``, and their recorded intervals are kept); no
+training draw uses that key unfolded, so the two never share a stream.
 
 A *fixed* source gives every replica the key of replica 0, so a fixed-source run reproduces
 replica 0 of the run that varies that source.
@@ -99,6 +105,16 @@ def replica_key(seed, source: str, replica, *, varied) -> jax.Array:
 def replica_keys(seed, source: str, replica_ids: jax.Array, *, varied) -> jax.Array:
     """Keys ``[R]`` of the replicas ``replica_ids`` (int ``[R]``) for one source."""
     return jax.vmap(lambda r: replica_key(seed, source, r, varied=varied))(replica_ids)
+
+
+def bootstrap_key(seed, *indices: int) -> jax.Array:
+    """The key of a study's bootstrap intervals: ``fold_in(root_key(seed), 1)``, then folded
+    with each of ``indices`` (e.g. a comparison's coordinates), so every comparison of a study
+    has its own, reproducible draws."""
+    key = jax.random.fold_in(root_key(seed), 1)
+    for i in indices:
+        key = jax.random.fold_in(key, int(i))
+    return key
 
 
 def step_key(key: jax.Array, step) -> jax.Array:

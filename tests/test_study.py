@@ -1,11 +1,14 @@
-"""The study runner: configs and flags, workdir checks, atomic files, progress, checkpoints and
-bitwise resume, diverged replicas."""
+"""The study runner: configs and flags, workdir checks, atomic files, progress, checkpoints,
+saved predictions and bitwise resume, diverged replicas, and the layering (the core imports no
+study)."""
 
 import dataclasses
 import io
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -13,7 +16,7 @@ import pytest
 from absl import flags
 
 from jaxrepro import engine, plots, study
-from jaxrepro.studies import irreproducibility
+from jaxrepro.studies import irreproducibility, irreproducibility_report, render
 
 # Two trials (the control and every source) of the quick main job, 3 epochs: shared by the
 # checkpoint, resume and divergence tests so they compile once.
@@ -202,8 +205,10 @@ def test_interrupted_run_resumes_to_bitwise_the_same_results(tmp_path):
     with pytest.raises(_Interrupt):
         study.run(CFG, parts, checkpoint_every=1, progress=False,
                   on_checkpoint=_interrupt_at(ALL, 2))
-    partial = json.loads((parts / "results.json").read_text())
-    assert partial["complete"] is False and list(partial["results"]) == [first]
+    # Only the finished trial left its predictions; results.json waits for the analysis.
+    assert not (parts / "results.json").exists()
+    assert sorted(p.name for p in (parts / "predictions").iterdir()) == [
+        study.slug(first) + ".npz"]
     stream = io.StringIO()
     resumed = study.run(CFG, parts, checkpoint_every=1, stream=stream)
     log = stream.getvalue()
@@ -223,18 +228,52 @@ def test_diverged_replicas_are_reported_and_excluded(trial, tmp_path):
     nan_at = lambda a, rows: a.at[rows].set(np.nan)  # noqa: E731
     bad_params = jax.tree.map(lambda a: nan_at(a, 1), run.state.params)
     one_bad = run.with_state(run.state._replace(params=bad_params))
-    record = study.evaluate(one_bad, trial.data)
+    record = study.record(study.predict(trial, one_bad))
     assert record["diverged"] == [1]
     assert record["metrics"]["num_excluded"] == 1 and record["metrics"]["num_replicas"] == 3
     assert math.isfinite(record["metrics"]["churn"])
 
     all_bad = run.with_state(run.state._replace(
         params=jax.tree.map(lambda a: nan_at(a, slice(None)), run.state.params)))
-    record = study.evaluate(all_bad, trial.data)
+    pred = study.predict(trial, all_bad)
+    assert study.Predictions.from_bytes(pred.to_bytes()).diverged == [0, 1, 2, 3]
+    record = study.record(pred)
     assert record["metrics"] is None and "0 of 4 replicas" in record["error"]
     # The report shows the rows as undefined and lists the diverged replicas.
     records = {ALL: study.to_json({"info": {"activation": "relu", "setting": "all"}, **record})}
     config = CFG.replace(settings=("all",))
-    report = "\n".join(irreproducibility.report(config, records, tmp_path))
+    analysis = study.Analysis(records=records)
+    report = "\n".join(irreproducibility_report.render(config, analysis, tmp_path))
     assert "\n| relu | all | - | - | - |" in report
-    assert "diverged" in "\n".join(study._diverged_note(records))
+    assert "diverged" in "\n".join(render.diverged_note(records))
+
+
+def test_a_finished_study_reruns_only_the_analysis(tmp_path):
+    """A rerun of a finished study trains nothing and rewrites the same bytes; the saved
+    predictions round-trip bitwise."""
+    first = study.run(CFG, tmp_path, progress=False)
+    before = (tmp_path / "results.json").read_bytes()
+    stream = io.StringIO()
+    again = study.run(CFG, tmp_path, stream=stream)
+    assert "epoch" not in stream.getvalue()  # no trial trained
+    assert (tmp_path / "results.json").read_bytes() == before
+    assert again["results"] == first["results"]
+    for t in irreproducibility.trials(CFG):
+        pred = study.load_predictions(tmp_path, t.name)
+        assert pred.probs.dtype == np.float32 and pred.probs.shape == (4, 256, 10)
+        assert study.Predictions.from_bytes(pred.to_bytes()).probs.tobytes() == \
+            pred.probs.tobytes()
+
+
+def test_import_jaxrepro_imports_no_study_plotting_or_checkpoint_code():
+    code = ("import sys, jaxrepro, jaxrepro.engine, jaxrepro.metrics; "
+            "bad = sorted(m for m in sys.modules if m.startswith(('jaxrepro.stud', "
+            "'jaxrepro.plots', 'orbax', 'matplotlib'))); print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+    # The notebook API is still there, loaded on first use.
+    code = "import jaxrepro; print(jaxrepro.study.IrreproducibilityConfig.STUDY)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "irreproducibility"

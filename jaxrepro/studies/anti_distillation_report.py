@@ -1,0 +1,386 @@
+"""The anti-distillation study's report: per dataset a table of every trial with intervals,
+a table of differences (against the plain ensemble, paired; against the independent ensembles,
+unpaired) with verdicts, computed findings, and plots against lambda, against the ensemble size
+and of the components' correlation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from jaxrepro import plots
+from jaxrepro.studies.anti_distillation import (
+    REPORT_METRICS,
+    ensemble_name,
+    num,
+    single_name,
+    variants,
+)
+from jaxrepro.studies.render import (
+    diff_text,
+    error_bar,
+    fmt,
+    markdown_table,
+    verdict,
+    with_ci,
+)
+from jaxrepro.studies.render import metric as value
+
+
+def _curve_row(record: Mapping[str, Any], k: int) -> dict | None:
+    for row in record.get("ensemble_curve") or []:
+        if row["k"] == k:
+            return row
+    return None
+
+
+def _differences(config, records, dataset) -> dict[tuple[int, str], dict[str, Any]]:
+    """(K, variant) -> {"vs_plain": ..., "vs_independent": ...}, as the analysis recorded."""
+    return {(k, variant): records[ensemble_name(dataset, k, variant)].get("differences") or {}
+            for k in config.ks for variant, _, _ in variants(config)
+            if records[ensemble_name(dataset, k, variant)].get("metrics") is not None}
+
+
+def render(config, analysis, workdir: Path) -> list[str]:
+    records = analysis.records
+    pct = int(round(config.level * 100))
+    lines = [
+        f"Each row trains replicas of a {config.activation} MLP component "
+        f"{list(config.widths)} (Adam {config.learning_rate}, batch {config.batch_size}, "
+        f"{config.epochs} epochs, varying {'+'.join(config.vary)}): 'single' is one MLP "
+        f"trained as {config.single_replicas} replicas, 'k=K indep.' the ensembles of K "
+        "consecutive ones (methods.md section 6: the reference at equal compute), the other "
+        f"rows {config.replicas} replicas of a K-component ensemble (K towers) trained with "
+        f"the {config.over} task loss ('plain'), plus lambda times the anti-distillation "
+        f"penalty ('ad-lambda': mean over component pairs of the {config.ad_penalty} "
+        f"class-averaged batch correlation of their {config.ad_output}) or plus alpha times "
+        "the codistillation term ('codistill-alpha': KL to the mean of the other components). "
+        f"Brackets: {pct}% bootstrap intervals over replicas ({config.num_samples} samples). "
+        f"corr {config.ad_output} test / train: the mean correlation between the components' "
+        f"{config.ad_output} over the whole test / training set (what the penalty pushes down, "
+        "batch by batch, in training); corr centred: the same for the logits centred per "
+        "example over the classes (the part of the logits the softmax sees: a shift common to "
+        "all classes of an example changes the logits' correlation but not the prediction); "
+        "comp. disagree: how often two components of one replica predict different classes "
+        "on a test example; comp. acc: the mean test accuracy of one component alone.",
+        "",
+        f"Test: the difference of a metric between two trials with its {pct}% bootstrap "
+        "interval; anti-distilled against plain ensemble of the same K is paired (replica r of "
+        "both trials shares its initial keys and data order; replicas are resampled together), "
+        "against the independent ensembles of k = K unpaired. A difference counts when its "
+        f"interval excludes 0 (each interval alone at {pct}%; no correction for the "
+        f"{len(config.lambdas) * len(config.ks) * len(config.datasets)} comparisons).",
+        "",
+    ]
+    summary, diff_lines, points = [], [], []
+    tally = dict.fromkeys(_TALLY, 0)
+    for dataset in config.datasets:
+        diffs = _differences(config, records, dataset)
+        lines += _dataset_section(config, records, dataset, diffs)
+        sentences, counts = _summary(config, records, dataset, diffs)
+        summary += sentences
+        tally = {key: tally[key] + counts[key] for key in tally}
+        for k in config.ks:
+            for variant, _, _ in variants(config):
+                comp = records[ensemble_name(dataset, k, variant)].get("components")
+                if comp:
+                    points.append({"group": f"{dataset} K={k}", "series": variant,
+                                   "x": comp["train"][f"corr_{config.ad_output}"],
+                                   "y": comp["test"][f"corr_{config.ad_output}"]})
+        png = f"{dataset}_lambda.png"
+        _lambda_plot(workdir / png, config, records, dataset)
+        png_k = f"{dataset}_k.png"
+        _k_plot(workdir / png_k, config, records, dataset)
+        diff_lines += [
+            f"![{dataset}: metrics against lambda]({png})",
+            "",
+            f"{dataset}: each panel shows a metric against lambda (0: the plain ensemble; "
+            "'codist': the codistilled one) per K, with its interval; the dotted line of the "
+            "same colour is the independent ensembles of k = K (band: interval), the grey "
+            "dashed line the single model.",
+            "",
+            f"![{dataset}: metrics against ensemble size]({png_k})",
+            "",
+            f"{dataset}: each metric against the ensemble size: the black line is the "
+            "independent ensembles of k models; the coloured points the jointly trained "
+            "K-component ensembles (plain, every lambda, codistilled), spread around x = K.",
+            "",
+        ]
+    _correlation_plot(workdir / "component_correlation.png", points, config.ad_output)
+    total = sum(tally[key] for key in ("lower", "higher", "no difference", "undefined"))
+    summary.append(
+        f"- Overall: of {total} anti-distilled ensembles (dataset x K x lambda), "
+        f"{tally['lower']} have a pd_abs lower than the plain ensemble of the same K "
+        f"({tally['lower_clean']} of them with churn not higher and accuracy not lower), "
+        f"{tally['higher']} higher, {tally['no difference']} not distinguishable"
+        + (f", {tally['undefined']} undefined" if tally["undefined"] else "")
+        + f"; {tally['lower_indep']} are lower than the independent ensembles of k = K (equal "
+        f"compute). Criterion: the {pct}% paired bootstrap interval of the difference excludes "
+        "0.")
+    return (["## Findings", ""] + summary + [""] + lines + diff_lines + [
+        "![component correlation](component_correlation.png)",
+        "",
+        "Each point is an ensemble trial: the mean correlation between its components' "
+        f"{config.ad_output} (the penalised output) on the training set (x) and the test set "
+        "(y). Points near the diagonal decorrelate "
+        "as much on held-out data as on training data; points above it are less diverse on "
+        "the test set than training suggests (Jeffares et al. 2023).",
+        "",
+    ])
+
+
+def _dataset_section(config, records, dataset, diffs) -> list[str]:
+    single = records[single_name(dataset)]
+    out_key = f"corr_{config.ad_output}"
+    header = ["trial", "K", "lambda / alpha"] + list(REPORT_METRICS) + [
+        f"corr {config.ad_output} test / train", "corr centred test", "comp. disagree",
+        "comp. acc"]
+    rows = [["single", 1, "-"] + [with_ci(single.get("metrics"), m) for m in REPORT_METRICS]
+            + ["-"] * 4]
+    for k in config.ks:
+        row = _curve_row(single, k)
+        rows.append([f"k={k} indep.", k, "-"] + [with_ci(row, m) for m in REPORT_METRICS]
+                    + ["-"] * 4)
+    for k in config.ks:
+        for variant, kind, weight in variants(config):
+            rec = records[ensemble_name(dataset, k, variant)]
+            comp = rec.get("components") or {}
+            test, train = comp.get("test") or {}, comp.get("train") or {}
+            rows.append(
+                [variant, k, num(weight) if kind != "plain" else "0"]
+                + [with_ci(rec.get("metrics"), m) for m in REPORT_METRICS]
+                + [f"{fmt(test.get(out_key))} / {fmt(train.get(out_key))}",
+                   fmt(test.get("corr_centred_logits")), fmt(test.get("disagreement")),
+                   fmt(test.get("component_acc"))])
+    n_test = single["info"]["num_test"]
+    n_train = single["info"]["num_train"]
+    out = [f"## {dataset} ({n_train} training, {n_test} test examples)", "",
+           markdown_table(header, rows), ""]
+    drows = []
+    for (k, variant), entry in diffs.items():
+        vp, vi = entry.get("vs_plain"), entry.get("vs_independent")
+        drows.append([
+            f"K={k} {variant}",
+            diff_text(vp, "pd_abs") if vp else "-",
+            diff_text(vp, "churn") if vp else "-",
+            diff_text(vp, "acc_mean") if vp else "-",
+            verdict(vp["pd_abs"]["ci"]) if vp else "-",
+            diff_text(vi, "pd_abs") if vi else "-",
+            diff_text(vi, "churn") if vi else "-",
+            verdict(vi["pd_abs"]["ci"]) if vi else "-",
+        ])
+    out += [
+        f"Differences on {dataset}: the trial minus the plain ensemble of the same K (paired), "
+        "and minus the independent ensembles of k = K (unpaired); 'pd_abs' says whether the "
+        "trial's pd_abs is lower, higher or not distinguishable.",
+        "",
+        markdown_table(["trial", "d pd_abs vs plain", "d churn vs plain", "d acc vs plain",
+                        "pd_abs vs plain", "d pd_abs vs indep.", "d churn vs indep.",
+                        "pd_abs vs indep."], drows),
+        "",
+    ]
+    return out
+
+
+_TALLY = ("lower", "higher", "no difference", "undefined", "lower_indep", "lower_clean")
+
+
+def _costs(d: Mapping[str, Any]) -> list[str]:
+    """What a pd_abs reduction cost, from a ``difference``: higher churn, lower accuracy (a
+    flatter, less accurate prediction also has a smaller pd_abs)."""
+    out = []
+    if verdict(d["churn"]["ci"]) == "higher":
+        out.append("higher churn")
+    if verdict(d["acc_mean"]["ci"]) == "lower":
+        out.append("lower accuracy")
+    return out
+
+
+def _phrase(verdict: str) -> str:
+    return {"lower": "lower than", "higher": "higher than",
+            "no difference": "not distinguishable from"}.get(verdict, "undefined against")
+
+
+def _summary(config, records, dataset, diffs) -> tuple[list[str], dict[str, int]]:
+    """Findings sentences of one dataset, and the tally of the anti-distillation verdicts."""
+    out, tally = [], dict.fromkeys(_TALLY, 0)
+    single = records[single_name(dataset)]
+    for k in config.ks:
+        plain = records[ensemble_name(dataset, k, "plain")]
+        indep = _curve_row(single, k)
+        ad = {v: e for (kk, v), e in diffs.items()
+              if kk == k and v.startswith("ad-") and "vs_plain" in e}
+        text = (f"- {dataset}, K={k}: pd_abs of the single model "
+                f"{fmt(value(single, 'pd_abs'))}, of independent ensembles of {k} "
+                f"{fmt(indep['pd_abs']) if indep else '-'}, of the plain {k}-component ensemble "
+                f"{fmt(value(plain, 'pd_abs'))}.")
+        if ad:
+            verdicts = {v: verdict(e["vs_plain"]["pd_abs"]["ci"]) for v, e in ad.items()}
+            for v, verdict in verdicts.items():
+                tally[verdict] += 1
+                vi = ad[v].get("vs_independent")
+                tally["lower_indep"] += bool(vi and verdict(vi["pd_abs"]["ci"]) == "lower")
+            lower = [v for v, x in verdicts.items() if x == "lower"]
+            higher = [v for v, x in verdicts.items() if x == "higher"]
+            if lower:
+                costs = {v: _costs(ad[v]["vs_plain"]) for v in lower}
+                tally["lower_clean"] += sum(not c for c in costs.values())
+                text += (" Anti-distillation reduced pd_abs beyond plain ensembling at "
+                         + ", ".join(v + (f" (but {' and '.join(costs[v])})" if costs[v] else
+                                          " (churn and accuracy no worse)") for v in lower))
+            else:
+                text += (" Anti-distillation did not reduce pd_abs beyond plain ensembling at any "
+                         "lambda")
+            if higher:
+                text += f" and increased it at {', '.join(higher)}"
+            best = min(ad, key=lambda v: ad[v]["vs_plain"]["pd_abs"]["diff"])
+            d, rec = ad[best]["vs_plain"], records[ensemble_name(dataset, k, best)]
+            text += (f". Lowest pd_abs at {best}: {fmt(value(rec, 'pd_abs'))}, minus "
+                     f"plain {diff_text(d, 'pd_abs')}, churn {diff_text(d, 'churn')}, "
+                     f"accuracy {diff_text(d, 'acc_mean')}")
+            vi = ad[best].get("vs_independent")
+            if vi:
+                text += (f"; {_phrase(verdict(vi['pd_abs']['ci']))} the independent ensembles "
+                         f"of {k} ({diff_text(vi, 'pd_abs')})")
+            strongest = max(ad, key=lambda v: records[ensemble_name(dataset, k, v)]["info"][
+                "lambda"])
+            comp = [(records[ensemble_name(dataset, k, v)].get("components") or {})
+                    for v in ("plain", strongest)]
+            key = f"corr_{config.ad_output}"
+            if all(c.get("test") for c in comp):
+                text += (f". Component correlation of the {config.ad_output} (test / train): "
+                         f"plain {fmt(comp[0]['test'][key])} / {fmt(comp[0]['train'][key])}, "
+                         f"{strongest} {fmt(comp[1]['test'][key])} / "
+                         f"{fmt(comp[1]['train'][key])} (centred logits, test: "
+                         f"{fmt(comp[0]['test']['corr_centred_logits'])}, "
+                         f"{fmt(comp[1]['test']['corr_centred_logits'])}); components disagree on "
+                         f"{fmt(comp[0]['test']['disagreement'])} and "
+                         f"{fmt(comp[1]['test']['disagreement'])} of test examples")
+        for (kk, v), e in diffs.items():
+            if kk == k and v.startswith("codistill-") and "vs_plain" in e:
+                rec = records[ensemble_name(dataset, k, v)]
+                text += (f". Codistillation ({v}): pd_abs {fmt(value(rec, 'pd_abs'))}, "
+                         f"{_phrase(verdict(e['vs_plain']['pd_abs']['ci']))} plain "
+                         f"({diff_text(e['vs_plain'], 'pd_abs')})")
+                if "vs_independent" in e:
+                    vi = e["vs_independent"]
+                    text += (f" and {_phrase(verdict(vi['pd_abs']['ci']))} the independent "
+                             f"ensembles ({diff_text(vi, 'pd_abs')})")
+                text += f", accuracy {fmt(value(rec, 'acc_mean'))}"
+        out.append(text + ".")
+    return out, tally
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (matplotlib imported lazily, Agg canvas, atomic writes; see jaxrepro.plots).
+
+
+def _value_err(m: Mapping[str, Any] | None, key: str):
+    """(value, yerr) of a metric for errorbar; NaN and None when undefined."""
+    v = (m or {}).get(key)
+    return (math.nan, None) if v is None else (float(v), error_bar(v, m.get(key + "_ci")))
+
+
+def _lambda_plot(path: Path, config, records, dataset) -> Path:
+    arms = variants(config)
+    labels = ["0 (plain)" if kind == "plain" else
+              (num(w) if kind == "anti_distillation" else f"codist {num(w)}")
+              for _, kind, w in arms]
+    fig, axes = plots.figure(len(REPORT_METRICS), width=3.8, height=3.4)
+    single = records[single_name(dataset)]
+    for ax, metric in zip(axes, REPORT_METRICS, strict=True):
+        for ci_k, k in enumerate(config.ks):
+            color = f"C{ci_k}"
+            xs, ys = [], []
+            for x, (variant, kind, _) in enumerate(arms):
+                v, err = _value_err(records[ensemble_name(dataset, k, variant)].get("metrics"),
+                                    metric)
+                off = (ci_k - (len(config.ks) - 1) / 2) * 0.08
+                ax.errorbar([x + off], [v], yerr=err, fmt="o" if kind != "codistillation"
+                            else "s", color=color, capsize=2, markersize=4)
+                if kind != "codistillation":
+                    xs.append(x + off)
+                    ys.append(v)
+            ax.plot(xs, ys, color=color, label=f"K={k}")
+            ref = _curve_row(single, k)
+            if ref and ref.get(metric) is not None:
+                ax.axhline(ref[metric], color=color, linestyle=":", linewidth=1.2,
+                           label=f"indep. k={k}")
+                ci = ref.get(metric + "_ci")
+                if ci and None not in ci:
+                    ax.axhspan(ci[0], ci[1], color=color, alpha=0.12, linewidth=0)
+        v = value(single, metric)
+        if math.isfinite(v):
+            ax.axhline(v, color="gray", linestyle="--", linewidth=1, label="single")
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+        ax.set_xlabel("lambda")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="x-small")
+    fig.suptitle(f"{dataset}: anti-distilled ensembles against lambda "
+                 f"(R={config.replicas}, {config.ad_output}, {config.ad_penalty})")
+    return plots.save(fig, path)
+
+
+def _k_plot(path: Path, config, records, dataset) -> Path:
+    arms = variants(config)
+    single = records[single_name(dataset)]
+    curve = single.get("ensemble_curve") or []
+    fig, axes = plots.figure(len(REPORT_METRICS), width=3.8, height=3.4)
+    for ax, metric in zip(axes, REPORT_METRICS, strict=True):
+        xs = [row["k"] for row in curve]
+        ys = [_value_err(row, metric)[0] for row in curve]
+        errs = [_value_err(row, metric)[1] for row in curve]
+        below = [e[0][0] if e else 0.0 for e in errs]
+        above = [e[1][0] if e else 0.0 for e in errs]
+        if xs:
+            ax.errorbar(xs, ys, yerr=[below, above], color="black", marker="o", capsize=2,
+                        label="indep. ensembles of k")
+        for vi, (variant, _, _) in enumerate(arms):
+            for k in config.ks:
+                off = 1 + (vi - (len(arms) - 1) / 2) * 0.06
+                v, err = _value_err(records[ensemble_name(dataset, k, variant)].get("metrics"),
+                                    metric)
+                ax.errorbar([k * off], [v], yerr=err, fmt="o", color=f"C{vi}", capsize=2,
+                            markersize=4, label=variant if k == config.ks[0] else None)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({1, *config.ks})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlabel("ensemble size k / K")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="x-small")
+    fig.suptitle(f"{dataset}: joint K-component ensembles against independent ensembles")
+    return plots.save(fig, path)
+
+
+def _correlation_plot(path: Path, points: Sequence[Mapping[str, Any]], output: str) -> Path:
+    """Test against training correlation of the components, one point per ensemble trial
+    (colour: variant; marker: dataset and K), with the diagonal; negative values are kept."""
+    fig, (ax,) = plots.figure(1, width=6.4, height=5.2)
+    colors: dict[str, str] = {}
+    markers: dict[str, str] = {}
+    lo, hi = 0.0, 0.1
+    for p in points:
+        x, y = p["x"], p["y"]
+        if x is None or y is None or not (math.isfinite(x) and math.isfinite(y)):
+            continue
+        color = colors.setdefault(p["series"], f"C{len(colors) % 10}")
+        marker = markers.setdefault(p["group"], "osD^vP*Xph"[len(markers) % 10])
+        ax.plot([x], [y], marker=marker, color=color, linestyle="none",
+                label=f"{p['group']} {p['series']}")
+        lo, hi = min(lo, x, y), max(hi, x, y)
+    pad = 0.05 * (hi - lo)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="gray", linestyle="--",
+            linewidth=1, label="y = x")
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xlabel(f"mean correlation of component {output}, training set")
+    ax.set_ylabel(f"mean correlation of component {output}, test set")
+    ax.set_title("Do components stay decorrelated on held-out data?")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="xx-small", ncols=2)
+    return plots.save(fig, path)
+

@@ -1,0 +1,113 @@
+"""Rendering shared by the study reports: table cells, Markdown tables, intervals, verdicts
+and the parts every report.md has (head, diverged replicas, versions).
+
+Pure text functions; the plots are ``jaxrepro.plots``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from jaxrepro import files
+
+
+def fmt(value, digits: int = 3) -> str:
+    """A table cell: fixed-point for ordinary numbers, scientific for tiny ones, '-' for
+    undefined (None / NaN).
+
+    Example:
+      >>> fmt(0.12345), fmt(2.5e-5), fmt(None), fmt([0.1, 0.2])
+      ('0.123', '2.50e-05', '-', '[0.100, 0.200]')
+    """
+    if value is None:
+        return "-"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(fmt(v, digits) for v in value) + "]"
+    value = float(value)
+    if not math.isfinite(value):
+        return "-"
+    if value == 0 or 10 ** -digits <= abs(value) < 10**5:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits - 1}e}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table (cells are converted with ``str``)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def metric(record: Mapping[str, Any], key: str) -> float:
+    """A trial record's metric, NaN when undefined (no metrics, or a null value)."""
+    v = (record.get("metrics") or {}).get(key)
+    return math.nan if v is None else float(v)
+
+
+def with_ci(m: Mapping[str, Any] | None, key: str) -> str:
+    """``value [lo, hi]``: a metric of a ``metrics.compare`` dict with its interval."""
+    if not m:
+        return "-"
+    ci = m.get(key + "_ci")
+    return fmt(m.get(key)) + ("" if ci is None else " " + fmt(ci))
+
+
+def verdict(ci: Sequence[float | None] | None) -> str:
+    """Where an interval of a difference lies: ``lower`` (below 0), ``higher`` (above 0),
+    ``no difference`` (holds 0) or ``undefined``."""
+    if not ci or any(v is None or not math.isfinite(v) for v in ci):
+        return "undefined"
+    lo, hi = ci
+    return "lower" if hi < 0 else "higher" if lo > 0 else "no difference"
+
+
+def diff_text(d: Mapping[str, Any] | None, digits: int = 4) -> str:
+    """``diff [lo, hi]`` of one metric of ``metrics.difference``."""
+    if not d:
+        return "-"
+    return f"{fmt(d['diff'], digits)} {fmt(d['ci'], digits)}"
+
+
+def error_bar(center, ci) -> list[list[float]] | None:
+    """matplotlib's ``yerr`` ``[[below], [above]]`` of an interval around ``center``; None
+    when either is undefined."""
+    if center is None or not ci or any(v is None for v in ci) or not math.isfinite(center):
+        return None
+    return [[max(center - float(ci[0]), 0.0)], [max(float(ci[1]) - center, 0.0)]]
+
+
+def fmt_seconds(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def head(title: str, config, seconds: float) -> list[str]:
+    """The first lines of a report: title, config, time."""
+    return [f"# {title}", "",
+            f"Config: `{json.dumps(files.to_json(config.to_dict()), separators=(',', ':'))}`",
+            "",
+            f"Training and evaluation time of the trials: {fmt_seconds(seconds)} (timings.json; "
+            "a resumed trial counts its last session only).", ""]
+
+
+def diverged_note(records: Mapping[str, dict]) -> list[str]:
+    """A section listing the trials whose replicas diverged (none: no section)."""
+    lines = []
+    for name, rec in records.items():
+        if rec.get("diverged"):
+            lines.append(f"- {name}: replicas {rec['diverged']} diverged and are excluded"
+                         + (f" ({rec['error']})" if rec.get("error") else "") + ".")
+    return (["## Diverged replicas", ""] + lines + [""]) if lines else []
+
+
+def versions_note() -> list[str]:
+    return ["Versions: " + ", ".join(f"{k} {v}" for k, v in files.versions().items()), ""]

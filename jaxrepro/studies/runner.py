@@ -1,0 +1,286 @@
+"""The study runner: trains a study's trials into its workdir, then analyses and renders.
+
+A study is a module of ``jaxrepro.studies`` that defines:
+
+- a config (a ``StudyConfig`` dataclass; its ``STUDY`` is the module's name),
+- ``TITLE`` (the report's title),
+- ``trials(config) -> list[Trial]``: the replica sets to train,
+- ``analyse(config, predictions) -> Analysis``: pure, from every trial's ``Predictions`` (in
+  trial order) to the results (``Analysis.records``: one JSON-ready record per trial),
+
+and its report module ``jaxrepro.studies.<name>_report`` defines ``render(config, analysis,
+workdir) -> list[str]``: the report's Markdown lines (it writes the plots into the workdir).
+
+``run(config, workdir)`` trains every trial that has no saved predictions yet (resuming an
+unfinished one from its checkpoint), saves its predictions, then analyses all trials and writes
+results.json, report.md and the plots. Nothing passes between trials but their saved
+predictions, so a rerun of a finished study repeats only the analysis and the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxrepro import data, distributed, engine, files, metrics
+from jaxrepro.studies import workdir as wd
+from jaxrepro.studies.base import ConfigError, StudyConfig
+from jaxrepro.studies.render import diverged_note, head, versions_note
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One replica set of a study.
+
+    Attributes:
+      name: unique within the study; the key of its record in results.json.
+      task: model, optimizer and loss (reuse the same objects across trials: compiled
+        functions are cached by them).
+      data: the dataset.
+      fit: how the replicas are trained.
+      info: the trial's coordinates in the study's grids (JSON-ready), stored with its record.
+      measure: optional ``(run, data) -> dict`` of JSON-ready values measured on the trained
+        replicas beyond their test predictions (saved with them; e.g. statistics of an
+        ensemble's components on the training set).
+    """
+
+    name: str
+    task: engine.Task
+    data: data.Dataset
+    fit: engine.FitConfig
+    info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    measure: Callable[[engine.Run, data.Dataset], dict] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    """What a study's ``analyse`` returns: ``records`` (trial name -> JSON-ready record, in
+    trial order) go to results.json; a study's subclass adds the fields its report needs."""
+
+    records: Mapping[str, dict]
+
+
+# ---------------------------------------------------------------------------------------------
+# One trial: train (resumably), predict, record.
+
+
+def _units(trial: Trial) -> tuple[float, int]:
+    """Work per epoch (replica-component steps) and epochs: the progress lines' time estimate."""
+    steps = trial.data.num_train // trial.fit.batch_size
+    components = trial.task.num_components or 1
+    return float(len(trial.fit.replica_ids) * components * steps), trial.fit.epochs
+
+
+def train_trial(trial: Trial, checkpoint_dir: str | os.PathLike, *, checkpoint_every: int = 5,
+                progress: wd.Progress | None = None, index: tuple[int, int] = (1, 1),
+                on_checkpoint: Callable[[str, int], None] | None = None) -> engine.Run:
+    """Trains one trial with ``Engine.run``, resuming from its latest checkpoint and saving
+    whenever a multiple of ``checkpoint_every`` epochs is reached, and after the last epoch.
+    Where the checkpoints fall never changes the result."""
+    eng = engine.Engine(trial.task, trial.data, trial.fit)
+    epochs = trial.fit.epochs
+    per_epoch, _ = _units(trial)
+    state, first, history = None, 0, None
+    restored = wd.restore_checkpoint(checkpoint_dir, eng.abstract_state)  # shapes only
+    if restored is not None:
+        state, first, history = restored
+        if progress is not None:
+            progress.skip(per_epoch * first)
+            progress.write(f"config {index[0]}/{index[1]} {trial.name} resumed at epoch "
+                           f"{first}/{epochs}")
+    last = [first]
+
+    def checkpoints_now(done: int) -> bool:  # also: the callback needs the state only then
+        return done // checkpoint_every > last[0] // checkpoint_every or done == epochs
+
+    def after_dispatch(done: int, state: engine.TrainState | None,
+                       hist: dict[str, np.ndarray]):
+        if progress is not None:
+            progress.step(index[0], index[1], trial.name, done, epochs,
+                          per_epoch * (done - last[0]))
+        if checkpoints_now(done):
+            wd.save_checkpoint(checkpoint_dir, done, state, hist)
+            if on_checkpoint is not None:
+                on_checkpoint(trial.name, done)
+        last[0] = done
+
+    return eng.run(state, first_epoch=first, history=history, callback=after_dispatch,
+                   callback_state=checkpoints_now)
+
+
+def predict(trial: Trial, run: engine.Run) -> wd.Predictions:
+    """A trained trial's ``Predictions``: test probabilities, the replicas that stayed finite
+    (in training and in their predictions), the last epoch's training means and the trial's
+    measures."""
+    probs_RxNxC = np.asarray(run.predict(trial.data.x_test), np.float32)
+    keep = ~np.asarray(run.diverged) & np.asarray(metrics.finite_replicas(probs_RxNxC))
+    return wd.Predictions(
+        info=dict(trial.info), probs=probs_RxNxC,
+        labels=np.asarray(trial.data.y_test, np.int32),
+        replica_ids=np.asarray(run.replica_ids), keep=keep,
+        train_loss=np.asarray(run.history["loss"][:, -1]),
+        train_accuracy=np.asarray(run.history["accuracy"][:, -1]),
+        measures=files.to_json(trial.measure(run, trial.data)) if trial.measure else {})
+
+
+def record(pred: wd.Predictions, **compare_kwargs) -> dict[str, Any]:
+    """The record every trial has in results.json: ``{"info", "diverged": [replica ids left
+    out], "train_loss", "train_accuracy"`` (last-epoch means over the kept replicas),
+    ``"metrics": metrics.compare(...)`` of the kept replicas' test predictions
+    (``compare_kwargs`` passed on)``}``; ``metrics`` is None, with an ``error``, when fewer
+    than 2 replicas are left."""
+    keep = pred.keep
+    out: dict[str, Any] = {"info": dict(pred.info), "diverged": pred.diverged}
+    out["train_loss"] = float(np.mean(pred.train_loss[keep])) if keep.any() else np.nan
+    out["train_accuracy"] = float(np.mean(pred.train_accuracy[keep])) if keep.any() else np.nan
+    if keep.sum() < 2:
+        out["metrics"] = None
+        out["error"] = (f"only {int(keep.sum())} of {len(keep)} replicas stayed finite; "
+                        "metrics need 2")
+        return out
+    out["metrics"] = metrics.compare(pred.probs, pred.labels, mask=keep, **compare_kwargs)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# All trials.
+
+
+def train_trials(trials: Sequence[Trial], workdir: str | os.PathLike, *,
+                 checkpoint_every: int = 5, keep_checkpoints: bool = True,
+                 progress: wd.Progress | None = None,
+                 on_checkpoint: Callable[[str, int], None] | None = None
+                 ) -> dict[str, wd.Predictions]:
+    """Trains every trial without saved predictions in ``workdir`` and saves them.
+
+    Returns:
+      ``{trial name: Predictions}`` in trial order (loaded for trials finished earlier).
+    """
+    names = [t.name for t in trials]
+    if len(set(names)) != len(names):
+        raise ValueError(f"trial names must be unique, got {names}")
+    workdir = Path(workdir)
+    # Process 0's view of what is finished, on every process (they must train the same trials).
+    finished = distributed.from_writer(
+        [t.name for t in trials if wd.predictions_path(workdir, t.name).exists()])
+    timings = distributed.from_writer(
+        (files.read_json(workdir / "timings.json") or {}).get("seconds", {}))
+    out: dict[str, wd.Predictions] = {}
+    for k, trial in enumerate(trials, start=1):
+        if trial.name in finished:
+            pred = wd.load_predictions(workdir, trial.name)
+            if pred is not None:
+                out[trial.name] = dataclasses.replace(pred, info=dict(trial.info))
+                if progress is not None:
+                    units, epochs = _units(trial)
+                    progress.skip(units * epochs)
+                continue
+        checkpoint_dir = workdir / "checkpoints" / wd.slug(trial.name)
+        run = train_trial(trial, checkpoint_dir, checkpoint_every=checkpoint_every,
+                          progress=progress, index=(k, len(trials)),
+                          on_checkpoint=on_checkpoint)
+        start = time.perf_counter()
+        out[trial.name] = predict(trial, run)
+        wd.save_predictions(workdir, trial.name, out[trial.name])
+        timings[trial.name] = run.seconds + time.perf_counter() - start
+        files.atomic_write_json(workdir / "timings.json", {"seconds": timings})
+        if not keep_checkpoints and distributed.is_writer():
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return out
+
+
+def study_module(config_or_name: StudyConfig | str):
+    """The module of a study, imported on first use: by config or by name. Its report module
+    is ``report_module``."""
+    name = config_or_name if isinstance(config_or_name, str) else config_or_name.STUDY
+    if not name or not isinstance(name, str):
+        raise TypeError(f"not a study config: {type(config_or_name).__name__}")
+    try:
+        module = importlib.import_module(f"jaxrepro.studies.{name}")
+    except ModuleNotFoundError:
+        module = None
+    if module is None or not all(hasattr(module, a) for a in ("TITLE", "trials", "analyse")):
+        raise TypeError(f"{name!r} is not a study of jaxrepro.studies")
+    return module
+
+
+def report_module(config_or_name: StudyConfig | str):
+    """The report module of a study (``jaxrepro.studies.<name>_report``), imported on use."""
+    name = study_module(config_or_name).__name__
+    return importlib.import_module(f"{name}_report")
+
+
+def run(config: StudyConfig, workdir: str | os.PathLike, *, checkpoint_every: int = 5,
+        keep_checkpoints: bool = True, progress: bool = True,
+        clock: Callable[[], float] = time.monotonic, stream=None,
+        on_checkpoint: Callable[[str, int], None] | None = None,
+        deterministic: bool = False) -> dict[str, Any]:
+    """Runs (or resumes) a study in ``workdir``: trains its trials, analyses their predictions,
+    writes results.json, report.md and the plots.
+
+    Args:
+      config: a study config (``IrreproducibilityConfig``, ``SyntheticConfig``,
+        ``TestSetVarianceConfig``, ``AntiDistillationConfig``, ``RegularizersConfig``).
+      workdir: the run's directory; created, or checked to hold the same config.
+      checkpoint_every: epochs between checkpoints (each trial is also saved at its end).
+      keep_checkpoints: keep each trial's last checkpoint (its trained replicas) after its
+        predictions are saved; False deletes it then.
+      progress: print progress lines to ``stream`` (default stderr); they are always
+        appended to ``workdir/progress.log``.
+      clock: time source of the progress lines.
+      on_checkpoint: called as ``on_checkpoint(trial_name, epoch)`` after each checkpoint
+        (tests use it to interrupt a run).
+      deterministic: train every trial with ``FitConfig(deterministic=True)`` (XLA's GPU
+        deterministic ops); recorded in config.json and results.json.
+
+    In a run of several processes (``jaxrepro.distributed``) every process calls ``run`` with
+    the same arguments; each trains its block of replicas, all compute the same results, and
+    process 0 alone writes the workdir (orbax checkpoints: every process takes part). The
+    workdir must be on storage every process reads, as orbax requires.
+
+    Returns:
+      The content of results.json (``study``, ``config``, ``deterministic``, ``versions``,
+      ``complete``, ``results``: ``{trial: record}``) plus ``report_markdown``, the text of
+      report.md, and ``analysis``, the study's ``Analysis``.
+
+    Raises:
+      ConfigError: the workdir holds another config (nothing is trained).
+    """
+    if checkpoint_every < 1:
+        raise ConfigError("checkpoint_every", f"must be >= 1, got {checkpoint_every}")
+    study = study_module(config)
+    workdir = wd.prepare_workdir(workdir, config, deterministic=deterministic)
+    distributed.barrier("jaxrepro-workdir-ready")
+    trials = study.trials(config)
+    if deterministic:
+        trials = [dataclasses.replace(t, fit=dataclasses.replace(t.fit, deterministic=True))
+                  for t in trials]
+    total = sum(units * epochs for units, epochs in map(_units, trials))
+    prog = wd.Progress(total, clock=clock, stream=stream, log_path=workdir / "progress.log",
+                       echo=progress)
+    predictions = train_trials(trials, workdir, checkpoint_every=checkpoint_every,
+                               keep_checkpoints=keep_checkpoints, progress=prog,
+                               on_checkpoint=on_checkpoint)
+    analysis = study.analyse(config, predictions)
+    records = files.to_json(dict(analysis.records))
+    timings = distributed.from_writer(
+        (files.read_json(workdir / "timings.json") or {}).get("seconds", {}))
+    seconds = sum(timings.get(t.name, 0.0) for t in trials)
+    body = report_module(config).render(config, analysis, workdir)
+    markdown = "\n".join(head(study.TITLE, config, seconds) + body + diverged_note(records)
+                         + versions_note())
+    files.atomic_write_text(workdir / "report.md", markdown)
+    results = files.to_json({"study": config.STUDY, "config": config.to_dict(),
+                             "deterministic": bool(deterministic), "versions": files.versions(),
+                             "complete": True, "results": records})
+    files.atomic_write_json(workdir / "results.json", results)
+    prog.write(f"done: {len(trials)} configs, results in {workdir / 'results.json'}")
+    return {**results, "report_markdown": markdown, "analysis": analysis}

@@ -1,0 +1,258 @@
+"""The workdir of a study: its config check, progress lines, orbax checkpoints and the saved
+test predictions of every finished trial.
+
+Layout::
+
+    config.json            the study and its config; a rerun in the same workdir must match it
+    progress.log           one line per epoch: trial k of K, epoch, elapsed and remaining time
+    checkpoints/<trial>/   orbax checkpoints of the stacked TrainState, every few epochs
+    predictions/<trial>.npz  a finished trial's test predictions ``[R, N, C]`` (float32, as
+                           the model gave them), labels, replica ids, kept replicas, last-epoch
+                           training loss and accuracy, and the trial's JSON measures
+    results.json           the analysis of all trials (written once every trial is finished)
+    timings.json           wall time per trial (kept out of results.json, which is deterministic)
+    report.md, *.png       the rendered report
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxrepro import distributed, engine, files
+from jaxrepro.studies.base import ConfigError, StudyConfig
+from jaxrepro.studies.render import fmt_seconds
+
+
+def prepare_workdir(workdir: str | os.PathLike, config: StudyConfig, *,
+                    deterministic: bool = False) -> Path:
+    """Creates ``workdir`` and its ``config.json``, or checks the one it holds.
+
+    Raises:
+      ConfigError: the workdir holds another study or a config that differs (or was run with
+        another ``deterministic`` setting); ``fields`` names the differing fields, so nothing
+        is trained into a mismatched run.
+    """
+    workdir = Path(workdir)
+    path = workdir / "config.json"
+    wanted = {"study": config.STUDY, "config": files.to_json(config.to_dict()),
+              "deterministic": bool(deterministic)}
+    if path.exists():
+        try:
+            held = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError("workdir",
+                              f"{path} is unreadable ({e}); use another workdir") from None
+        if held.get("study") != config.STUDY:
+            raise ConfigError("workdir", f"{workdir} holds a {held.get('study')!r} study, not "
+                                         f"{config.STUDY!r}; use another workdir")
+        old = held.get("config", {})
+        diff = sorted(k for k in set(old) | set(wanted["config"])
+                      if old.get(k) != wanted["config"].get(k))
+        if diff:
+            detail = "; ".join(f"{k}={json.dumps(old.get(k))} there, "
+                               f"{json.dumps(wanted['config'].get(k))} requested" for k in diff)
+            raise ConfigError(diff, f"workdir {workdir} holds a run with a different config "
+                                    f"({detail}); use another workdir or the same flags")
+        if bool(held.get("deterministic", False)) != wanted["deterministic"]:
+            raise ConfigError("deterministic", f"workdir {workdir} holds a run with "
+                              f"deterministic={held.get('deterministic', False)}; use another "
+                              "workdir or the same flags")
+        return workdir
+    if distributed.is_writer():
+        workdir.mkdir(parents=True, exist_ok=True)
+    files.atomic_write_json(path, wanted)
+    return workdir
+
+
+def slug(name: str) -> str:
+    """A file name for a trial name: its safe characters and a hash of the whole."""
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:60] + "-" + digest
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress.
+
+
+class Progress:
+    """Prints ``config k/K <name> epoch e/E elapsed ... eta ...`` lines and logs them.
+
+    The remaining time is the work left (replica-steps) at the rate of this session's work so
+    far. ``clock`` is injectable so tests are exact and instant.
+    """
+
+    def __init__(self, total_units: float, *, clock: Callable[[], float] = time.monotonic,
+                 stream=None, log_path: str | os.PathLike | None = None, echo: bool = True):
+        self.total, self.done, self.skipped = float(total_units), 0.0, 0.0
+        self.clock, self.start = clock, clock()
+        self.stream = sys.stderr if stream is None else stream
+        self.log_path, self.echo = log_path, echo
+        self.lines: list[str] = []
+
+    def skip(self, units: float) -> None:
+        """Work that needs no doing this session (finished earlier, or restored)."""
+        self.skipped += units
+
+    def eta(self) -> float:
+        elapsed = self.clock() - self.start
+        left = self.total - self.done - self.skipped
+        if left <= 0:
+            return 0.0
+        return elapsed / self.done * left if self.done > 0 else math.inf
+
+    def step(self, k: int, num: int, name: str, epoch: int, epochs: int, units: float) -> str:
+        self.done += units
+        elapsed = self.clock() - self.start
+        line = (f"config {k}/{num} {name} epoch {epoch}/{epochs} "
+                f"elapsed {fmt_seconds(elapsed)} eta {fmt_seconds(self.eta())}")
+        self.write(line)
+        return line
+
+    def write(self, line: str) -> None:
+        self.lines.append(line)
+        if not distributed.is_writer():  # one copy of the progress, from process 0
+            return
+        if self.echo:
+            print(line, file=self.stream, flush=True)
+        if self.log_path is not None:
+            with open(self.log_path, "a") as f:
+                f.write(line + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints (orbax).
+
+
+def _manager(directory: Path):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False,
+                                           create=True)
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def save_checkpoint(directory: str | os.PathLike, epoch: int, state: engine.TrainState,
+                    history: Mapping[str, np.ndarray]) -> None:
+    """Saves the stacked state after ``epoch`` epochs (and the per-epoch history) with orbax;
+    only the latest checkpoint is kept. Orbax commits a checkpoint by renaming it into place."""
+    import orbax.checkpoint as ocp
+
+    meta = {"epoch": int(epoch), "history": {k: np.asarray(v).tolist() for k, v in
+                                             history.items()}}
+    with _manager(Path(directory)) as mngr:
+        mngr.save(int(epoch), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        mngr.wait_until_finished()
+
+
+def restore_checkpoint(directory: str | os.PathLike,
+                       like: engine.TrainState | Callable[[], engine.TrainState]):
+    """The latest checkpoint as ``(state, epoch, history)``, or None when there is none.
+
+    ``like`` (e.g. ``Engine.abstract_state()`` or a fresh ``Engine.init()``, or a function
+    returning one, called only when a checkpoint exists) gives the tree structure, dtypes and
+    shardings, so the restored state is bitwise the saved one, ``[R, ...]`` as ``Engine.run``
+    takes it (which lays it out for training).
+    """
+    import jax
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory)
+    # Process 0 decides whether there is a checkpoint, so every process takes the same path.
+    if not distributed.from_writer(directory.exists()):
+        return None
+    with _manager(directory) as mngr:
+        step = distributed.from_writer(mngr.latest_step())
+        if step is None:
+            return None
+        if callable(like):
+            like = like()
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        out = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    history = {k: np.asarray(v, np.float32).reshape(len(v), -1)
+               for k, v in out.meta["history"].items()}
+    return out.state, int(out.meta["epoch"]), history
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions: what a finished trial leaves for the analysis.
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictions:
+    """A finished trial, as the analysis sees it (shape letters: R replicas, N test examples,
+    C classes).
+
+    Attributes:
+      info: the trial's coordinates in the study's grids (JSON-ready).
+      probs: ``[R, N, C]`` float32 test probabilities, exactly as the model gave them (a
+        diverged replica's may hold NaN).
+      labels: ``[N]`` int32 test labels.
+      replica_ids: ``[R]`` the replicas' ids (their keys derive from them).
+      keep: ``[R]`` bool, the replicas that stayed finite in training and in their predictions.
+      train_loss, train_accuracy: ``[R]`` the last epoch's training means per replica.
+      measures: JSON-ready values the trial measured on its trained replicas beyond the test
+        predictions (``Trial.measure``), e.g. the correlation of an ensemble's components.
+    """
+
+    info: Mapping[str, Any]
+    probs: np.ndarray
+    labels: np.ndarray
+    replica_ids: np.ndarray
+    keep: np.ndarray
+    train_loss: np.ndarray
+    train_accuracy: np.ndarray
+    measures: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def diverged(self) -> list[int]:
+        """Ids of the replicas left out of the metrics."""
+        return [int(r) for r in self.replica_ids[~self.keep]]
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        meta = json.dumps({"info": files.to_json(self.info),
+                           "measures": files.to_json(self.measures)}, allow_nan=False)
+        np.savez(buf, probs=self.probs, labels=self.labels, replica_ids=self.replica_ids,
+                 keep=self.keep, train_loss=self.train_loss,
+                 train_accuracy=self.train_accuracy, meta=np.frombuffer(meta.encode(), np.uint8))
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> Predictions:
+        with np.load(io.BytesIO(payload), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(arrays.pop("meta").tobytes().decode())
+        return cls(info=meta["info"], measures=meta["measures"], **arrays)
+
+
+def predictions_path(workdir: str | os.PathLike, name: str) -> Path:
+    return Path(workdir) / "predictions" / f"{slug(name)}.npz"
+
+
+def save_predictions(workdir: str | os.PathLike, name: str, pred: Predictions) -> Path:
+    """Writes a trial's predictions atomically (process 0)."""
+    return files.atomic_write_bytes(predictions_path(workdir, name), pred.to_bytes())
+
+
+def load_predictions(workdir: str | os.PathLike, name: str) -> Predictions | None:
+    """A trial's saved predictions, or None when it has none (or they are unreadable)."""
+    path = predictions_path(workdir, name)
+    try:
+        return Predictions.from_bytes(path.read_bytes())
+    except (OSError, ValueError, KeyError):
+        return None
