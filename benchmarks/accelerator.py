@@ -9,7 +9,7 @@ Run (from the repository root)::
                                                            # 2 processes x 1 device (CPU, gloo)
 
 W1 is MNIST-1D, MLP 40-256-256-10 ReLU, Adam 1e-3, batch 128, 20 epochs (``workloads.py``).
-For each strategy (``vmap``, ``map``, ``chunked:K``, ``auto``), deterministic mode off and on,
+For each strategy (``vmap``, ``map``, ``chunked:n``, ``auto``), deterministic mode off and on,
 and each R, it times ``jaxrepro.fit`` twice: the first call includes compilation, the second
 is the figure. It prints seconds, replicas per second, seconds per replica and the wall time
 relative to R = 1 of the same strategy, and writes them as JSON with ``--out``. A run that

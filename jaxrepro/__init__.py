@@ -1,18 +1,34 @@
 """jaxrepro: train many replicas of a model at once and measure how irreproducible they are.
 
-Synopsis::
+Synopsis (a doctest; the README's notebook example is the same at full size)::
 
-    import jaxrepro, optax
-    data = jaxrepro.data.mnist1d()
-    model = jaxrepro.models.MLP(widths=(256, 256), num_classes=10, activation="smelu")
-    run = jaxrepro.fit(model, optax.adam(1e-3), data, replicas=32, seed=0,
-                       vary=("init", "order"), batch_size=128, epochs=20)
-    probs = run.predict(data.x_test)                  # [32, 1000, 10]
+    >>> import jaxrepro, optax
+    >>> data = jaxrepro.data.load("digits")      # or jaxrepro.data.mnist1d()
+    >>> model = jaxrepro.models.MLP(widths=(32,), num_classes=10, activation="smelu")
+    >>> run = jaxrepro.fit(model, optax.adam(1e-3), data, replicas=4, seed=0,
+    ...                    vary=("init", "order"), batch_size=128, epochs=2)
+    >>> probs = run.predict(data.x_test)
+    >>> probs.shape                                 # [R, N, C]
+    (4, 360, 10)
+    >>> report = jaxrepro.metrics.compare(probs, data.y_test)
+    >>> 0 < report["churn"] < 1
+    True
 
-    # 16 replicas of a 4-component anti-distilled ensemble, in one training step:
-    ens = jaxrepro.models.Ensemble(model, num_components=4)
-    loss = jaxrepro.losses.anti_distillation(jaxrepro.losses.softmax_cross_entropy(), 0.1)
-    run = jaxrepro.fit(ens, optax.adam(1e-3), data, loss_fn=loss, replicas=16)
+    Replicas of a 4-component anti-distilled ensemble, in one training step:
+
+    >>> ens = jaxrepro.models.Ensemble(model, num_components=4)
+    >>> loss = jaxrepro.losses.anti_distillation(jaxrepro.losses.softmax_cross_entropy(), 0.1)
+    >>> run = jaxrepro.fit(ens, optax.adam(1e-3), data, loss_fn=loss, replicas=2, epochs=1)
+    >>> run.predict(data.x_test, components=True).shape    # [R, K, N, C]
+    (2, 4, 360, 10)
+
+Shape letters in names (``probs_RxNxC``): R replicas, K ensemble members (an ensemble's
+components, or the k replicas of a group), G groups of replicas, N examples, B batch, C
+classes, D input features, T steps, S bootstrap samples, P replica pairs, M flattened
+example-class columns, V sources of randomness.
+
+The study machinery (``jaxrepro.study``, ``jaxrepro.studies``) and ``jaxrepro.plots`` are
+imported on first use: ``import jaxrepro`` loads neither them nor orbax nor matplotlib.
 """
 
 from jaxrepro import (

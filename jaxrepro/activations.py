@@ -2,10 +2,13 @@
 
 Synopsis::
 
-    from jaxrepro import activations
-    act = activations.get("smelu(beta=0.5)")   # a callable Array -> Array
-    y_B = act(x_B)
-    activations.NAMES                          # ('elu', 'gelu', ..., 'tanh')
+    >>> import jax.numpy as jnp
+    >>> from jaxrepro import activations
+    >>> act = activations.get("smelu(beta=0.5)")   # a callable Array -> Array
+    >>> act(jnp.array([-1.0, 0.0, 1.0])).tolist()
+    [0.0, 0.125, 1.0]
+    >>> "smelu" in activations.NAMES and "relu" in activations.NAMES
+    True
 
 String specs (``"name"`` or ``"name(arg, key=arg)"`` with numeric arguments) are what experiment
 flags and model fields carry: strings are hashable, which Flax module fields and ``jit`` static

@@ -2,12 +2,18 @@
 
 Synopsis::
 
-    from jaxrepro import data
-    ds = data.mnist1d()                 # generated locally, cached on disk; 4000 / 1000 x 40
-    ds = data.digits(images=True)       # sklearn's 8x8 digits as [N, 8, 8, 1] in [0, 1]
-    ds = data.load("my_data.npz")       # x_train, y_train, x_test, y_test
-    ds.x_train, ds.y_train              # float32 [N, ...], int32 [N]
-    ds.input_shape, ds.num_classes      # (40,), 10
+    >>> import os, tempfile
+    >>> from jaxrepro import data
+    >>> ds = data.mnist1d()             # generated locally, cached on disk
+    >>> ds.x_train.shape, ds.x_test.shape, ds.input_shape, ds.num_classes
+    ((4000, 40), (1000, 40), (40,), 10)
+    >>> ds.x_train.dtype, ds.y_train.dtype
+    (dtype('float32'), dtype('int32'))
+    >>> data.digits(images=True).input_shape    # sklearn's 8x8 digits in [0, 1]
+    (8, 8, 1)
+    >>> path = data.to_npz(ds, os.path.join(tempfile.mkdtemp(), "my_data.npz"))
+    >>> data.load(path).num_train               # x_train, y_train, x_test, y_test
+    4000
 
 Every loader returns host (NumPy) arrays checked once, so the rest of the library can trust their
 shapes, dtypes and label ranges. Nothing is downloaded: MNIST-1D is generated with the `mnist1d`
@@ -254,8 +260,8 @@ def mnist1d(
     classes.
 
     Example:
-        >>> ds = mnist1d()                        # doctest: +SKIP
-        >>> ds.x_train.shape, ds.x_test.shape     # doctest: +SKIP
+        >>> ds = mnist1d()
+        >>> ds.x_train.shape, ds.x_test.shape
         ((4000, 40), (1000, 40))
 
     Args:
@@ -344,7 +350,10 @@ def from_npz(
     """Loads a user's ``.npz`` holding ``x_train``, ``y_train``, ``x_test`` and ``y_test``.
 
     Example:
-        >>> ds = from_npz("my_data.npz")          # doctest: +SKIP
+        >>> import os, tempfile
+        >>> path = to_npz(digits(), os.path.join(tempfile.mkdtemp(), "my_data.npz"))
+        >>> from_npz(path).num_classes
+        10
 
     Args:
         path: the ``.npz`` file (loaded without pickle).

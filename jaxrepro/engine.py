@@ -2,11 +2,19 @@
 
 Synopsis::
 
-    data = jaxrepro.datasets.mnist1d()
-    model = jaxrepro.models.MLP(widths=(256, 256), num_classes=10, activation="smelu")
-    run = jaxrepro.fit(model, optax.adam(1e-3), data, replicas=32, seed=0,
-                       vary=("init", "order"), batch_size=128, epochs=20)
-    probs_RxNxC = run.predict(data.x_test)
+    >>> import optax
+    >>> from jaxrepro import data, models
+    >>> ds = data.load("digits")                      # or data.mnist1d()
+    >>> model = models.MLP(widths=(32,), num_classes=10, activation="smelu")
+    >>> run = fit(model, optax.adam(1e-3), ds, replicas=4, seed=0, vary=("init", "order"),
+    ...           batch_size=128, epochs=2)
+    >>> probs_RxNxC = run.predict(ds.x_test)
+    >>> probs_RxNxC.shape, run.history["loss"].shape   # history: [R, epochs]
+    ((4, 360, 10), (4, 2))
+    >>> alone = fit(model, optax.adam(1e-3), ds, replicas=(2,), seed=0, vary=("init", "order"),
+    ...             batch_size=128, epochs=2)        # replica 2 trained alone: the same replica
+    >>> bool((alone.predict(ds.x_test)[0] == probs_RxNxC[2]).all())
+    True
 
 One replica's training is written once, without a replica axis: ``train_step`` (one batch) and
 ``train_epochs`` (a ``lax.scan`` over epochs and steps, with the data order and per-step keys
@@ -17,8 +25,8 @@ one of the batching strategies:
 - ``"map"``: ``lax.map`` over replicas, each running its own scan over all steps of the call.
   Every replica executes the same program as a replica trained alone.
 - ``"vmap"``: ``vmap`` over replicas (batched matrix products).
-- ``"chunked:K"``: ``lax.map`` over chunks of K replicas, ``vmap`` inside a chunk.
-- ``"auto"``: ``"map"`` on CPU; on accelerators ``"vmap"``, or ``"chunked:K"`` when a
+- ``"chunked:n"``: ``lax.map`` over chunks of n replicas, ``vmap`` inside a chunk.
+- ``"auto"``: ``"map"`` on CPU; on accelerators ``"vmap"``, or ``"chunked:n"`` when a
   device's replicas would not fit in its memory (``choose_strategy``; BUILD_NOTES.md has the
   measurements behind the rule).
 
@@ -58,7 +66,7 @@ DEFAULT_LOSS = losses.softmax_cross_entropy()
 DEFAULT_PERTURB_SCALE = 1e-6
 """Relative size of the ``perturb`` source's change of the initial weights when it is varied."""
 
-STRATEGIES = ("auto", "map", "vmap", "chunked:K")
+STRATEGIES = ("auto", "map", "vmap", "chunked:n")
 
 # Incremented each time the epoch function is traced (never at run time): lets tests assert
 # that training compiles once across epochs and across runs of the same task.
@@ -317,7 +325,7 @@ def train_epochs(task: Task, state: TrainState, keys: ReplicaKeys, x_N: Array, y
     steps = x_N.shape[0] // batch_size
 
     def epoch_body(state, epoch):
-        order_SxB = epoch_batches(keys.order, epoch, base_N, window, batch_size)
+        order_TxB = epoch_batches(keys.order, epoch, base_N, window, batch_size)
 
         def step_body(state, inputs):
             idx_B, step = inputs
@@ -326,8 +334,8 @@ def train_epochs(task: Task, state: TrainState, keys: ReplicaKeys, x_N: Array, y
                 randomness.step_key(keys.dropout, step), randomness.step_key(keys.augment, step),
             )
 
-        step_S = epoch * steps + jnp.arange(steps)
-        state, metrics = lax.scan(step_body, state, (order_SxB, step_S))
+        step_T = epoch * steps + jnp.arange(steps)
+        state, metrics = lax.scan(step_body, state, (order_TxB, step_T))
         return state, jax.tree.map(jnp.mean, metrics)
 
     return lax.scan(epoch_body, state, epochs_E)
@@ -437,7 +445,7 @@ def choose_strategy(replicas_per_device: int, bytes_per_replica: int,
                     free_bytes: int | None, *, headroom: float = 0.8) -> tuple[str, int]:
     """``"auto"`` on an accelerator: ``vmap`` over all of a device's replicas when they fit in
     ``headroom`` of ``free_bytes`` (the device's memory less the training data), else
-    ``chunked:K`` with the largest K that fits (at least 1). Unknown memory: ``vmap``."""
+    ``chunked:n`` with the largest n that fits (at least 1). Unknown memory: ``vmap``."""
     if free_bytes is None:
         return "vmap", 0
     fits = int(headroom * free_bytes) // max(1, int(bytes_per_replica))
@@ -607,48 +615,48 @@ def _jit_pair(*, static_argnames=(), donate_argnames=()):
     return wrap
 
 
-def _keys_for(seed, replica: Array, varied_S: Array) -> ReplicaKeys:
+def _keys_for(seed, replica: Array, varied_V: Array) -> ReplicaKeys:
     return ReplicaKeys(*(randomness.replica_key(seed, s, replica,
-                                                varied=varied_S[randomness.SOURCE_IDS[s]])
+                                                varied=varied_V[randomness.SOURCE_IDS[s]])
                          for s in ("order", "dropout", "augment")))
 
 
 @_jit_pair(static_argnames=("task", "strategy", "mesh"))
-def _init_states(ids_R, seed, varied_S, x_example, perturb_scale, hparams_R, *, task, strategy,
+def _init_states(ids_R, seed, varied_V, x_example, perturb_scale, hparams_R, *, task, strategy,
                  mesh):
     TRACE_COUNTS["init"] += 1
 
-    def one(r, hparams, seed, varied_S, x_example, perturb_scale):
+    def one(r, hparams, seed, varied_V, x_example, perturb_scale):
         ids = randomness.SOURCE_IDS
-        init_key = randomness.replica_key(seed, "init", r, varied=varied_S[ids["init"]])
-        perturb_key = randomness.replica_key(seed, "perturb", r, varied=varied_S[ids["perturb"]])
+        init_key = randomness.replica_key(seed, "init", r, varied=varied_V[ids["init"]])
+        perturb_key = randomness.replica_key(seed, "perturb", r, varied=varied_V[ids["perturb"]])
         return init_replica(task, x_example, init_key, perturb_key, perturb_scale, hparams)
 
     return _over_replicas(one, strategy, mesh, (ids_R, hparams_R),
-                          (seed, varied_S, x_example, perturb_scale))
+                          (seed, varied_V, x_example, perturb_scale))
 
 
 @_jit_pair(static_argnames=("task", "strategy", "mesh", "batch_size", "num_epochs"),
            donate_argnames=("state_R",))
-def _train_epochs_R(state_R, ids_R, seed, varied_S, x_N, y_N, window, first_epoch, *, task,
+def _train_epochs_R(state_R, ids_R, seed, varied_V, x_N, y_N, window, first_epoch, *, task,
                     strategy, mesh, batch_size, num_epochs):
     TRACE_COUNTS["train_epochs"] += 1
     base_N = randomness.base_order(seed, x_N.shape[0])
     epochs_E = first_epoch + jnp.arange(num_epochs, dtype=jnp.int32)
 
-    def one(state, r, seed, varied_S, x_N, y_N, base_N, window, epochs_E):
-        return train_epochs(task, state, _keys_for(seed, r, varied_S), x_N, y_N, base_N, window,
+    def one(state, r, seed, varied_V, x_N, y_N, base_N, window, epochs_E):
+        return train_epochs(task, state, _keys_for(seed, r, varied_V), x_N, y_N, base_N, window,
                             epochs_E, batch_size=batch_size)
 
     return _over_replicas(one, strategy, mesh, (state_R, ids_R),
-                          (seed, varied_S, x_N, y_N, base_N, window, epochs_E))
+                          (seed, varied_V, x_N, y_N, base_N, window, epochs_E))
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "num_train"))
-def _batches_R(ids_R, seed, varied_S, num_train, window, epoch, *, batch_size):
+def _batches_R(ids_R, seed, varied_V, num_train, window, epoch, *, batch_size):
     base_N = randomness.base_order(seed, num_train)
     keys_R = randomness.replica_keys(seed, "order", ids_R,
-                                     varied=varied_S[randomness.SOURCE_IDS["order"]])
+                                     varied=varied_V[randomness.SOURCE_IDS["order"]])
     return jax.vmap(lambda k: epoch_batches(k, epoch, base_N, window, batch_size))(keys_R)
 
 
@@ -747,7 +755,7 @@ class Engine:
             )
         self.steps_per_epoch = num_train // config.batch_size
         self.window = num_train if config.window is None else min(int(config.window), num_train)
-        self._varied_S = randomness.varied_mask(config.vary)
+        self._varied_V = randomness.varied_mask(config.vary)
         x_host = np.asarray(data.x_train)  # kept as JAX would keep it (float64 -> float32)
         x_host = x_host.astype(jax.dtypes.canonicalize_dtype(x_host.dtype), copy=False)
         y_host = np.asarray(data.y_train)
@@ -805,7 +813,7 @@ class Engine:
         # loss or augmentation (a sweep over a loss weight) share its compilation.
         init_task = Task(model=self.task.model, tx=self.task.tx)
         return _init_states(
-            self._ids_R, jnp.uint32(c.seed), self._varied_S, self._x_example,
+            self._ids_R, jnp.uint32(c.seed), self._varied_V, self._x_example,
             jnp.float32(c.effective_perturb_scale), self._hparams_R,
             task=init_task, strategy=self.strategy, mesh=self.mesh,
             deterministic=c.deterministic,
@@ -833,7 +841,7 @@ class Engine:
         """
         c = self.config
         return np.asarray(_batches_R(
-            jnp.asarray(self.replica_ids), jnp.uint32(c.seed), self._varied_S, self._num_train,
+            jnp.asarray(self.replica_ids), jnp.uint32(c.seed), self._varied_V, self._num_train,
             jnp.int32(self.window), jnp.int32(epoch), batch_size=c.batch_size,
         ))
 
@@ -841,7 +849,7 @@ class Engine:
                       ) -> tuple[TrainState, dict[str, np.ndarray]]:
         c = self.config
         state, metrics = _train_epochs_R(
-            state, self._ids_R, jnp.uint32(c.seed), self._varied_S, self._x_N,
+            state, self._ids_R, jnp.uint32(c.seed), self._varied_V, self._x_N,
             self._y_N, jnp.int32(self.window), jnp.int32(first_epoch), task=self.task,
             strategy=self.strategy, mesh=self.mesh, batch_size=c.batch_size,
             num_epochs=num_epochs, deterministic=c.deterministic,
@@ -1054,8 +1062,15 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, data, *,
       A ``Run``; ``run.predict(x)`` gives stacked probabilities ``[R, N, C]``.
 
     Example:
-      >>> run = fit(MLP(widths=(32,), num_classes=10), optax.adam(1e-3), data,
-      ...           replicas=4, vary=("init",), epochs=2)  # doctest: +SKIP
+      A learning rate per replica, as a sweep in one run:
+
+      >>> import optax
+      >>> from jaxrepro import data, models
+      >>> tx = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
+      >>> run = fit(models.MLP(widths=(32,), num_classes=10), tx, data.load("digits"),
+      ...           replicas=2, hparams={"learning_rate": [1e-3, 1e-2]}, epochs=1)
+      >>> run.history["accuracy"].shape                   # [R, epochs]
+      (2, 1)
     """
     if config is None:
         config = FitConfig(**config_kwargs)

@@ -2,9 +2,12 @@
 
 Synopsis::
 
-    from jaxrepro import files
-    files.atomic_write_json("runs/x/results.json", {"churn": np.float32(0.25)})
-    files.read_json("runs/x/results.json")          # None when missing or unreadable
+    >>> import os, tempfile
+    >>> from jaxrepro import files
+    >>> path = os.path.join(tempfile.mkdtemp(), "results.json")
+    >>> _ = files.atomic_write_json(path, {"churn": np.float32(0.25), "var_ratio": np.nan})
+    >>> files.read_json(path)                       # None when missing or unreadable
+    {'churn': 0.25, 'var_ratio': None}
 
 Every file is written to a temporary name beside its target and renamed over it, so an
 interruption never leaves a truncated file. In a run of several processes only process 0 writes

@@ -8,6 +8,8 @@ Synopsis::
     report = metrics.compare(logits_RxNxC, labels_N, from_logits=True, key=jax.random.key(0))
     report["churn_ci"]                                        # [lo, hi], replicas resampled
     curve = metrics.ensemble_curve(probs_RxNxC, labels_N)     # PD against ensemble size k
+    d = metrics.difference(probs_a, probs_b, labels_N, key)   # arm a - arm b, paired replicas
+    d["churn"]["diff"], d["churn"]["ci"], d["churn"]["significant"]
 
 Inputs are the predictions of R replicas on the same N examples: ``[R, N, C]`` class
 probabilities, ``[R, N, C]`` logits with ``from_logits=True``, or ``[R, N]`` positive-class
@@ -20,9 +22,10 @@ Two layers:
 
 * One pure, jit-compatible function per metric (:func:`churn`, :func:`pd_abs`, ...), for
   in-memory arrays. They check shapes (static) but not values.
-* :func:`compare`, :func:`bootstrap` and :func:`ensemble_curve`: the whole report at once,
-  with value validation, a replica mask, and memory bounded by streaming fixed-size blocks of
-  examples through one jitted function (compiled once; the last block is padded and masked).
+* :func:`compare`, :func:`bootstrap`, :func:`difference` (two arms) and
+  :func:`ensemble_curve`: the whole report at once, with value validation, a replica mask,
+  and memory bounded by streaming fixed-size blocks of examples through one jitted function
+  (compiled once; the last block is padded and masked).
   ``probs`` may be a jax or numpy array, an ``np.memmap``, or any object with ``.shape`` whose
   ``obj[:, start:stop]`` returns the ``[R, stop - start, ...]`` slice (an h5py/zarr dataset, or
   a small class that computes predictions block by block): at most two blocks are in memory
@@ -38,7 +41,8 @@ Project choices (methods.md leaves them open or names them the project's): TV no
 of ``pd_abs``; ``pd_rel`` normalised by the replica mean; ``pd_l2``; ``js_ensemble``;
 ``churn_correctness``; the R/(R-1) factor of ``var_ind``; probabilities clipped to
 ``LOG_FLOOR`` inside logarithms (probability inputs only); consecutive ensemble groups; the
-bootstrap's distinct-pairs convention. Each is stated where it is used.
+bootstrap's distinct-pairs convention; the draw streams and p-value of :func:`difference`.
+Each is stated where it is used.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from jaxrepro import losses
 
 LOG_FLOOR = 1e-12
 """Probabilities are clipped to this value inside logarithms (KL, JS): project's choice."""
@@ -622,9 +628,14 @@ def _sub_size(r, c):
 
 
 @functools.partial(jax.jit, static_argnames=("from_logits", "k", "sub", "batch"))
-def _block(x, labels, valid, w_SxG, *, from_logits, k, sub, batch):
+def _block(x, labels, valid, w_SxG, v_SxB=None, *, from_logits, k, sub, batch):
     """One block of examples: per-example terms, correctness, checks and (when ``w_SxG`` has
-    rows) per-sample weighted sums for the replica bootstrap."""
+    rows) per-sample weighted sums for the replica bootstrap.
+
+    ``v_SxB`` (two-way bootstrap only): each sample's multiplicities of the block's examples.
+    Each sample's per-example terms are then weighted by its v_n, and the sums gain ``cor``
+    (per-replica weighted correct counts sum_n v_n correct_rn, [S, G]) and ``dup``
+    (sum_n v_n (v_n - 1) cc_w,n, the duplicate-example self-products of ``var_obs``)."""
     nb = x.shape[1]
     index = w_SxG.shape[0] > 0
 
@@ -638,12 +649,28 @@ def _block(x, labels, valid, w_SxG, *, from_logits, k, sub, batch):
             return out + ({},)
 
         setup = _weighted_setup(f)
+        g = w_SxG.shape[1]
+        if v_SxB is None:
+            def one_batch(w_BxG):
+                return {t: _dot(v, vs) for t, v in _weighted(setup, w_BxG).items()}
 
-        def one_batch(w_BxG):
-            return {t: _dot(v, vs) for t, v in _weighted(setup, w_BxG).items()}
+            sums = lax.map(one_batch, w_SxG.reshape(-1, batch, g))
+            return out + ({t: v.reshape(-1) for t, v in sums.items()},)
 
-        sums = lax.map(one_batch, w_SxG.reshape(-1, batch, w_SxG.shape[1]))
-        return out + ({t: v.reshape(-1) for t, v in sums.items()},)
+        ve = lax.dynamic_slice_in_dim(v_SxB, i * sub, sub, axis=1).astype(jnp.float32)
+        ve = ve * vs[None, :]  # padded examples get multiplicity 0
+
+        def one_batch_two_way(args):
+            w_BxG, v_BxM = args
+            terms = _weighted(setup, w_BxG)
+            sums = {t: jnp.sum(v * v_BxM, axis=1) for t, v in terms.items()}
+            sums["cor"] = _dot(v_BxM, setup["correct"].T)
+            sums["dup"] = jnp.sum(terms["cc"] * v_BxM * (v_BxM - 1), axis=1)
+            return sums
+
+        sums = lax.map(one_batch_two_way, (w_SxG.reshape(-1, batch, g),
+                                           ve.reshape(-1, batch, sub)))
+        return out + ({t: v.reshape((-1,) + v.shape[2:]) for t, v in sums.items()},)
 
     terms, correct, boot = lax.map(body, jnp.arange(nb // sub))
     terms = {t: v.reshape(nb) for t, v in terms.items()}
@@ -732,10 +759,14 @@ class _Scan:
             lab[: b - a] = self.labels[a:b]
             yield a, b, blk, lab, np.arange(self.nb) < (b - a)
 
-    def run(self, boot_w=None, keep_examples=False):
+    def run(self, boot_w=None, keep_examples=False, boot_v=None):
         """Returns, per ensemble size k: term sums, per-replica correct counts, optionally the
         per-example terms and correctness, and the bootstrap sums. Block i + 1 is read from
-        the source while block i computes (jax dispatch is asynchronous)."""
+        the source while block i computes (jax dispatch is asynchronous).
+
+        ``boot_v`` (with ``boot_w``; two-way bootstrap): ``[S, N]`` example multiplicities of
+        each sample, sliced per block; the bootstrap sums then also hold ``cor`` ([S, G]) and
+        ``dup`` (see :func:`_block`)."""
         res = {k: {"sums": dict.fromkeys(_TERMS, 0.0), "correct": 0, "ex": [], "cor": [],
                    "boot": None} for k in self.ks}
         state = {"nonfinite": np.zeros(self.r, np.int64), "dev": np.zeros(self.r),
@@ -749,6 +780,15 @@ class _Scan:
                 batch = min(len(boot_w), 256)
                 pad = np.ones(((-len(boot_w)) % batch, g), np.float32)
                 w_arr[k] = np.concatenate([boot_w, pad]).astype(np.float32)
+        v_arr = None
+        if boot_v is not None:
+            if boot_w is None or len(self.ks) != 1 or len(boot_v) != len(boot_w):
+                raise ValueError("boot_v needs boot_w with as many samples and one ensemble size")
+            rows = len(w_arr[self.ks[0]])
+            v_arr = np.asarray(boot_v, np.float32)
+            if len(v_arr) < rows:  # the padding samples of w_arr
+                v_arr = np.concatenate([v_arr, np.zeros((rows - len(v_arr), self.n),
+                                                        np.float32)])
 
         def collect(nv, outs):
             for k, out in outs.items():
@@ -771,8 +811,13 @@ class _Scan:
 
         pending = None
         for a, b, blk, lab, valid in self._blocks():
-            outs = {k: _block(blk, lab, valid, w_arr[k], from_logits=self.from_logits, k=k,
-                              sub=self.sub, batch=max(1, min(len(w_arr[k]), 256)))
+            extra = ()
+            if v_arr is not None:
+                v_blk = np.zeros((len(v_arr), self.nb), np.float32)
+                v_blk[:, : b - a] = v_arr[:, a:b]
+                extra = (v_blk,)
+            outs = {k: _block(blk, lab, valid, w_arr[k], *extra, from_logits=self.from_logits,
+                              k=k, sub=self.sub, batch=max(1, min(len(w_arr[k]), 256)))
                     for k in self.ks}
             if pending is not None:
                 collect(*pending)
@@ -867,43 +912,76 @@ def _weighted_example_sums(v_SxN, ex_NxT, cor_GxN):
     return _dot(v, ex_NxT), _dot(v, cor_GxN.T.astype(jnp.float32)), dup
 
 
-def _bootstrap_from_scan(scan, k, key, num_samples, level, over):
-    if over not in ("replicas", "examples"):
-        raise ValueError(f"over must be 'replicas' or 'examples'; got {over!r}")
+def _check_bootstrap_args(num_samples, level):
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1; got {num_samples}")
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1); got {level}")
+
+
+def _replica_values(res, scan, k, w):
+    """Per-sample metric values of a replica (or two-way) bootstrap from
+    ``scan.run(boot_w=w[, boot_v=v])[k]``; ``w`` are the float64 multiplicities ``[S, G]``."""
     g, n = scan.r // k, scan.n
-    if over == "replicas":
-        w = np.asarray(_resample_counts(key, 0, size=g, count=num_samples), np.float32)
-        res = scan.run(boot_w=w)[k]
-        w = w.astype(np.float64)
-        values = _finalize(res["boot"], res["correct"][None, :] / n, n, w, scan.binary)
-        # js_ensemble is not pairwise: a sample with duplicates is an ensemble of fewer
-        # distinct members, whose expected diversity scales (to second order, as a plug-in
-        # variance) with 1 - sum w^2 / W^2 instead of 1 - 1/G. Rescale to the point's factor.
+    boot = res["boot"]
+    if "cor" in boot:  # two-way: accuracies and the duplicate-example correction per sample
         tot = w.sum(-1)
+        pairs = (tot * tot - (w * w).sum(-1)) / 2
         with np.errstate(divide="ignore", invalid="ignore"):
-            values["js_ensemble"] = values["js_ensemble"] * (1 - 1 / g) / (
-                1 - (w * w).sum(-1) / (tot * tot))
+            excess = boot["dup"] / (n * n * 2 * pairs)
+        values = _finalize(boot, boot["cor"] / n, n, w, scan.binary, excess)
     else:
-        res = scan.run(keep_examples=True)[k]
-        ex = jnp.asarray(np.concatenate(res["ex"]).astype(np.float32))
-        cor = jnp.asarray(np.concatenate(res["cor"], axis=1))
-        parts = []
-        for s in range(0, num_samples, 64):  # fixed batches of 64: one compile
-            v = _resample_counts(key, s, size=n, count=64)
-            parts.append(jax.device_get(_weighted_example_sums(v, ex, cor)))
-        sums_SxT = np.concatenate([p[0] for p in parts])[:num_samples].astype(np.float64)
-        acc = np.concatenate([p[1] for p in parts])[:num_samples].astype(np.float64) / n
+        values = _finalize(boot, res["correct"][None, :] / n, n, w, scan.binary)
+    # js_ensemble is not pairwise: a sample with duplicates is an ensemble of fewer
+    # distinct members, whose expected diversity scales (to second order, as a plug-in
+    # variance) with 1 - sum w^2 / W^2 instead of 1 - 1/G. Rescale to the point's factor.
+    tot = w.sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values["js_ensemble"] = values["js_ensemble"] * (1 - 1 / g) / (
+            1 - (w * w).sum(-1) / (tot * tot))
+    return values
+
+
+def _example_values(arms, key, num_samples):
+    """Per-sample metric values of the example bootstrap for each ``(scan, k, res)`` of
+    ``arms`` (``res`` from ``scan.run(keep_examples=True)[k]``; all arms on the same N
+    examples), all with the same example multiplicities: sample i is
+    ``_resample_counts(key, i, size=N)``."""
+    n = arms[0][0].n
+    data = [(jnp.asarray(np.concatenate(res["ex"]).astype(np.float32)),
+             jnp.asarray(np.concatenate(res["cor"], axis=1))) for _, _, res in arms]
+    parts = [[] for _ in arms]
+    for s in range(0, num_samples, 64):  # fixed batches of 64: one compile
+        v = _resample_counts(key, s, size=n, count=64)
+        for part, (ex, cor) in zip(parts, data, strict=True):
+            part.append(jax.device_get(_weighted_example_sums(v, ex, cor)))
+    out = []
+    for (scan, k, _), part in zip(arms, parts, strict=True):
+        g = scan.r // k
+        sums_SxT = np.concatenate([p[0] for p in part])[:num_samples].astype(np.float64)
+        acc = np.concatenate([p[1] for p in part])[:num_samples].astype(np.float64) / n
         sums = {t: sums_SxT[:, i] for i, t in enumerate(_TERMS)}
         # An example drawn m times enters var_obs with its own variance m^2 times instead of
         # m times (it is perfectly correlated with its copies), which would add about var_ind
         # to every sample; remove those self-products, as copies of a replica form no pair.
-        dup = np.concatenate([p[2] for p in parts])[:num_samples].astype(np.float64) / (
+        dup = np.concatenate([p[2] for p in part])[:num_samples].astype(np.float64) / (
             n * n * g * (g - 1))
-        values = _finalize(sums, acc, n, np.ones((num_samples, g)), scan.binary, dup)
+        out.append(_finalize(sums, acc, n, np.ones((num_samples, g)), scan.binary, dup))
+    return out
+
+
+def _bootstrap_from_scan(scan, k, key, num_samples, level, over):
+    if over not in ("replicas", "examples"):
+        raise ValueError(f"over must be 'replicas' or 'examples'; got {over!r}")
+    _check_bootstrap_args(num_samples, level)
+    g = scan.r // k
+    if over == "replicas":
+        w = np.asarray(_resample_counts(key, 0, size=g, count=num_samples), np.float32)
+        res = scan.run(boot_w=w)[k]
+        values = _replica_values(res, scan, k, w.astype(np.float64))
+    else:
+        res = scan.run(keep_examples=True)[k]
+        values = _example_values([(scan, k, res)], key, num_samples)[0]
     cis = {name: _interval(values[name], level) for name in CI_KEYS if name in values}
     return _point(res, scan, k), cis
 
@@ -1031,6 +1109,234 @@ def bootstrap(probs, labels, key: jax.Array, num_samples: int = 1000, level: flo
     return _bootstrap_from_scan(scan, ensemble_size, key, num_samples, level, over)[1]
 
 
+_STREAM_B = 0x8000_0001
+"""``fold_in`` constant of :func:`difference`: arm b's replica multiplicities when
+``paired=False`` come from ``fold_in(key, _STREAM_B)``. Sample indices fold in below 2^31, so
+no derived stream coincides with a sample's key."""
+
+_STREAM_EXAMPLES = 0x8000_0002
+"""``fold_in`` constant of :func:`difference`: the example multiplicities of ``over="both"``
+come from ``fold_in(key, _STREAM_EXAMPLES)``."""
+
+_DIFF_BATCH = 256
+"""Samples per batch of the replica and two-way bootstraps of :func:`difference` (the batch
+:func:`bootstrap` uses from 256 samples on)."""
+
+
+def _difference_draws(key, over, paired, num_samples, g_a, g_b, n):
+    """The bootstrap multiplicities of :func:`difference`: ``(w_a [S, Ga], w_b [S, Gb],
+    v [S, N])`` as float32 numpy arrays, None where ``over`` draws none.
+
+    Sample i of each stream is ``_resample_counts(stream_key, i)``, a function of (key, i)
+    only: replicas of arm a from ``key`` (the draws of ``bootstrap(over="replicas")``); arm b
+    shares them when paired, else uses ``fold_in(key, _STREAM_B)``; examples (shared by both
+    arms) from ``key`` for ``over="examples"`` (the draws of ``bootstrap(over="examples")``)
+    and from ``fold_in(key, _STREAM_EXAMPLES)`` for ``over="both"``."""
+    def counts(k, size):  # in fixed batches of 64: one compile per size
+        return np.concatenate([np.asarray(_resample_counts(k, s, size=size, count=64),
+                                          np.float32)
+                               for s in range(0, num_samples, 64)])[:num_samples]
+
+    w_a = w_b = v = None
+    if over in ("replicas", "both"):
+        w_a = counts(key, g_a)
+        w_b = w_a if paired else counts(jax.random.fold_in(key, _STREAM_B), g_b)
+    if over in ("examples", "both"):
+        v = counts(key if over == "examples" else jax.random.fold_in(key, _STREAM_EXAMPLES), n)
+    return w_a, w_b, v
+
+
+def _for_arm(arm, fn, *args, **kwargs):
+    """Calls fn, prefixing a ValueError's message with the arm it concerns."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"probs_{arm}: {e}") from None
+
+
+def _difference_scans(probs_a, probs_b, labels, *, paired, mask, mask_b, from_logits, atol,
+                      chunk_size):
+    """Validates the two arms of :func:`difference` and returns their scans."""
+    arms = []
+    for arm, probs in (("a", probs_a), ("b", probs_b)):
+        if not hasattr(probs, "shape"):
+            probs = np.asarray(probs, np.float32)
+        _for_arm(arm, _static_checks, probs, None, min_replicas=1)
+        arms.append(probs)
+    probs_a, probs_b = arms
+    shape_a, shape_b = tuple(probs_a.shape), tuple(probs_b.shape)
+    if paired:
+        if mask_b is not None:
+            raise ValueError("mask_b must be None when paired=True: mask applies to both arms "
+                             "(pass the replicas finite in both, e.g. finite_replicas(probs_a) "
+                             "& finite_replicas(probs_b)); use paired=False for independent "
+                             "replica sets")
+        if shape_a != shape_b:
+            raise ValueError(f"paired=True needs probs_a and probs_b of the same shape (replica "
+                             f"r of a paired with replica r of b); got {shape_a} and {shape_b}; "
+                             "use paired=False for independent replica sets")
+        mask_b = mask
+    elif shape_a[1:] != shape_b[1:]:
+        raise ValueError("probs_a and probs_b must hold predictions of the same N examples and "
+                         f"classes: shapes [R, N(, C)] differ after R: {shape_a} and {shape_b}")
+    kw = {"from_logits": from_logits, "atol": atol, "chunk_size": chunk_size}
+    return (_for_arm("a", _Scan, probs_a, labels, mask=mask, **kw),
+            _for_arm("b", _Scan, probs_b, labels, mask=mask_b, **kw))
+
+
+def _difference_samples(scan_a, scan_b, key, *, over, paired, num_samples):
+    """Point reports and per-sample metric values ``{metric: [S]}`` of both arms."""
+    if over == "examples":
+        res_a = _for_arm("a", scan_a.run, keep_examples=True)[1]
+        res_b = _for_arm("b", scan_b.run, keep_examples=True)[1]
+        values_a, values_b = _example_values([(scan_a, 1, res_a), (scan_b, 1, res_b)], key,
+                                             num_samples)
+    else:
+        w_a, w_b, v = _difference_draws(key, over, paired, num_samples, scan_a.r, scan_b.r,
+                                        scan_a.n)
+        # Samples padded to a multiple of _DIFF_BATCH: every sample is then evaluated by the
+        # same program at the same position of its batch whatever num_samples is, so its
+        # values do not depend on num_samples (bitwise).
+        pad = (-num_samples) % _DIFF_BATCH
+
+        def padded(x, fill):
+            return np.concatenate([x, np.full((pad, x.shape[1]), fill, np.float32)])
+
+        v_padded = None if v is None else padded(v, 0.0)
+        results, values = [], []
+        for arm, scan, w in (("a", scan_a, w_a), ("b", scan_b, w_b)):
+            res = _for_arm(arm, scan.run, boot_w=padded(w, 1.0), boot_v=v_padded)[1]
+            res["boot"] = {t: x[:num_samples] for t, x in res["boot"].items()}
+            results.append(res)
+            values.append(_replica_values(res, scan, 1, w.astype(np.float64)))
+        (res_a, res_b), (values_a, values_b) = results, values
+    return _point(res_a, scan_a), _point(res_b, scan_b), values_a, values_b
+
+
+def _paired_summary(a, b, samples_a, samples_b, level):
+    samples_a, samples_b = np.asarray(samples_a), np.asarray(samples_b)
+    finite = np.isfinite(samples_a) & np.isfinite(samples_b)
+    d = samples_a[finite] - samples_b[finite]
+    if d.size == 0:
+        ci, p_value = [math.nan, math.nan], math.nan
+    else:
+        ci = _interval(d, level)
+        p_value = min(1.0, 2 * (min(int((d <= 0).sum()), int((d >= 0).sum())) + 1)
+                      / (d.size + 1))
+    return {"a": float(a), "b": float(b), "diff": float(a) - float(b), "ci": ci,
+            "p_value": float(p_value), "significant": bool(ci[0] > 0 or ci[1] < 0)}
+
+
+def difference(probs_a, probs_b, labels, key: jax.Array, *, paired: bool = True,
+               over: str = "replicas", num_samples: int = 1000, level: float = 0.95,
+               mask=None, mask_b=None, from_logits: bool = False, atol: float = DEFAULT_ATOL,
+               chunk_size: int | None = None) -> dict[str, Any]:
+    """Bootstrap interval of the difference a - b of every metric between two arms: "is arm
+    a more reproducible than arm b", deterministic given ``key``.
+
+    Both arms predict the same N test examples (same ``labels``). Each bootstrap sample
+    evaluates every metric of :func:`compare` on both arms, with the conventions of
+    :func:`bootstrap` (distinct pairs of original replicas weighted by w_r w_s, the
+    ``js_ensemble`` rescale, duplicate examples' self-products removed from ``var_obs``), and
+    the interval is the percentile interval of the per-sample differences a_i - b_i.
+
+    * ``paired=True``: the arms share replica keys (replica r of a is paired with replica r of
+      b), so each sample gives both arms the same replica multiplicities w, and common
+      training noise cancels in the difference (narrower intervals).
+    * ``paired=False``: independent replica sets (R_a may differ from R_b); replica
+      multiplicities are drawn independently per arm.
+
+    Example multiplicities v are always shared, since both arms predict the same examples.
+    ``over``: ``"replicas"`` resamples replicas (uncertainty due to training only a few),
+    ``"examples"`` the test examples (finite test set), ``"both"`` both at once (two-way
+    bootstrap: each sample draws w and v; each per-example term of the w-weighted pair sums is
+    weighted by v_n, replica r's accuracy is sum_n v_n correct_rn / N, and ``var_obs`` loses
+    the self-products sum_n v_n (v_n - 1) kc_n (W - kc_n) / (N^2 2 P) with kc_n = sum_r w_r
+    correct_rn, W = sum_r w_r and P = (W^2 - sum_r w_r^2) / 2 the weighted distinct pairs).
+    The two-way bootstrap of a crossed replicas x examples design is conservative: it
+    overestimates the variance (McCullagh 2000), so its intervals err on the wide side.
+
+    Draws (sample i depends only on (key, i), never on batching): replica multiplicities of
+    arm a are those of ``bootstrap(probs_a, labels, key, over="replicas")``, shared by arm b
+    when paired and drawn from ``fold_in(key, 0x80000001)`` otherwise; example multiplicities
+    are those of ``bootstrap(..., over="examples")`` for ``over="examples"`` and drawn from
+    ``fold_in(key, 0x80000002)`` for ``over="both"``. Samples are evaluated in fixed batches
+    (256 replica draws, 64 example draws), so a sample's values do not depend on
+    ``num_samples`` either. Arm a's samples, hence its own intervals, are bitwise those of
+    ``compare(probs_a, labels, key=key, over=over)`` over examples, and over replicas from
+    256 samples on (below, :func:`bootstrap` evaluates its samples in one smaller batch, which
+    may round differently in the last float32 bit).
+
+    Cost: two passes over the data (one per arm) as :func:`bootstrap`; ``over="both"`` also
+    holds the ``[num_samples, N]`` example multiplicities in memory (O(S x N)).
+
+    Args:
+      probs_a, probs_b: ``[R, N, C]`` (or binary ``[R, N]``) predictions of the two arms, any
+        source :func:`compare` accepts; same shape when ``paired``.
+      labels: ``[N]`` integer labels shared by both arms.
+      key: a jax PRNG key.
+      paired: whether replica r of a and replica r of b share their training randomness.
+      over: ``"replicas"``, ``"examples"`` or ``"both"``.
+      num_samples: number of bootstrap samples.
+      level: coverage of the central percentile interval.
+      mask: optional bool ``[R_a]`` (True = keep): the replicas of a, and of b when paired
+        (pass the replicas finite in both arms).
+      mask_b: optional bool ``[R_b]`` for b when ``paired=False``; must be None when paired.
+      from_logits, atol, chunk_size: as in :func:`compare`, for both arms.
+
+    Returns:
+      ``{"paired", "over", "num_samples", "level", "num_replicas": [G_a, G_b],
+      "num_examples": N, "num_excluded": [e_a, e_b]}`` and, for every key of ``CI_KEYS`` that
+      applies (``var_cal`` for binary tasks only), ``{metric: {"a", "b", "diff", "ci",
+      "p_value", "significant"}}``: the point values of each arm (as :func:`compare`), their
+      difference a - b, the interval [lo, hi] of the differences over the samples where both
+      arms are finite, the two-sided bootstrap p-value min(1, 2 (min(#{d <= 0}, #{d >= 0}) +
+      1) / (B + 1)) over those B samples, and whether the interval excludes 0. With no finite
+      sample: ci [nan, nan], p_value nan, not significant. Identical paired arms give
+      exactly diff 0, ci [0, 0] and p_value 1 (both arms are computed by the same program
+      from the same draws).
+
+    Raises:
+      ValueError: bad ``over``, ``num_samples`` or ``level``; arms of different shapes when
+        paired (or different N, C when not); ``mask_b`` when paired; anything
+        :func:`compare` rejects, prefixed with the arm (``probs_a:`` / ``probs_b:``).
+
+    Example:
+      >>> y = jnp.zeros(40, int)
+      >>> same = jnp.repeat(jax.random.dirichlet(jax.random.key(0), jnp.ones(3), (1, 40)), 6, 0)
+      >>> noisy = jax.random.dirichlet(jax.random.key(1), jnp.ones(3), (6, 40))
+      >>> d = difference(same, noisy, y, jax.random.key(2), num_samples=200)
+      >>> d["churn"]["diff"] < 0, d["churn"]["ci"][1] < 0, d["churn"]["significant"]
+      (True, True, True)
+
+    References:
+      Efron & Tibshirani 1993, "An Introduction to the Bootstrap" (paired bootstrap and
+      bootstrap p-values); McCullagh 2000, "Resampling and exchangeable arrays", Bernoulli 6.
+    """
+    if over not in ("replicas", "examples", "both"):
+        raise ValueError(f"over must be 'replicas', 'examples' or 'both'; got {over!r}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
+        raise ValueError(f"num_samples must be an integer; got {num_samples!r}")
+    _check_bootstrap_args(num_samples, level)
+    scan_a, scan_b = _difference_scans(probs_a, probs_b, labels, paired=paired, mask=mask,
+                                       mask_b=mask_b, from_logits=from_logits, atol=atol,
+                                       chunk_size=chunk_size)
+    point_a, point_b, values_a, values_b = _difference_samples(
+        scan_a, scan_b, key, over=over, paired=paired, num_samples=int(num_samples))
+    report: dict[str, Any] = {
+        "paired": bool(paired), "over": over, "num_samples": int(num_samples),
+        "level": float(level),
+        "num_replicas": [point_a["num_replicas"], point_b["num_replicas"]],
+        "num_examples": point_a["num_examples"],
+        "num_excluded": [point_a["num_excluded"], point_b["num_excluded"]],
+    }
+    for name in CI_KEYS:
+        if name in values_a and name in values_b:
+            report[name] = _paired_summary(point_a[name], point_b[name], values_a[name],
+                                           values_b[name], level)
+    return report
+
+
 def ensemble_curve(probs, labels, ks: Sequence[int] | None = None, *,
                    from_logits: bool = False, mask=None, atol: float = DEFAULT_ATOL,
                    chunk_size: int | None = None) -> list[dict[str, Any]]:
@@ -1063,3 +1369,62 @@ def ensemble_curve(probs, labels, ks: Sequence[int] | None = None, *,
         row.update(k=k, num_groups=row["num_replicas"])
         rows.append(row)
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# The components of an ensemble.
+
+
+COMPONENT_OUTPUTS = losses.AD_OUTPUTS  # ("logits", "centred_logits", "residual")
+"""Outputs whose correlation between components is recorded: the logits (what the penalty
+sees with ``ad_output="logits"``), the logits centred per example over the classes (what the
+softmax sees: a shift common to all classes leaves the prediction unchanged but changes the
+logits' correlation), and the residuals ``softmax - one-hot``."""
+
+
+@jax.jit
+def _mean_correlations(logits_RxKxNxC: jax.Array, labels_N: jax.Array) -> jax.Array:
+    """``[3, R]``: per replica, the mean over component pairs of ``losses.pairwise_correlation``
+    of each output of ``COMPONENT_OUTPUTS``."""
+    k, c = logits_RxKxNxC.shape[1], logits_RxKxNxC.shape[-1]
+    i, j = np.triu_indices(k, 1)
+    onehot_NxC = jax.nn.one_hot(labels_N, c, dtype=logits_RxKxNxC.dtype)
+
+    def one(logits_KxNxC):
+        centred = logits_KxNxC - logits_KxNxC.mean(axis=-1, keepdims=True)
+        residual = jax.nn.softmax(logits_KxNxC, axis=-1) - onehot_NxC[None]
+        return jnp.stack([losses.pairwise_correlation(o)[i, j].mean()
+                                for o in (logits_KxNxC, centred, residual)])
+
+    return jax.vmap(one, out_axes=1)(logits_RxKxNxC)
+
+
+def component_stats(logits_RxKxNxC, labels_N) -> dict[str, Any]:
+    """How far apart the K components of each replica of an ensemble are, on one set of
+    examples (``Run.predict(x, logits=True, components=True)``).
+
+    Returns:
+      ``corr_<output>`` for each output of ``COMPONENT_OUTPUTS``: the mean over replicas of the mean
+      over component pairs of ``losses.pairwise_correlation`` (class-averaged Pearson
+      correlation over the examples), with ``corr_<output>_replicas`` the per-replica values;
+      ``disagreement``: the mean fraction of examples on which two components of one replica
+      predict different classes; ``component_acc``: the mean accuracy of a single component.
+
+    Example:
+      >>> logits = jnp.broadcast_to(jnp.arange(12.0).reshape(1, 1, 4, 3) % 5, (2, 3, 4, 3))
+      >>> s = component_stats(logits, jnp.array([0, 1, 2, 0]))
+      >>> round(s["corr_logits"], 4), s["disagreement"]   # identical components
+      (1.0, 0.0)
+    """
+    logits = np.asarray(logits_RxKxNxC, np.float32)
+    labels = np.asarray(labels_N, np.int32)
+    corr = np.asarray(_mean_correlations(logits, labels), np.float64)
+    i, j = np.triu_indices(logits.shape[1], 1)
+    yhat = np.argmax(logits, axis=-1)
+    disagree = np.mean([np.mean(yhat[:, a] != yhat[:, b]) for a, b in zip(i, j, strict=True)])
+    out: dict[str, Any] = {f"corr_{name}": float(np.mean(corr[n]))
+                           for n, name in enumerate(COMPONENT_OUTPUTS)}
+    out.update({f"corr_{name}_replicas": corr[n].tolist() for n, name in enumerate(COMPONENT_OUTPUTS)})
+    out.update(disagreement=float(disagree),
+               component_acc=float(np.mean(yhat == labels[None, None, :])))
+    return out

@@ -2,12 +2,18 @@
 
 Synopsis::
 
-    from jaxrepro import models
-    model = models.MLP(widths=(256, 256), num_classes=10, activation="smelu(0.5)")
-    variables = model.init({"params": key}, x_BxD, train=False)
-    logits_BxC = model.apply(variables, x_BxD, train=False)
-    logits_BxC, updates = model.apply(
-        variables, x_BxD, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxrepro import models
+    >>> model = models.MLP(widths=(64, 64), num_classes=10, activation="smelu(0.5)",
+    ...                    dropout_rate=0.1, norm="batch")
+    >>> key, x_BxD = jax.random.key(0), jnp.ones((8, 40))
+    >>> variables = model.init({"params": key}, x_BxD, train=False)
+    >>> model.apply(variables, x_BxD, train=False).shape          # logits [B, C]
+    (8, 10)
+    >>> logits_BxC, updates = model.apply(
+    ...     variables, x_BxD, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
+    >>> sorted(updates)
+    ['batch_stats']
 
 Every model maps a batch to float32 logits ``[B, num_classes]`` and is called as
 ``model(x, *, train)``. Dropout draws from the rng stream ``"dropout"``; BatchNorm keeps running

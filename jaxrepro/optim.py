@@ -2,8 +2,10 @@
 
 Synopsis::
 
-    from jaxrepro import optim
-    tx = optim.optimizer("momentum", 0.05, weight_decay=5e-4)
+    >>> from jaxrepro import optim
+    >>> tx = optim.optimizer("momentum", 0.05, weight_decay=5e-4)
+    >>> tx is optim.optimizer("momentum", 0.05, weight_decay=5e-4)   # cached: one per arguments
+    True
 
 ``optimizer`` returns one optax object per distinct argument list for the whole process
 (cached): compiled training functions are cached by the optimizer's identity, so trials that

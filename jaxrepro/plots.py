@@ -2,10 +2,15 @@
 
 Synopsis::
 
-    from jaxrepro import plots
-    plots.grouped_bars("churn.png", ["init", "order"], {"relu": [0.3, 0.2], "smelu": [0.2, 0.1]},
-                       ylabel="churn")
-    plots.metric_panels("pd.png", ["1", "10", "N"], {"pd_abs": [0.0, 0.1, 0.2]}, kind="line")
+    >>> import os, tempfile
+    >>> from jaxrepro import plots
+    >>> out = tempfile.mkdtemp()
+    >>> path = plots.grouped_bars(os.path.join(out, "churn.png"), ["init", "order"],
+    ...                           {"relu": [0.3, 0.2], "smelu": [0.2, 0.1]}, ylabel="churn")
+    >>> plots.is_png(path)
+    True
+    >>> path = plots.metric_panels(os.path.join(out, "pd.png"), ["1", "10", "N"],
+    ...                            {"pd_abs": [0.0, 0.1, 0.2]}, kind="line")
 
 matplotlib is imported when a figure is drawn, never at ``import jaxrepro``. Figures are built
 on ``matplotlib.figure.Figure`` with the Agg canvas directly, so the global pyplot backend (a
@@ -172,7 +177,7 @@ def scatter_intervals(path: str | os.PathLike, points: Sequence[Mapping[str, Any
         color = colors.setdefault(series, palette[len(colors) % len(palette)])
         marker = markers.setdefault(group, shapes[len(markers) % len(shapes)])
         label = p.get("label") or "/".join(v for v in (group, series) if v)
-        ax.errorbar([x], [y], xerr=_err(x, p.get("x_ci")), yerr=_err(y, p.get("y_ci")),
+        ax.errorbar([x], [y], xerr=error_bar(x, p.get("x_ci")), yerr=error_bar(y, p.get("y_ci")),
                     fmt=marker, color=color, capsize=3, label=label)
         values = [x, y, *(p.get("x_ci") or [0.0]), *(p.get("y_ci") or [0.0])]
         values = [v for v in map(_num, values) if math.isfinite(v)]
@@ -193,8 +198,10 @@ def scatter_intervals(path: str | os.PathLike, points: Sequence[Mapping[str, Any
     return save(fig, path)
 
 
-def _err(center: float, ci):
-    if not ci or any(v is None for v in ci):
+def error_bar(center, ci) -> list[list[float]] | None:
+    """matplotlib's ``yerr`` ``[[below], [above]]`` of an interval ``ci`` = [lo, hi] around
+    ``center``; None when either is undefined (no bar is drawn)."""
+    if center is None or not ci or any(v is None for v in ci) or not math.isfinite(center):
         return None
     lo, hi = float(ci[0]), float(ci[1])
     return [[max(center - lo, 0.0)], [max(hi - center, 0.0)]]

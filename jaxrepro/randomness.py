@@ -2,9 +2,14 @@
 
 Synopsis::
 
-    keys = replica_keys(seed=0, source="init", replica_ids=jnp.arange(4), varied=True)
-    base = base_order(seed=0, num_examples=4000)
-    order_N = epoch_order(order_key, epoch=3, base_N=base, window=100)
+    >>> keys = replica_keys(seed=0, source="init", replica_ids=jnp.arange(4), varied=True)
+    >>> keys.shape
+    (4,)
+    >>> base_N = base_order(seed=0, num_examples=4000)
+    >>> order_key = replica_key(0, "order", 1, varied=True)
+    >>> order_N = epoch_order(order_key, epoch=3, base_N=base_N, window=100)
+    >>> sorted(order_N.tolist()) == list(range(4000))     # a permutation of the training set
+    True
 
 Every draw a replica makes is a pure function of (root seed, source, replica index, step). The
 number of replicas R and the devices they sit on never enter, so replica ``r`` trained among R

@@ -1,11 +1,16 @@
 """Studies: resumable batch jobs that train grids of replica sets and report how they disagree.
 
-Synopsis::
+Synopsis (the smoke-sized main job; ``IrreproducibilityConfig()`` is the full one)::
 
-    from jaxrepro import study
-    config = study.IrreproducibilityConfig(replicas=8, epochs=5)   # or ...Config.quick()
-    out = study.run(config, "runs/irr")      # resumes when runs/irr holds the same config
-    out["results"]["relu/init"]["metrics"]["churn"]
+    >>> import tempfile
+    >>> from jaxrepro import study
+    >>> config = study.IrreproducibilityConfig.quick()      # relu; settings nothing and all
+    >>> workdir = tempfile.mkdtemp()
+    >>> out = study.run(config, workdir, progress=False)    # resumes when rerun in workdir
+    >>> out["results"]["relu/nothing"]["metrics"]["churn"]  # the control: identical replicas
+    0.0
+    >>> out["results"]["relu/all"]["metrics"]["churn"] > 0
+    True
 
 This module is the notebook-facing face of ``jaxrepro.studies`` (see its docstring for which
 module holds what); the study configs are imported on first use.
@@ -77,6 +82,7 @@ from jaxrepro.studies.workdir import (
     Predictions,
     Progress,
     load_predictions,
+    predictions_path,
     prepare_workdir,
     restore_checkpoint,
     save_checkpoint,
@@ -96,7 +102,7 @@ __all__ = [
     "IrreproducibilityConfig", "Predictions", "Progress", "RegularizersConfig", "StudyConfig",
     "SyntheticConfig", "TestSetVarianceConfig", "Trial", "atomic_write_bytes",
     "atomic_write_json", "atomic_write_text", "config_from_flags", "define_flags",
-    "flag_field", "fmt", "load_predictions", "main", "markdown_table", "predict", "prepare_workdir",
+    "flag_field", "fmt", "load_predictions", "main", "markdown_table", "predict", "predictions_path", "prepare_workdir",
     "read_json", "record", "require", "restore_checkpoint", "run", "save_checkpoint",
     "save_predictions", "slug", "to_json", "train_trial", "train_trials", "versions",
 ]

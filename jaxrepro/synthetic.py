@@ -2,11 +2,16 @@
 
 Synopsis::
 
-    from jaxrepro import synthetic
-    spec = synthetic.Synthetic(dim=10, teacher="single", hidden=8, temperature=0.25, seed=3)
-    ds = spec.dataset()                 # a jaxrepro.data.Dataset, binary by default
-    logits_NxK = spec.make_teacher()(ds.x_test)   # [N, 1] for a binary task
-    ds = synthetic.generate(seed=3, num_classes=4, label_noise=0.1)   # the same, as a call
+    >>> from jaxrepro import synthetic
+    >>> spec = synthetic.Synthetic(dim=10, teacher="single", hidden=8, temperature=0.25, seed=3)
+    >>> ds = spec.dataset()                 # a jaxrepro.data.Dataset, binary by default
+    >>> ds.x_train.shape, ds.num_classes
+    ((2000, 10), 2)
+    >>> spec.make_teacher()(ds.x_test).shape           # teacher logits: [N, 1] when binary
+    (1000, 1)
+    >>> ds4 = synthetic.generate(seed=3, num_classes=4, label_noise=0.1)   # the same, as a call
+    >>> ds4.num_classes
+    4
 
 Inputs are ``x ~ N(0, I_dim)``. The teacher is a random function chosen by the data seed:
 

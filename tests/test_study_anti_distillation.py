@@ -1,5 +1,6 @@
 """The anti-distillation study: the binary end to end with --quick, config and flag errors, the
-trial grid, and the per-pair statistics behind the report's intervals of differences."""
+trial grid, the analysis (intervals of differences from the saved predictions) and the
+component statistics."""
 
 import json
 import math
@@ -14,6 +15,8 @@ from absl import app, flags
 
 from jaxrepro import losses, metrics, plots, study
 from jaxrepro.studies import anti_distillation as ad
+from jaxrepro.studies import anti_distillation_report as report
+from jaxrepro.studies import render
 from jaxrepro.studies.anti_distillation import AntiDistillationConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,8 +63,18 @@ def test_binary_quick_end_to_end(quick_run):
         comp = ad_rec["components"][split]
         assert -1.0 <= comp["corr_logits"] <= 1.0
         assert len(comp["corr_logits_replicas"]) == config.replicas
-    assert ad_rec["pairs"]["ids"] == list(range(config.replicas))
-    assert len(ad_rec["pairs"]["pd_abs"]) == config.replicas * (config.replicas - 1) // 2
+    diffs = ad_rec["differences"]
+    assert set(diffs) == {"vs_plain", "vs_independent"}
+    assert diffs["vs_plain"]["paired"] is True and diffs["vs_independent"]["paired"] is False
+    assert diffs["vs_plain"]["num_replicas"] == [config.replicas, config.replicas]
+    plain = results["results"]["synthetic/ensemble-K2/plain"]
+    assert set(plain["differences"]) == {"vs_independent"}
+    for key in ("acc_mean", "churn", "pd_abs", "pd_rel"):
+        d = diffs["vs_plain"][key]  # no replica excluded: the points are the trials' metrics
+        assert d["a"] == pytest.approx(ad_rec["metrics"][key], abs=1e-6)
+        assert d["b"] == pytest.approx(plain["metrics"][key], abs=1e-6)
+        assert d["ci"][0] <= d["ci"][1]
+    assert not any("pairs" in rec for rec in results["results"].values())
     report = (workdir / "report.md").read_text()
     assert report.startswith("# Anti-distillation")
     assert "## Findings" in report and "Overall:" in report and "bootstrap" in report
@@ -82,25 +95,33 @@ def test_report_is_deterministic_and_reads_back(quick_run, tmp_path):
     workdir, _ = quick_run
     before = (workdir / "results.json").read_bytes()
     config = AntiDistillationConfig.quick()
-    records = json.loads(before)["results"]
-    first = ad.report(config, records, tmp_path)
-    assert ad.report(config, records, tmp_path) == first
+    analysis = study.Analysis(records=json.loads(before)["results"])
+    first = report.render(config, analysis, tmp_path)
+    assert report.render(config, analysis, tmp_path) == first
     out = study.run(config, workdir, progress=False)
     assert (workdir / "results.json").read_bytes() == before
     assert "\n".join(first) in out["report_markdown"]
+    # The analysis alone, from the saved predictions, gives the same records.
+    preds = {t.name: study.load_predictions(workdir, t.name) for t in ad.trials(config)}
+    again = study.to_json(dict(ad.analyse(config, preds).records))
+    assert again == json.loads(before)["results"]
 
 
 def test_report_with_codistillation_and_more_lambdas(quick_run, tmp_path):
-    """The report's codistillation and multi-lambda paths, on records copied from the quick run
-    (no training): a codistilled trial and a second lambda identical to the plain ensemble."""
+    """The analysis and report's codistillation and multi-lambda paths, on the quick run's saved
+    predictions (no training): a codistilled trial and a second lambda whose predictions are
+    the plain ensemble's."""
+    import dataclasses
+
     workdir, _ = quick_run
-    records = json.loads((workdir / "results.json").read_text())["results"]
     config = AntiDistillationConfig.quick(codistillation_alpha=0.5, lambdas=(1.0, 2.0))
-    ad_info = {**records["synthetic/ensemble-K2/ad-1"]["info"], "lambda": 2.0}
-    records["synthetic/ensemble-K2/ad-2"] = {**records["synthetic/ensemble-K2/plain"],
-                                             "info": ad_info}
-    records["synthetic/ensemble-K2/codistill-0.5"] = records["synthetic/ensemble-K2/plain"]
-    lines = "\n".join(ad.report(config, records, tmp_path))
+    saved = {t.name: study.load_predictions(workdir, t.name)
+             for t in ad.trials(AntiDistillationConfig.quick())}
+    plain = saved["synthetic/ensemble-K2/plain"]
+    preds = {t.name: saved.get(t.name) or dataclasses.replace(plain, info=t.info)
+             for t in ad.trials(config)}
+    analysis = ad.analyse(config, preds)
+    lines = "\n".join(report.render(config, analysis, tmp_path))
     assert "Codistillation (codistill-0.5): pd_abs" in lines
     assert "not distinguishable from plain (0.0000 [0.0000, 0.0000])" in lines
     assert "| K=2 ad-2 | 0.0000 [0.0000, 0.0000] |" in lines
@@ -222,38 +243,37 @@ def _probs(key, r, n, c):
     return np.asarray(jax.random.dirichlet(jax.random.key(key), np.ones(c) * 0.7, (r, n)))
 
 
-def test_pair_stats_average_to_the_library_metrics():
-    probs, labels = _probs(0, 6, 50, 3), np.arange(50) % 3
-    pairs = ad.pair_stats(probs, labels)
-    ref = metrics.compare(probs, labels)
-    assert len(pairs["churn"]) == 15
-    assert np.mean(pairs["churn"]) == pytest.approx(ref["churn"], abs=1e-9)
-    assert np.mean(pairs["pd_abs"]) == pytest.approx(ref["pd_abs"], abs=1e-6)
-    assert np.mean(pairs["acc"]) == pytest.approx(ref["acc_mean"], abs=1e-9)
+def test_analysis_pairs_replicas_and_skips_diverged_ones():
+    """The analysis on hand-made predictions: an ad arm whose replicas agree more than the
+    plain ensemble's is 'lower', paired on the replicas finite in both arms."""
+    config = AntiDistillationConfig.quick()
+    labels = (np.arange(60) % 2).astype(np.int32)
+    info = {t.name: t.info for t in ad.trials(config)}
 
+    def pred(name, probs):
+        r = probs.shape[0]
+        return study.Predictions(
+            info=info[name], probs=probs.astype(np.float32), labels=labels,
+            replica_ids=np.arange(r), keep=np.isfinite(probs).all(axis=(1, 2)),
+            train_loss=np.zeros(r, np.float32), train_accuracy=np.zeros(r, np.float32))
 
-def test_difference_intervals():
-    labels = np.arange(60) % 3
-    a = {"ids": list(range(8)), **ad.pair_stats(_probs(1, 8, 60, 3), labels)}
-    kw = dict(seed=0, num_samples=300, level=0.9)
-    # A trial against itself: every paired bootstrap difference is exactly 0.
-    same = ad.difference(a, a, paired=True, **kw)
-    for m in ("churn", "pd_abs", "acc_mean"):
-        assert same[m] == {"diff": 0.0, "ci": [0.0, 0.0]}
-    # Replicas that agree more (predictions shrunk towards their mean) are clearly lower.
-    p = _probs(1, 8, 60, 3)
-    closer = 0.3 * p + 0.7 * p.mean(axis=0, keepdims=True)
-    b = {"ids": list(range(8)), **ad.pair_stats(closer, labels)}
-    d = ad.difference(b, a, paired=True, **kw)
-    assert d["pd_abs"]["diff"] == pytest.approx(
-        np.mean(b["pd_abs"]) - np.mean(a["pd_abs"]))
-    assert d["pd_abs"]["ci"][1] < 0 and ad._verdict(d["pd_abs"]["ci"]) == "lower"
-    # Deterministic, and the paired units are the ids both trials kept.
-    assert ad.difference(b, a, paired=True, **kw) == d
-    c = {"ids": [0, 1, 2, 3, 5, 6, 7], **ad.pair_stats(np.delete(p, 4, axis=0), labels)}
-    assert ad.difference(a, c, paired=True, **kw)["units"] == [7, 7]
-    assert ad.difference(a, c, paired=True, **kw)["pd_abs"]["ci"] == [0.0, 0.0]
-    assert ad.difference(a, c, paired=False, **kw)["units"] == [8, 7]
+    plain = _probs(1, 4, 60, 2)
+    closer = 0.3 * plain + 0.7 * plain.mean(axis=0, keepdims=True)
+    closer[2] = np.nan  # replica 2 of the ad arm diverged
+    preds = {"synthetic/single": pred("synthetic/single", _probs(2, 8, 60, 2)),
+             "synthetic/ensemble-K2/plain": pred("synthetic/ensemble-K2/plain", plain),
+             "synthetic/ensemble-K2/ad-1": pred("synthetic/ensemble-K2/ad-1", closer)}
+    records = ad.analyse(config, preds).records
+    rec = records["synthetic/ensemble-K2/ad-1"]
+    assert rec["diverged"] == [2] and rec["metrics"]["num_replicas"] == 3
+    d = rec["differences"]["vs_plain"]
+    assert d["num_replicas"] == [3, 3] and d["num_excluded"] == [1, 1]
+    ref = metrics.compare(plain, labels, mask=np.array([True, True, False, True]))
+    assert d["pd_abs"]["b"] == pytest.approx(ref["pd_abs"], abs=1e-6)
+    assert d["pd_abs"]["ci"][1] < 0 and render.verdict(d["pd_abs"]["ci"]) == "lower"
+    # The independent ensembles of k = 2: 4 groups of the single model's 8 replicas, unpaired.
+    assert rec["differences"]["vs_independent"]["num_replicas"] == [3, 4]
+    assert [row["k"] for row in records["synthetic/single"]["ensemble_curve"]] == [1, 2]
 
 
 def test_component_stats():
@@ -261,10 +281,10 @@ def test_component_stats():
     base = np.asarray(jax.random.normal(key, (1, 1, 40, 3)))
     labels = np.arange(40) % 3
     identical = np.broadcast_to(base, (2, 3, 40, 3))
-    s = ad.component_stats(identical, labels)
+    s = metrics.component_stats(identical, labels)
     assert s["corr_logits"] == pytest.approx(1.0, abs=1e-4)
     assert s["disagreement"] == 0.0
     independent = np.asarray(jax.random.normal(key, (2, 3, 40, 3)))
-    s = ad.component_stats(independent, labels)
+    s = metrics.component_stats(independent, labels)
     assert abs(s["corr_logits"]) < 0.3 and s["disagreement"] > 0.2
     assert len(s["corr_residual_replicas"]) == 2

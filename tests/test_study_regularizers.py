@@ -1,5 +1,6 @@
 """The regulariser study: the binary end to end with --quick, determinism and resumption,
-config validation, the arms' tasks, and the paired test on inputs whose answer is known."""
+config validation, the arms' tasks, and the paired two-way test (``metrics.difference``) on
+inputs whose answer is known."""
 
 import json
 import math
@@ -8,13 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from absl import app, flags
 
 from jaxrepro import engine, losses, metrics, optim, plots, study
 from jaxrepro.studies import regularizers as reg
-from jaxrepro.studies.regularizers import RegularizersConfig, paired_bootstrap
+from jaxrepro.studies.regularizers import RegularizersConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +58,8 @@ def test_binary_quick_end_to_end(quick_run):
         if rec["info"]["regularizer"] == "none":
             continue
         paired = rec["paired"]
-        assert paired["num_replicas"] == 4 and paired["excluded"] == []
+        assert paired["num_replicas"] == [4, 4] and paired["excluded"] == []
+        assert paired["paired"] is True and paired["over"] == "both"
         for key in reg.PAIRED_METRICS:
             p = paired[key]
             # No replica was excluded, so each arm's point estimate is its trial's metric.
@@ -76,21 +79,20 @@ def test_binary_quick_end_to_end(quick_run):
 
 def test_interrupted_run_retrains_to_the_same_bytes(quick_run, tmp_path):
     # An interruption after the baseline and dropout arms: a new process trains the layernorm
-    # arm again from scratch and, its baseline's predictions being no longer in memory, the
-    # baseline too; results.json comes out byte for byte as in the uninterrupted run.
+    # arm again from scratch (the baseline's predictions are read back from the workdir, not
+    # retrained); results.json comes out byte for byte as in the uninterrupted run.
     workdir, proc = quick_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = (workdir / "results.json").read_bytes()
     resumed = tmp_path / "resumed"
     shutil.copytree(workdir, resumed)
-    held = json.loads(first)
-    del held["results"]["d2/adam/layernorm"]
-    held["complete"] = False
-    (resumed / "results.json").write_text(json.dumps(held))
-    shutil.rmtree(resumed / "checkpoints" / study._slug("d2/adam/layernorm"))
+    (resumed / "results.json").unlink()
+    study.predictions_path(resumed, "d2/adam/layernorm").unlink()
+    shutil.rmtree(resumed / "checkpoints" / study.slug("d2/adam/layernorm"))
     again = _binary("--quick", f"--workdir={resumed}")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "config 3/3 d2/adam/layernorm epoch 1/2" in again.stderr
+    assert "d2/adam/none" not in again.stderr  # the baseline is not trained again
     assert (resumed / "results.json").read_bytes() == first
 
 
@@ -189,7 +191,12 @@ def test_arms_share_the_initial_weights_of_replica_r():
 
 
 # ---------------------------------------------------------------------------------------------
-# The paired test.
+# The paired test: metrics.difference as the study calls it (paired, replicas and examples).
+
+
+def paired_bootstrap(a, b, labels, *, seed=0, **kwargs):
+    return metrics.difference(a, b, labels, jax.random.key(seed), paired=True, over="both",
+                              **kwargs)
 
 
 def _probs(seed, r, n, c=4, *, same=False):
@@ -219,7 +226,7 @@ def test_clearly_different_arms_are_significant():
         assert 0 < r["ci"][0] <= r["diff"] <= r["ci"][1], key
         assert r["significant"] is True and r["p_value"] <= 2 / 401, key
     assert out["eta"]["significant"] and out["eta"]["diff"] < 0
-    assert out["num_replicas"] == 8 and out["num_examples"] == 300
+    assert out["num_replicas"] == [8, 8] and out["num_examples"] == 300
 
 
 def test_paired_point_estimates_match_compare_and_mask():
@@ -231,7 +238,9 @@ def test_paired_point_estimates_match_compare_and_mask():
         ref = metrics.compare(probs, labels, mask=mask)
         for key in reg.PAIRED_METRICS:
             assert out[key][arm] == pytest.approx(ref[key], abs=1e-6), (arm, key)
-    assert out == paired_bootstrap(a[mask], b[mask], labels, num_samples=50)
+    unmasked = paired_bootstrap(a[mask], b[mask], labels, num_samples=50)
+    assert out["num_excluded"] == [1, 1] and unmasked["num_excluded"] == [0, 0]
+    assert {**out, "num_excluded": None} == {**unmasked, "num_excluded": None}
     again = paired_bootstrap(a, b, labels, mask=mask, num_samples=50)
     other = paired_bootstrap(a, b, labels, mask=mask, num_samples=50, seed=1)
     assert again == out and other["pd_abs"]["ci"] != out["pd_abs"]["ci"]

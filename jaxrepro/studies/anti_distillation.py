@@ -36,7 +36,6 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import jax
 import numpy as np
 
 from jaxrepro import engine, losses, metrics, models, optim, randomness, synthetic
@@ -222,64 +221,15 @@ def trials(config: AntiDistillationConfig) -> list[Trial]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# What an ensemble trial measures on its trained replicas.
-
-CORRELATIONS = losses.AD_OUTPUTS  # ("logits", "centred_logits", "residual")
-"""Outputs whose correlation between components is recorded: the logits (what the penalty
-sees with ``ad_output="logits"``), the logits centred per example over the classes (what the
-softmax sees: a shift common to all classes leaves the prediction unchanged but changes the
-logits' correlation), and the residuals ``softmax - one-hot``."""
-
-
-@jax.jit
-def _mean_correlations(logits_RxKxNxC: jax.Array, labels_N: jax.Array) -> jax.Array:
-    """``[3, R]``: per replica, the mean over component pairs of ``losses.pairwise_correlation``
-    of each output of ``CORRELATIONS``."""
-    k, c = logits_RxKxNxC.shape[1], logits_RxKxNxC.shape[-1]
-    i, j = np.triu_indices(k, 1)
-    onehot_NxC = jax.nn.one_hot(labels_N, c, dtype=logits_RxKxNxC.dtype)
-
-    def one(logits_KxNxC):
-        centred = logits_KxNxC - logits_KxNxC.mean(axis=-1, keepdims=True)
-        residual = jax.nn.softmax(logits_KxNxC, axis=-1) - onehot_NxC[None]
-        return jax.numpy.stack([losses.pairwise_correlation(o)[i, j].mean()
-                                for o in (logits_KxNxC, centred, residual)])
-
-    return jax.vmap(one, out_axes=1)(logits_RxKxNxC)
-
-
-def component_stats(logits_RxKxNxC: np.ndarray, labels_N: np.ndarray) -> dict[str, Any]:
-    """How far apart the K components of each replica are, on one set of examples.
-
-    Returns:
-      ``corr_<output>`` for each output of ``CORRELATIONS``: the mean over replicas of the mean
-      over component pairs of ``losses.pairwise_correlation`` (class-averaged Pearson
-      correlation over the examples), with ``corr_<output>_replicas`` the per-replica values;
-      ``disagreement``: the mean fraction of examples on which two components of one replica
-      predict different classes; ``component_acc``: the mean accuracy of a single component.
-    """
-    logits = np.asarray(logits_RxKxNxC, np.float32)
-    labels = np.asarray(labels_N, np.int32)
-    corr = np.asarray(_mean_correlations(logits, labels), np.float64)
-    i, j = np.triu_indices(logits.shape[1], 1)
-    yhat = np.argmax(logits, axis=-1)
-    disagree = np.mean([np.mean(yhat[:, a] != yhat[:, b]) for a, b in zip(i, j, strict=True)])
-    out: dict[str, Any] = {f"corr_{name}": float(np.mean(corr[n]))
-                           for n, name in enumerate(CORRELATIONS)}
-    out.update({f"corr_{name}_replicas": corr[n].tolist() for n, name in enumerate(CORRELATIONS)})
-    out.update(disagreement=float(disagree),
-               component_acc=float(np.mean(yhat == labels[None, None, :])))
-    return out
-
-
 def measure_components(run: engine.Run, ds) -> dict[str, Any]:
-    """``component_stats`` of the replicas that stayed finite, on the test and training set."""
+    """What an ensemble trial measures on its trained replicas: ``metrics.component_stats`` of
+    the replicas that stayed finite, on the test and training set."""
     probs = run.predict(ds.x_test)
     ids = np.flatnonzero(~np.asarray(run.diverged) & np.asarray(metrics.finite_replicas(probs)))
     if len(ids) < 2:
         return {}
-    return {split: component_stats(run.predict(x, logits=True, components=True)[ids], y)
+    return {split: metrics.component_stats(
+        run.predict(x, logits=True, components=True)[ids], y)
             for split, x, y in (("test", ds.x_test, ds.y_test),
                                 ("train", ds.x_train, ds.y_train))}
 

@@ -6,7 +6,7 @@ and of the components' correlation."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,12 @@ from jaxrepro.studies.anti_distillation import (
 )
 from jaxrepro.studies.render import (
     diff_text,
-    error_bar,
     fmt,
     markdown_table,
-    verdict,
     with_ci,
 )
 from jaxrepro.studies.render import metric as value
+from jaxrepro.studies.render import verdict as ci_verdict
 
 
 def _curve_row(record: Mapping[str, Any], k: int) -> dict | None:
@@ -108,7 +107,11 @@ def render(config, analysis, workdir: Path) -> list[str]:
             "K-component ensembles (plain, every lambda, codistilled), spread around x = K.",
             "",
         ]
-    _correlation_plot(workdir / "component_correlation.png", points, config.ad_output)
+    plots.scatter_intervals(
+        workdir / "component_correlation.png", points,
+        xlabel=f"mean correlation of component {config.ad_output}, training set",
+        ylabel=f"mean correlation of component {config.ad_output}, test set",
+        title="Do components stay decorrelated on held-out data?")
     total = sum(tally[key] for key in ("lower", "higher", "no difference", "undefined"))
     summary.append(
         f"- Overall: of {total} anti-distilled ensembles (dataset x K x lambda), "
@@ -166,10 +169,10 @@ def _dataset_section(config, records, dataset, diffs) -> list[str]:
             diff_text(vp, "pd_abs") if vp else "-",
             diff_text(vp, "churn") if vp else "-",
             diff_text(vp, "acc_mean") if vp else "-",
-            verdict(vp["pd_abs"]["ci"]) if vp else "-",
+            ci_verdict(vp["pd_abs"]["ci"]) if vp else "-",
             diff_text(vi, "pd_abs") if vi else "-",
             diff_text(vi, "churn") if vi else "-",
-            verdict(vi["pd_abs"]["ci"]) if vi else "-",
+            ci_verdict(vi["pd_abs"]["ci"]) if vi else "-",
         ])
     out += [
         f"Differences on {dataset}: the trial minus the plain ensemble of the same K (paired), "
@@ -191,9 +194,9 @@ def _costs(d: Mapping[str, Any]) -> list[str]:
     """What a pd_abs reduction cost, from a ``difference``: higher churn, lower accuracy (a
     flatter, less accurate prediction also has a smaller pd_abs)."""
     out = []
-    if verdict(d["churn"]["ci"]) == "higher":
+    if ci_verdict(d["churn"]["ci"]) == "higher":
         out.append("higher churn")
-    if verdict(d["acc_mean"]["ci"]) == "lower":
+    if ci_verdict(d["acc_mean"]["ci"]) == "lower":
         out.append("lower accuracy")
     return out
 
@@ -217,11 +220,11 @@ def _summary(config, records, dataset, diffs) -> tuple[list[str], dict[str, int]
                 f"{fmt(indep['pd_abs']) if indep else '-'}, of the plain {k}-component ensemble "
                 f"{fmt(value(plain, 'pd_abs'))}.")
         if ad:
-            verdicts = {v: verdict(e["vs_plain"]["pd_abs"]["ci"]) for v, e in ad.items()}
+            verdicts = {v: ci_verdict(e["vs_plain"]["pd_abs"]["ci"]) for v, e in ad.items()}
             for v, verdict in verdicts.items():
                 tally[verdict] += 1
                 vi = ad[v].get("vs_independent")
-                tally["lower_indep"] += bool(vi and verdict(vi["pd_abs"]["ci"]) == "lower")
+                tally["lower_indep"] += bool(vi and ci_verdict(vi["pd_abs"]["ci"]) == "lower")
             lower = [v for v, x in verdicts.items() if x == "lower"]
             higher = [v for v, x in verdicts.items() if x == "higher"]
             if lower:
@@ -242,7 +245,7 @@ def _summary(config, records, dataset, diffs) -> tuple[list[str], dict[str, int]
                      f"accuracy {diff_text(d, 'acc_mean')}")
             vi = ad[best].get("vs_independent")
             if vi:
-                text += (f"; {_phrase(verdict(vi['pd_abs']['ci']))} the independent ensembles "
+                text += (f"; {_phrase(ci_verdict(vi['pd_abs']['ci']))} the independent ensembles "
                          f"of {k} ({diff_text(vi, 'pd_abs')})")
             strongest = max(ad, key=lambda v: records[ensemble_name(dataset, k, v)]["info"][
                 "lambda"])
@@ -262,11 +265,11 @@ def _summary(config, records, dataset, diffs) -> tuple[list[str], dict[str, int]
             if kk == k and v.startswith("codistill-") and "vs_plain" in e:
                 rec = records[ensemble_name(dataset, k, v)]
                 text += (f". Codistillation ({v}): pd_abs {fmt(value(rec, 'pd_abs'))}, "
-                         f"{_phrase(verdict(e['vs_plain']['pd_abs']['ci']))} plain "
+                         f"{_phrase(ci_verdict(e['vs_plain']['pd_abs']['ci']))} plain "
                          f"({diff_text(e['vs_plain'], 'pd_abs')})")
                 if "vs_independent" in e:
                     vi = e["vs_independent"]
-                    text += (f" and {_phrase(verdict(vi['pd_abs']['ci']))} the independent "
+                    text += (f" and {_phrase(ci_verdict(vi['pd_abs']['ci']))} the independent "
                              f"ensembles ({diff_text(vi, 'pd_abs')})")
                 text += f", accuracy {fmt(value(rec, 'acc_mean'))}"
         out.append(text + ".")
@@ -280,7 +283,7 @@ def _summary(config, records, dataset, diffs) -> tuple[list[str], dict[str, int]
 def _value_err(m: Mapping[str, Any] | None, key: str):
     """(value, yerr) of a metric for errorbar; NaN and None when undefined."""
     v = (m or {}).get(key)
-    return (math.nan, None) if v is None else (float(v), error_bar(v, m.get(key + "_ci")))
+    return (math.nan, None) if v is None else (float(v), plots.error_bar(v, m.get(key + "_ci")))
 
 
 def _lambda_plot(path: Path, config, records, dataset) -> Path:
@@ -354,33 +357,3 @@ def _k_plot(path: Path, config, records, dataset) -> Path:
     axes[0].legend(fontsize="x-small")
     fig.suptitle(f"{dataset}: joint K-component ensembles against independent ensembles")
     return plots.save(fig, path)
-
-
-def _correlation_plot(path: Path, points: Sequence[Mapping[str, Any]], output: str) -> Path:
-    """Test against training correlation of the components, one point per ensemble trial
-    (colour: variant; marker: dataset and K), with the diagonal; negative values are kept."""
-    fig, (ax,) = plots.figure(1, width=6.4, height=5.2)
-    colors: dict[str, str] = {}
-    markers: dict[str, str] = {}
-    lo, hi = 0.0, 0.1
-    for p in points:
-        x, y = p["x"], p["y"]
-        if x is None or y is None or not (math.isfinite(x) and math.isfinite(y)):
-            continue
-        color = colors.setdefault(p["series"], f"C{len(colors) % 10}")
-        marker = markers.setdefault(p["group"], "osD^vP*Xph"[len(markers) % 10])
-        ax.plot([x], [y], marker=marker, color=color, linestyle="none",
-                label=f"{p['group']} {p['series']}")
-        lo, hi = min(lo, x, y), max(hi, x, y)
-    pad = 0.05 * (hi - lo)
-    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="gray", linestyle="--",
-            linewidth=1, label="y = x")
-    ax.set_xlim(lo - pad, hi + pad)
-    ax.set_ylim(lo - pad, hi + pad)
-    ax.set_xlabel(f"mean correlation of component {output}, training set")
-    ax.set_ylabel(f"mean correlation of component {output}, test set")
-    ax.set_title("Do components stay decorrelated on held-out data?")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="xx-small", ncols=2)
-    return plots.save(fig, path)
-

@@ -204,7 +204,9 @@ def paired(config: RegularizersConfig, arm: Predictions, base: Predictions) -> d
     out = metrics.difference(arm.probs, base.probs, arm.labels,
                              randomness.bootstrap_key(config.seed), paired=True, over="both",
                              mask=both, num_samples=config.num_samples, level=config.level)
-    out = {k: v for k, v in out.items() if not isinstance(v, dict) or k in PAIRED_METRICS}
+    out = {"test": "paired two-way bootstrap (replicas and test examples, same draws for both "
+                   "arms); significant when the interval of the difference excludes 0",
+           **{k: v for k, v in out.items() if not isinstance(v, dict) or k in PAIRED_METRICS}}
     out["excluded"] = [int(i) for i in arm.replica_ids[~both]]
     return {"paired": out}
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from jaxrepro import plots, randomness
 from jaxrepro.studies.regularizers import BASELINE, arms, trial_name
-from jaxrepro.studies.render import error_bar, fmt, markdown_table, with_ci
+from jaxrepro.studies.render import fmt, markdown_table, verdict, with_ci
 from jaxrepro.studies.render import metric as value
 
 
@@ -20,12 +20,11 @@ def _paired(rec: Mapping[str, Any], metric: str) -> Mapping[str, Any] | None:
     return None if not p else p.get(metric)
 
 
-def _verdict(p: Mapping[str, Any] | None, lower_is: str, higher_is: str) -> str:
+def _verdict(p: Mapping[str, Any] | None) -> str:
+    """lower / higher (the interval of the difference excludes 0) or n.s."""
     if p is None:
         return "-"
-    if not p["significant"]:
-        return "n.s."
-    return lower_is if p["diff"] < 0 else higher_is
+    return {"no difference": "n.s."}.get(verdict(p["ci"]), verdict(p["ci"]))
 
 
 def _diff_cell(p: Mapping[str, Any] | None) -> str:
@@ -84,8 +83,8 @@ def render(config, analysis, workdir: Path) -> list[str]:
                 pd, ch = _paired(rec, "pd_abs"), _paired(rec, "churn")
                 rows.append([optimizer, arm, with_ci(m, "acc_mean"), with_ci(m, "churn"),
                              with_ci(m, "eta"), fmt(value(rec, "pd_abs")),
-                             _diff_cell(pd), _p_cell(pd), _verdict(pd, "lower", "higher"),
-                             _diff_cell(ch), _p_cell(ch), _verdict(ch, "lower", "higher")])
+                             _diff_cell(pd), _p_cell(pd), _verdict(pd),
+                             _diff_cell(ch), _p_cell(ch), _verdict(ch)])
         header = ["optimizer", "regularizer", "acc_mean", "churn", "eta", "pd_abs",
                   "d pd_abs [CI]", "p", "pd_abs vs base", "d churn [CI]", "p",
                   "churn vs base"]
@@ -225,7 +224,7 @@ def _plot_metrics(path: Path, config, records) -> Path:
                     x = j + (i - (len(config.depths) - 1) / 2) * width
                     ax.bar([x], [v], width=width, color=f"C{i}",
                            label=f"depth {depth}" if j == 0 else None,
-                           yerr=error_bar(v, m.get(metric + "_ci")), capsize=2)
+                           yerr=plots.error_bar(v, m.get(metric + "_ci")), capsize=2)
             ax.set_xticks(range(len(cols)), list(cols), rotation=35, ha="right")
             ax.set_title(f"{metric} ({optimizer})")
             ax.axhline(0, color="gray", linewidth=0.8)
@@ -252,7 +251,7 @@ def _plot_differences(path: Path, config, records) -> Path:
                 if p is None:
                     continue
                 x = j + (i - (len(config.depths) - 1) / 2) * width
-                ax.errorbar([x], [p["diff"]], yerr=error_bar(p["diff"], p["ci"]), fmt="o",
+                ax.errorbar([x], [p["diff"]], yerr=plots.error_bar(p["diff"], p["ci"]), fmt="o",
                             color=f"C{i}", mfc=f"C{i}" if p["significant"] else "white",
                             capsize=2, label=f"depth {depth}" if j == 0 else None)
         ax.axhline(0, color="gray", linewidth=0.8)

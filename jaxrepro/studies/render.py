@@ -64,19 +64,11 @@ def verdict(ci: Sequence[float | None] | None) -> str:
     return "lower" if hi < 0 else "higher" if lo > 0 else "no difference"
 
 
-def diff_text(d: Mapping[str, Any] | None, digits: int = 4) -> str:
-    """``diff [lo, hi]`` of one metric of ``metrics.difference``."""
-    if not d:
+def diff_text(d: Mapping[str, Any] | None, key: str, digits: int = 4) -> str:
+    """``diff [lo, hi]`` of the metric ``key`` of a ``metrics.difference`` result."""
+    if not d or not d.get(key):
         return "-"
-    return f"{fmt(d['diff'], digits)} {fmt(d['ci'], digits)}"
-
-
-def error_bar(center, ci) -> list[list[float]] | None:
-    """matplotlib's ``yerr`` ``[[below], [above]]`` of an interval around ``center``; None
-    when either is undefined."""
-    if center is None or not ci or any(v is None for v in ci) or not math.isfinite(center):
-        return None
-    return [[max(center - float(ci[0]), 0.0)], [max(float(ci[1]) - center, 0.0)]]
+    return f"{fmt(d[key]['diff'], digits)} {fmt(d[key]['ci'], digits)}"
 
 
 def fmt_seconds(s: float) -> str:

@@ -16,7 +16,7 @@ from jaxrepro.studies.render import fmt, markdown_table, metric, with_ci
 from jaxrepro.studies.test_set_variance import PHAT_BINS
 
 
-def _verdict(ratio: float, ci) -> str:
+def _independence(ratio: float, ci) -> str:
     """Whether var_obs / var_ind says the replicas' errors are independent."""
     if not math.isfinite(ratio):
         return "undefined"
@@ -88,7 +88,7 @@ def render(config, analysis, workdir: Path) -> list[str]:
             share = (
                 metric(rec, "var_obs") / base if base and math.isfinite(base) else math.nan
             )
-            row += [fmt(share, 2), _verdict(metric(rec, "var_ratio"), m.get("var_ratio_ci"))]
+            row += [fmt(share, 2), _independence(metric(rec, "var_ratio"), m.get("var_ratio_ci"))]
             rows.append(row)
             if rec.get("phat_hist") is not None:
                 hist.setdefault(dataset, {})[source] = rec["phat_hist"]
@@ -155,7 +155,7 @@ def _tsv_sentence(dataset: str, recs: Mapping[str, dict], binary: bool) -> str:
     parts = []
     for source, rec in recs.items():
         ratio = metric(rec, "var_ratio")
-        verdict = _verdict(ratio, (rec.get("metrics") or {}).get("var_ratio_ci"))
+        verdict = _independence(ratio, (rec.get("metrics") or {}).get("var_ratio_ci"))
         parts.append(f"{source}: ratio {fmt(ratio, 2)} ({verdict})")
     text = f"Errors across replicas on {dataset} -- " + "; ".join(parts) + "."
     if "all" in recs:
