@@ -67,22 +67,34 @@ def main(argv=None) -> dict:
         "ensemble": lambda: fit(ens, plain_loss, r),
         "anti-distilled": lambda: fit(ens, ad_loss, r),
         "plain R*K": lambda: fit(mlp, plain_loss, r * k),
-        "loop of R": lambda: [fit(ens, ad_loss, (i,), epochs_per_call=args.epochs)
-                              for i in range(r)],
+        "loop of R": lambda: [
+            fit(ens, ad_loss, (i,), epochs_per_call=args.epochs) for i in range(r)
+        ],
     }
     results = {name: _timed(fn, args.repeats) for name, fn in cases.items()}
     base = results["plain R*K"]["seconds"]
-    print(f"R = {r} replicas of K = {k} components, {args.epochs} epochs of MNIST-1D, W1 MLP, "
-          f"{len(jax.devices())} JAX devices")
+    print(
+        f"R = {r} replicas of K = {k} components, {args.epochs} epochs of MNIST-1D, W1 MLP, "
+        f"{len(jax.devices())} JAX devices"
+    )
     print(f"{'case':<16}{'seconds':>10}{'compile':>10}{'/ plain R*K':>13}")
     for name, res in results.items():
-        print(f"{name:<16}{res['seconds']:>10.2f}{res['compile_seconds']:>10.1f}"
-              f"{res['seconds'] / base:>13.2f}")
+        print(
+            f"{name:<16}{res['seconds']:>10.2f}{res['compile_seconds']:>10.1f}"
+            f"{res['seconds'] / base:>13.2f}"
+        )
     speedup = results["loop of R"]["seconds"] / results["anti-distilled"]["seconds"]
     print(f"anti-distilled R together vs loop of R: {speedup:.2f}x faster")
-    out = dict(results=results, replicas=r, components=k, epochs=args.epochs,
-               machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
-               jax=jax.__version__, speedup_vs_loop=speedup)
+    out = dict(
+        results=results,
+        replicas=r,
+        components=k,
+        epochs=args.epochs,
+        machine=platform.processor() or platform.machine(),
+        cpus=os.cpu_count(),
+        jax=jax.__version__,
+        speedup_vs_loop=speedup,
+    )
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

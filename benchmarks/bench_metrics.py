@@ -71,9 +71,14 @@ def pair_loop(probs, labels):
     m = r * (r - 1) / 2
     qbar = q.mean(0)
     rel = np.where(qbar < 1e-7, 0.0, rel / m / np.maximum(qbar, 1e-7))
-    return {"churn": sums["churn"] / m, "pd_abs": sums["pd_abs"] / m, "pd_rel": rel.mean(),
-            "pd_l2": np.sqrt(sums["sq"] / m), "kl_pairwise": sums["kl"] / (2 * m),
-            "churn_correctness": sums["churn_correctness"] / m}
+    return {
+        "churn": sums["churn"] / m,
+        "pd_abs": sums["pd_abs"] / m,
+        "pd_rel": rel.mean(),
+        "pd_l2": np.sqrt(sums["sq"] / m),
+        "kl_pairwise": sums["kl"] / (2 * m),
+        "churn_correctness": sums["churn_correctness"] / m,
+    }
 
 
 def case_small(skip_bootstrap):
@@ -91,9 +96,15 @@ def case_small(skip_bootstrap):
     t = time.perf_counter()
     loop = pair_loop(probs, labels)
     loop_s = time.perf_counter() - t
-    out = {"R": r, "N": n, "C": c, "compare_first_call_s": first,
-           "compare_warm_s": float(np.median(warm)), "pair_loop_s": loop_s,
-           "max_abs_diff_vs_loop": max(abs(report[k] - float(loop[k])) for k in loop)}
+    out = {
+        "R": r,
+        "N": n,
+        "C": c,
+        "compare_first_call_s": first,
+        "compare_warm_s": float(np.median(warm)),
+        "pair_loop_s": loop_s,
+        "max_abs_diff_vs_loop": max(abs(report[k] - float(loop[k])) for k in loop),
+    }
     out["compile_s"] = first - out["compare_warm_s"]
     out["speedup"] = loop_s / out["compare_warm_s"]
     if not skip_bootstrap:
@@ -138,7 +149,7 @@ def case_big(n, source):
         os.close(fd)
         mm = np.memmap(path, np.float32, "w+", shape=(r, n, c))
         for a in range(0, n, 2048):
-            mm[:, a:a + 2048] = lazy[:, a:min(a + 2048, n)]
+            mm[:, a : a + 2048] = lazy[:, a : min(a + 2048, n)]
         mm.flush()
         del mm
         probs = np.memmap(path, np.float32, "r", shape=(r, n, c))
@@ -150,10 +161,19 @@ def case_big(n, source):
     if path:
         os.remove(path)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"R": r, "N": n, "C": c, "source": source, "input_gb": r * n * c * 4 / 1e9,
-            "compare_wall_s": wall, "of_which_generating_s": gen_s,
-            "peak_rss_gib": peak / 2**30, "churn": report["churn"],
-            "pd_abs": report["pd_abs"], "var_ratio": report["var_ratio"]}
+    return {
+        "R": r,
+        "N": n,
+        "C": c,
+        "source": source,
+        "input_gb": r * n * c * 4 / 1e9,
+        "compare_wall_s": wall,
+        "of_which_generating_s": gen_s,
+        "peak_rss_gib": peak / 2**30,
+        "churn": report["churn"],
+        "pd_abs": report["pd_abs"],
+        "var_ratio": report["var_ratio"],
+    }
 
 
 def main():
@@ -168,8 +188,12 @@ def main():
     if args.only_big:
         print(json.dumps(case_big(args.big_n, args.source)))
         return
-    results = {"jax": jax.__version__, "backend": jax.default_backend(),
-               "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine()}
+    results = {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+    }
     results["case1"] = small = case_small(args.skip_bootstrap)
     print(f"case 1: R={small['R']} N={small['N']} C={small['C']}")
     print(f"  {'compare (warm, median of 3)':32s} {small['compare_warm_s']:8.3f} s")
@@ -179,15 +203,26 @@ def main():
     print(f"  {'max |compare - loop|':32s} {small['max_abs_diff_vs_loop']:8.1e}")
     for over in ("replicas", "examples"):
         if f"bootstrap_{over}_1000_s" in small:
-            print(f"  {'compare + 1000 bootstrap ' + over:32s} "
-                  f"{small[f'bootstrap_{over}_1000_s']:8.3f} s")
+            print(
+                f"  {'compare + 1000 bootstrap ' + over:32s} "
+                f"{small[f'bootstrap_{over}_1000_s']:8.3f} s"
+            )
     if not args.skip_big:
-        cmd = [sys.executable, __file__, "--only-big", "--big-n", str(args.big_n),
-               "--source", args.source]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--only-big",
+            "--big-n",
+            str(args.big_n),
+            "--source",
+            args.source,
+        ]
         child = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results["case2"] = big = json.loads(child.stdout.strip().splitlines()[-1])
-        print(f"case 2: R={big['R']} N={big['N']} C={big['C']} ({big['input_gb']:.1f} GB of "
-              f"float32 logits, streamed from a {big['source']} source)")
+        print(
+            f"case 2: R={big['R']} N={big['N']} C={big['C']} ({big['input_gb']:.1f} GB of "
+            f"float32 logits, streamed from a {big['source']} source)"
+        )
         print(f"  {'compare wall time':32s} {big['compare_wall_s']:8.1f} s")
         if big["of_which_generating_s"] is not None:
             print(f"  {'of which generating the input':32s} {big['of_which_generating_s']:8.1f} s")

@@ -58,6 +58,7 @@ def _timed(fn, repeats: int) -> dict:
 
 # --- parts, each run in a child process ------------------------------------------------------
 
+
 def part_peak(args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -85,11 +86,16 @@ def part_flops(args) -> dict:
         ds, model = w.load(), w.model()
         x = np.asarray(ds.x_train[: w.batch_size])
         variables = model.init({"params": jax.random.key(0)}, x, train=False)
-        cost = jax.jit(lambda v, x, model=model: model.apply(v, x, train=False)).lower(
-            variables, x).compile().cost_analysis()
+        cost = (
+            jax.jit(lambda v, x, model=model: model.apply(v, x, train=False))
+            .lower(variables, x)
+            .compile()
+            .cost_analysis()
+        )
         cost = cost[0] if isinstance(cost, list) else cost
-        out[name] = dict(flops_per_example=3.0 * float(cost["flops"]) / w.batch_size,
-                         num_train=ds.num_train)
+        out[name] = dict(
+            flops_per_example=3.0 * float(cost["flops"]) / w.batch_size, num_train=ds.num_train
+        )
     return out
 
 
@@ -102,10 +108,21 @@ def part_engine(args) -> dict:
     ds, model, tx = w.load(), w.model(), w.tx()
     out = {}
     for r in args.replicas:
+
         def fn(r=r):
-            run = engine.fit(model, tx, ds, replicas=r, seed=0, vary=("init", "order"),
-                             batch_size=w.batch_size, epochs=w.epochs, strategy=args.strategy)
+            run = engine.fit(
+                model,
+                tx,
+                ds,
+                replicas=r,
+                seed=0,
+                vary=("init", "order"),
+                batch_size=w.batch_size,
+                epochs=w.epochs,
+                strategy=args.strategy,
+            )
             jax.block_until_ready(run.device_state)
+
         out[r] = _timed(fn, args.repeats)
         out[r]["devices"] = len(engine.replica_mesh(r).devices) if engine.replica_mesh(r) else 1
     return out
@@ -120,12 +137,23 @@ def part_loop(args) -> dict:
     ds, model, tx = w.load(), w.model(), w.tx()
     out = {}
     for r in args.replicas:
+
         def fn(r=r):
             for i in range(r):
-                run = engine.fit(model, tx, ds, replicas=(i,), seed=0, vary=("init", "order"),
-                                 batch_size=w.batch_size, epochs=w.epochs,
-                                 epochs_per_call=w.epochs, strategy="map")
+                run = engine.fit(
+                    model,
+                    tx,
+                    ds,
+                    replicas=(i,),
+                    seed=0,
+                    vary=("init", "order"),
+                    batch_size=w.batch_size,
+                    epochs=w.epochs,
+                    epochs_per_call=w.epochs,
+                    strategy="map",
+                )
                 jax.block_until_ready(run.device_state)
+
         out[r] = _timed(fn, args.loop_repeats)
     return out
 
@@ -155,7 +183,7 @@ def part_torch_eager(args) -> dict:
         for _ in range(w.epochs):
             perm = torch.randperm(n, generator=g)
             for s in range(steps):
-                idx = perm[s * b:(s + 1) * b]
+                idx = perm[s * b : (s + 1) * b]
                 opt.zero_grad(set_to_none=True)
                 torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
                 opt.step()
@@ -191,12 +219,16 @@ def part_torch_func(args) -> dict:
         for _ in range(w.epochs):
             perms = torch.stack([torch.randperm(n, generator=g) for _ in range(r)])
             for s in range(steps):
-                idx = perms[:, s * b:(s + 1) * b]                       # [R, B]
-                logits = batched(params, buffers, x[idx])              # [R, B, C]
-                loss = torch.nn.functional.cross_entropy(
-                    logits.reshape(r * b, -1), y[idx].reshape(-1), reduction="sum") / b
+                idx = perms[:, s * b : (s + 1) * b]  # [R, B]
+                logits = batched(params, buffers, x[idx])  # [R, B, C]
+                loss = (
+                    torch.nn.functional.cross_entropy(
+                        logits.reshape(r * b, -1), y[idx].reshape(-1), reduction="sum"
+                    )
+                    / b
+                )
                 opt.zero_grad(set_to_none=True)
-                loss.backward()   # sum over replicas of each replica's mean loss
+                loss.backward()  # sum over replicas of each replica's mean loss
                 opt.step()
 
     out = {}
@@ -205,17 +237,36 @@ def part_torch_func(args) -> dict:
     return out
 
 
-PARTS = {"peak": part_peak, "flops": part_flops, "engine": part_engine, "loop": part_loop,
-         "torch eager": part_torch_eager, "torch.func": part_torch_func}
+PARTS = {
+    "peak": part_peak,
+    "flops": part_flops,
+    "engine": part_engine,
+    "loop": part_loop,
+    "torch eager": part_torch_eager,
+    "torch.func": part_torch_func,
+}
 
 
 # --- the parent ------------------------------------------------------------------------------
 
+
 def _child(part: str, args, *, workload: str = "", replicas=(), cpu_devices: int = 1) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--part", part,
-           "--cpu-devices", str(cpu_devices), "--repeats", str(args.repeats),
-           "--loop-repeats", str(args.loop_repeats), "--strategy", args.strategy,
-           "--workloads", ",".join(args.workloads)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--part",
+        part,
+        "--cpu-devices",
+        str(cpu_devices),
+        "--repeats",
+        str(args.repeats),
+        "--loop-repeats",
+        str(args.loop_repeats),
+        "--strategy",
+        args.strategy,
+        "--workloads",
+        ",".join(args.workloads),
+    ]
     if workload:
         cmd += ["--workload", workload]
     if replicas:
@@ -240,13 +291,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--workloads", default="W1,W2,W3")
     parser.add_argument("--replicas", default="1,8,32,128")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of the engine")
-    parser.add_argument("--loop-repeats", type=int, default=1,
-                        help="timed runs of each loop baseline (a loop already averages R runs)")
-    parser.add_argument("--loop-max-replicas", type=int, default=32,
-                        help="loops above this R are extrapolated, not run")
+    parser.add_argument(
+        "--loop-repeats",
+        type=int,
+        default=1,
+        help="timed runs of each loop baseline (a loop already averages R runs)",
+    )
+    parser.add_argument(
+        "--loop-max-replicas",
+        type=int,
+        default=32,
+        help="loops above this R are extrapolated, not run",
+    )
     parser.add_argument("--strategy", default="auto")
-    parser.add_argument("--cpu-devices", type=int, default=0,
-                        help="CPU devices for the engine (0: one per core)")
+    parser.add_argument(
+        "--cpu-devices", type=int, default=0, help="CPU devices for the engine (0: one per core)"
+    )
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--out", default=None, help="write all figures as JSON here")
     parser.add_argument("--part", default=None, help=argparse.SUPPRESS)
@@ -266,13 +326,21 @@ def main(argv=None) -> dict:
     import jax
 
     cpu_devices = args.cpu_devices or os.cpu_count()
-    methods = ["engine", "loop"] + ([] if args.no_torch or not _have_torch()
-                                    else ["torch eager", "torch.func"])
+    methods = ["engine", "loop"] + (
+        [] if args.no_torch or not _have_torch() else ["torch eager", "torch.func"]
+    )
     peak = _child("peak", args)["flops_per_second"]
     flops = _child("flops", args)
-    report = dict(peak_gflops=peak / 1e9, cpu_count=os.cpu_count(), machine=platform.machine(),
-                  backend=jax.default_backend(), jax=jax.__version__,
-                  engine_cpu_devices=cpu_devices, strategy=args.strategy, workloads={})
+    report = dict(
+        peak_gflops=peak / 1e9,
+        cpu_count=os.cpu_count(),
+        machine=platform.machine(),
+        backend=jax.default_backend(),
+        jax=jax.__version__,
+        engine_cpu_devices=cpu_devices,
+        strategy=args.strategy,
+        workloads={},
+    )
     for name in args.workloads:
         w = WORKLOADS[name]
         measured = {}
@@ -280,8 +348,13 @@ def main(argv=None) -> dict:
             rs = args.replicas
             if method != "engine":
                 rs = [r for r in rs if r <= args.loop_max_replicas] or [min(rs)]
-            res = _child(method, args, workload=name, replicas=rs,
-                         cpu_devices=cpu_devices if method == "engine" else 1)
+            res = _child(
+                method,
+                args,
+                workload=name,
+                replicas=rs,
+                cpu_devices=cpu_devices if method == "engine" else 1,
+            )
             measured[method] = {int(k): v for k, v in res.items() if k.isdigit()}
         examples_per_replica = w.epochs * (flops[name]["num_train"] // w.batch_size) * w.batch_size
         rows = []
@@ -294,8 +367,11 @@ def main(argv=None) -> dict:
                 else:
                     largest = max(m)
                     sec, est = m[largest]["seconds"] * r / largest, True
-                row[method] = dict(seconds=sec, extrapolated=est,
-                                   compile_seconds=m.get(r, {}).get("compile_seconds"))
+                row[method] = dict(
+                    seconds=sec,
+                    extrapolated=est,
+                    compile_seconds=m.get(r, {}).get("compile_seconds"),
+                )
                 row[method]["examples_per_second"] = row["examples"] / sec
                 work = row["examples"] * flops[name]["flops_per_example"]
                 row[method]["gflops"] = work / sec / 1e9
@@ -305,13 +381,18 @@ def main(argv=None) -> dict:
             rows.append(row)
         # The target: engine time per replica falls monotonically from R = 1 up to R = 32
         # (beyond, with every core busy, it is flat).
-        per_replica = [row["engine"]["seconds"] / row["replicas"] for row in rows
-                       if row["replicas"] <= 32]
+        per_replica = [
+            row["engine"]["seconds"] / row["replicas"] for row in rows if row["replicas"] <= 32
+        ]
         falls = all(a > b for a, b in zip(per_replica[:-1], per_replica[1:], strict=True))
         report["workloads"][name] = dict(
-            description=w.description, epochs=w.epochs, batch_size=w.batch_size,
-            flops_per_example=flops[name]["flops_per_example"], rows=rows,
-            engine_time_per_replica_falls=falls)
+            description=w.description,
+            epochs=w.epochs,
+            batch_size=w.batch_size,
+            flops_per_example=flops[name]["flops_per_example"],
+            rows=rows,
+            engine_time_per_replica_falls=falls,
+        )
         _print_table(name, w, report["workloads"][name], methods, peak)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -323,22 +404,29 @@ def main(argv=None) -> dict:
 
 
 def _print_table(name, w, res, methods, peak):
-    print(f"\n{name}: {w.description}, batch {w.batch_size}, {w.epochs} epochs "
-          f"({res['flops_per_example'] / 1e6:.2f} MFLOP per example); matmul peak "
-          f"{peak / 1e9:.0f} GFLOP/s")
+    print(
+        f"\n{name}: {w.description}, batch {w.batch_size}, {w.epochs} epochs "
+        f"({res['flops_per_example'] / 1e6:.2f} MFLOP per example); matmul peak "
+        f"{peak / 1e9:.0f} GFLOP/s"
+    )
     head = f"{'R':>4s} {'engine s':>9s} {'ex/s':>9s} {'GFLOP/s':>8s} {'of peak':>7s} "
     head += " ".join(f"{m + ' x':>14s}" for m in methods[1:])
     print(head)
     for row in res["rows"]:
         e = row["engine"]
-        line = (f"{row['replicas']:>4d} {e['seconds']:9.3f} {e['examples_per_second']:9.0f} "
-                f"{e['gflops']:8.1f} {e['fraction_of_peak']:7.2f} ")
+        line = (
+            f"{row['replicas']:>4d} {e['seconds']:9.3f} {e['examples_per_second']:9.0f} "
+            f"{e['gflops']:8.1f} {e['fraction_of_peak']:7.2f} "
+        )
         line += " ".join(
             f"{row[m]['ratio_to_engine']:13.2f}{'*' if row[m]['extrapolated'] else ' '}"
-            for m in methods[1:])
+            for m in methods[1:]
+        )
         print(line)
-    print(f"(method x: its time / the engine's time; * extrapolated. Engine time per replica "
-          f"falls monotonically up to R = 32: {res['engine_time_per_replica_falls']})")
+    print(
+        f"(method x: its time / the engine's time; * extrapolated. Engine time per replica "
+        f"falls monotonically up to R = 32: {res['engine_time_per_replica_falls']})"
+    )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,9 @@ class Workload:
         from torch import nn
 
         if self.name == "W1":
-            return nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                                 nn.Linear(256, 10))
+            return nn.Sequential(
+                nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+            )
         if self.name == "W2":
             layers, c = [nn.Unflatten(1, (1, 40))], 1
             for _ in range(3):
@@ -53,9 +54,15 @@ class Workload:
                 c = 32
             return nn.Sequential(*layers, nn.Flatten(), nn.Linear(32 * 5, 10))
         return nn.Sequential(
-            nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Flatten(), nn.Linear(32 * 2 * 2, 64), nn.ReLU(), nn.Linear(64, 10))
+            nn.Conv2d(1, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(32 * 2 * 2, 64),
+            nn.ReLU(),
+            nn.Linear(64, 10),
+        )
 
     def torch_optimizer(self, params):
         import torch

@@ -2,11 +2,12 @@
 
 Synopsis (a doctest; the README's notebook example is the same at full size)::
 
-    >>> import jaxrepro, optax
+    >>> import jaxrepro
     >>> data = jaxrepro.data.load("digits")      # or jaxrepro.data.mnist1d()
     >>> model = jaxrepro.models.MLP(widths=(32,), num_classes=10, activation="smelu")
-    >>> run = jaxrepro.fit(model, optax.adam(1e-3), data, replicas=4, seed=0,
-    ...                    vary=("init", "order"), batch_size=128, epochs=2)
+    >>> tx = jaxrepro.optim.optimizer("adam", 1e-3)  # or any optax transformation
+    >>> run = jaxrepro.fit(model, tx, data, replicas=4, seed=0, vary=("init", "order"),
+    ...                    batch_size=128, epochs=2)
     >>> probs = run.predict(data.x_test)
     >>> probs.shape                                 # [R, N, C]
     (4, 360, 10)
@@ -14,18 +15,14 @@ Synopsis (a doctest; the README's notebook example is the same at full size)::
     >>> 0 < report["churn"] < 1
     True
 
-    Replicas of a 4-component anti-distilled ensemble, in one training step:
-
-    >>> ens = jaxrepro.models.Ensemble(model, num_components=4)
-    >>> loss = jaxrepro.losses.anti_distillation(jaxrepro.losses.softmax_cross_entropy(), 0.1)
-    >>> run = jaxrepro.fit(ens, optax.adam(1e-3), data, loss_fn=loss, replicas=2, epochs=1)
-    >>> run.predict(data.x_test, components=True).shape    # [R, K, N, C]
-    (2, 4, 360, 10)
+    Ensembles inside a replica and loss transforms (``models.Ensemble``,
+    ``losses.anti_distillation``, ...) train the same way; the README shows them.
 
 Shape letters in names (``probs_RxNxC``): R replicas, K ensemble members (an ensemble's
 components, or the k replicas of a group), G groups of replicas, N examples, B batch, C
-classes, D input features, T steps, S bootstrap samples, P replica pairs, M flattened
-example-class columns, V sources of randomness.
+classes (channels in a CNN), D input features, H and W image height and width (W also a hidden
+layer's width), L sequence length, A shifted axes, E epochs, T steps, S bootstrap samples, P
+replica pairs, M flattened example-class columns, V sources of randomness.
 
 The study machinery (``jaxrepro.study``, ``jaxrepro.studies``) and ``jaxrepro.plots`` are
 imported on first use: ``import jaxrepro`` loads neither them nor orbax nor matplotlib.

@@ -65,9 +65,14 @@ def cluster_processes() -> int:
     return 0
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, auto: bool | None = None,
-               cpu_devices: int | None = None) -> bool:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    auto: bool | None = None,
+    cpu_devices: int | None = None,
+) -> bool:
     """Joins this process to a run of several processes, before JAX's first computation.
 
     Which run: the arguments; else the environment variables ``JAX_COORDINATOR_ADDRESS``,
@@ -110,15 +115,26 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         if auto is False or (auto is None and cluster_processes() < 2):
             return False
     elif auto is not True and None in (address, num_processes, process_id):
-        missing = [name for name, v in (("coordinator_address", address),
-                                        ("num_processes", num_processes),
-                                        ("process_id", process_id)) if v is None]
-        raise ValueError(f"a multi-process run needs the coordinator address, the number of "
-                         f"processes and this process's id; missing: {', '.join(missing)}")
+        missing = [
+            name
+            for name, v in (
+                ("coordinator_address", address),
+                ("num_processes", num_processes),
+                ("process_id", process_id),
+            )
+            if v is None
+        ]
+        raise ValueError(
+            f"a multi-process run needs the coordinator address, the number of "
+            f"processes and this process's id; missing: {', '.join(missing)}"
+        )
     if num_processes is not None and num_processes < 1:
         raise ValueError(f"num_processes must be >= 1, got {num_processes}")
-    if num_processes is not None and process_id is not None and not (
-            0 <= process_id < num_processes):
+    if (
+        num_processes is not None
+        and process_id is not None
+        and not (0 <= process_id < num_processes)
+    ):
         raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
@@ -127,8 +143,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except Exception:  # noqa: BLE001 - older JAX: CPU collectives are not configurable
         pass
-    jax.distributed.initialize(coordinator_address=address, num_processes=num_processes,
-                               process_id=process_id)
+    jax.distributed.initialize(
+        coordinator_address=address, num_processes=num_processes, process_id=process_id
+    )
     return jax.process_count() > 1
 
 

@@ -2,17 +2,17 @@
 
 Synopsis::
 
-    >>> import optax
-    >>> from jaxrepro import data, models
+    >>> from jaxrepro import data, models, optim
     >>> ds = data.load("digits")                      # or data.mnist1d()
     >>> model = models.MLP(widths=(32,), num_classes=10, activation="smelu")
-    >>> run = fit(model, optax.adam(1e-3), ds, replicas=4, seed=0, vary=("init", "order"),
-    ...           batch_size=128, epochs=2)
+    >>> tx = optim.optimizer("adam", 1e-3)            # or any optax transformation
+    >>> run = fit(model, tx, ds, replicas=4, seed=0, vary=("init", "order"), batch_size=128,
+    ...           epochs=2)
     >>> probs_RxNxC = run.predict(ds.x_test)
     >>> probs_RxNxC.shape, run.history["loss"].shape   # history: [R, epochs]
     ((4, 360, 10), (4, 2))
-    >>> alone = fit(model, optax.adam(1e-3), ds, replicas=(2,), seed=0, vary=("init", "order"),
-    ...             batch_size=128, epochs=2)        # replica 2 trained alone: the same replica
+    >>> alone = fit(model, tx, ds, replicas=(2,), seed=0, vary=("init", "order"), batch_size=128,
+    ...             epochs=2)                         # replica 2 trained alone: the same replica
     >>> bool((alone.predict(ds.x_test)[0] == probs_RxNxC[2]).all())
     True
 
@@ -225,8 +225,14 @@ def parse_strategy(strategy: str, num_replicas: int | None = None) -> tuple[str,
 # One replica (no replica axis anywhere below until `_over_replicas`).
 
 
-def init_replica(task: Task, x_example: Array, init_key: Array, perturb_key: Array,
-                 perturb_scale: Array, hparams: Mapping[str, Array]) -> TrainState:
+def init_replica(
+    task: Task,
+    x_example: Array,
+    init_key: Array,
+    perturb_key: Array,
+    perturb_scale: Array,
+    hparams: Mapping[str, Array],
+) -> TrainState:
     """Initial state of one replica from its ``init`` and ``perturb`` keys."""
     variables = task.model.init({"params": init_key}, x_example, train=False)
     params = variables["params"]
@@ -254,8 +260,15 @@ def perturb_params(params: PyTree, key: Array, scale: Array) -> PyTree:
     return jax.tree.unflatten(treedef, out)
 
 
-def train_step(task: Task, state: TrainState, x_B: Array, y_B: Array, idx_B: Array,
-               dropout_key: Array, augment_key: Array) -> tuple[TrainState, dict[str, Array]]:
+def train_step(
+    task: Task,
+    state: TrainState,
+    x_B: Array,
+    y_B: Array,
+    idx_B: Array,
+    dropout_key: Array,
+    augment_key: Array,
+) -> tuple[TrainState, dict[str, Array]]:
     """One optimisation step of one replica on one batch.
 
     ``idx_B`` are the batch's positions in the training set (``losses.Batch.index``). The
@@ -278,8 +291,9 @@ def train_step(task: Task, state: TrainState, x_B: Array, y_B: Array, idx_B: Arr
             logits = task.model.apply(variables, x_B, train=True, rngs={"dropout": dropout_key})
             batch_stats = state.batch_stats
         logits_KxBxC = logits if ensemble else logits[None]
-        batch = losses.Batch(x_B, y_B, jax.nn.one_hot(y_B, logits.shape[-1], dtype=jnp.float32),
-                             idx_B)
+        batch = losses.Batch(
+            x_B, y_B, jax.nn.one_hot(y_B, logits.shape[-1], dtype=jnp.float32), idx_B
+        )
         return task.loss_fn(logits_KxBxC, batch), (logits_KxBxC, batch_stats)
 
     (loss, (logits_KxBxC, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(
@@ -311,9 +325,18 @@ class ReplicaKeys(NamedTuple):
     augment: Array
 
 
-def train_epochs(task: Task, state: TrainState, keys: ReplicaKeys, x_N: Array, y_N: Array,
-                 base_N: Array, window: Array, epochs_E: Array, *, batch_size: int
-                 ) -> tuple[TrainState, dict[str, Array]]:
+def train_epochs(
+    task: Task,
+    state: TrainState,
+    keys: ReplicaKeys,
+    x_N: Array,
+    y_N: Array,
+    base_N: Array,
+    window: Array,
+    epochs_E: Array,
+    *,
+    batch_size: int,
+) -> tuple[TrainState, dict[str, Array]]:
     """Trains one replica for the epochs listed in ``epochs_E``; metrics are per-epoch means.
 
     Each epoch draws the replica's order (``randomness.epoch_order``) and runs
@@ -330,8 +353,13 @@ def train_epochs(task: Task, state: TrainState, keys: ReplicaKeys, x_N: Array, y
         def step_body(state, inputs):
             idx_B, step = inputs
             return train_step(
-                task, state, x_N[idx_B], y_N[idx_B], idx_B,
-                randomness.step_key(keys.dropout, step), randomness.step_key(keys.augment, step),
+                task,
+                state,
+                x_N[idx_B],
+                y_N[idx_B],
+                idx_B,
+                randomness.step_key(keys.dropout, step),
+                randomness.step_key(keys.augment, step),
             )
 
         step_T = epoch * steps + jnp.arange(steps)
@@ -390,13 +418,16 @@ def replica_mesh(num_replicas: int, devices: int | None = None) -> Mesh | None:
         devices = len(available) if processes > 1 else min(num_replicas, len(available))
     devices = int(devices)
     if devices > len(available):
-        raise ValueError(f"devices={devices} but only {len(available)} "
-                         f"{jax.default_backend()} devices exist"
-                         + (f" across {processes} processes" if processes > 1 else ""))
+        raise ValueError(
+            f"devices={devices} but only {len(available)} "
+            f"{jax.default_backend()} devices exist"
+            + (f" across {processes} processes" if processes > 1 else "")
+        )
     if processes > 1 and devices != len(available):
         raise ValueError(
             f"devices={devices}: a run of {processes} processes shards the replicas over all "
-            f"{len(available)} devices of all processes (leave devices unset)")
+            f"{len(available)} devices of all processes (leave devices unset)"
+        )
     if devices == 1:
         return None
     return Mesh(np.asarray(available[:devices]), (REPLICA_AXIS,))
@@ -427,22 +458,33 @@ def replica_memory_bytes(task: Task, example_shape: tuple[int, ...], batch_size:
     x_B = jax.ShapeDtypeStruct((batch_size,) + tuple(example_shape), jnp.float32)
     y_B = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
     key = jax.random.key(0, impl=randomness.PRNG_IMPL)
-    state = jax.eval_shape(lambda x: init_replica(task, x, key, key, jnp.float32(0.0), {}),
-                           x_1)
+    state = jax.eval_shape(lambda x: init_replica(task, x, key, key, jnp.float32(0.0), {}), x_1)
     state_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(state))
     try:
-        compiled = jax.jit(functools.partial(train_step, task), donate_argnums=0).lower(
-            state, x_B, y_B, y_B, key, key).compile()
+        compiled = (
+            jax.jit(functools.partial(train_step, task), donate_argnums=0)
+            .lower(state, x_B, y_B, y_B, key, key)
+            .compile()
+        )
         mem = compiled.memory_analysis()
-        total = (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                 + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+        total = (
+            mem.argument_size_in_bytes
+            + mem.output_size_in_bytes
+            + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes
+        )
     except Exception:  # noqa: BLE001 - no memory analysis on this backend
         total = 0
     return int(max(total, 4 * state_bytes))
 
 
-def choose_strategy(replicas_per_device: int, bytes_per_replica: int,
-                    free_bytes: int | None, *, headroom: float = 0.8) -> tuple[str, int]:
+def choose_strategy(
+    replicas_per_device: int,
+    bytes_per_replica: int,
+    free_bytes: int | None,
+    *,
+    headroom: float = 0.8,
+) -> tuple[str, int]:
     """``"auto"`` on an accelerator: ``vmap`` over all of a device's replicas when they fit in
     ``headroom`` of ``free_bytes`` (the device's memory less the training data), else
     ``chunked:n`` with the largest n that fits (at least 1). Unknown memory: ``vmap``."""
@@ -475,8 +517,15 @@ class Placement:
     num_padded: int
 
     @classmethod
-    def create(cls, num_replicas: int, strategy: str, devices: int | None = None, *,
-               memory: Callable[[], int] | None = None, shared_bytes: int = 0) -> Placement:
+    def create(
+        cls,
+        num_replicas: int,
+        strategy: str,
+        devices: int | None = None,
+        *,
+        memory: Callable[[], int] | None = None,
+        shared_bytes: int = 0,
+    ) -> Placement:
         """The placement of ``num_replicas`` replicas.
 
         ``memory`` (called only for ``"auto"`` on an accelerator) estimates the bytes of one
@@ -519,8 +568,9 @@ class Placement:
         x = self.pad_host(x_R)
         if self.mesh is None:
             return jnp.asarray(x)
-        return jax.make_array_from_callback(x.shape, self._sharding(P(REPLICA_AXIS)),
-                                            lambda index: x[index])
+        return jax.make_array_from_callback(
+            x.shape, self._sharding(P(REPLICA_AXIS)), lambda index: x[index]
+        )
 
     def replicate(self, x) -> Array:
         """A host array the same for every replica, on every device of the mesh."""
@@ -533,9 +583,11 @@ class Placement:
         """A stacked tree ``[R, ...]`` (host or device) laid out for training."""
         leading = {int(np.shape(a)[0]) if np.ndim(a) else None for a in jax.tree.leaves(tree_R)}
         if leading - {self.num_replicas}:
-            raise ValueError(f"a stacked state must have a leading replica axis of "
-                             f"{self.num_replicas} on every array; got leading sizes "
-                             f"{sorted(leading, key=str)}")
+            raise ValueError(
+                f"a stacked state must have a leading replica axis of "
+                f"{self.num_replicas} on every array; got leading sizes "
+                f"{sorted(leading, key=str)}"
+            )
         if self.mesh is None:
             return tree_R
         return _pad_fn(self.num_padded, self._sharding(P(REPLICA_AXIS)))(tree_R)
@@ -565,12 +617,18 @@ def _pad_fn(num_padded: int, sharding):
 
 @functools.cache
 def _unpad_fn(num_replicas: int, sharding):
-    return jax.jit(lambda tree: jax.tree.map(lambda a: a[:num_replicas], tree),
-                   out_shardings=sharding)
+    return jax.jit(
+        lambda tree: jax.tree.map(lambda a: a[:num_replicas], tree), out_shardings=sharding
+    )
 
 
-def _over_replicas(fn: Callable, strategy: tuple[str, int], mesh: Mesh | None,
-                   per_replica: tuple, shared: tuple = ()):
+def _over_replicas(
+    fn: Callable,
+    strategy: tuple[str, int],
+    mesh: Mesh | None,
+    per_replica: tuple,
+    shared: tuple = (),
+):
     """The one place the replica axis enters: ``fn(*replica_slice, *shared)`` for each replica.
 
     ``per_replica`` arrays have a leading replica axis; ``shared`` ones are the same for all
@@ -583,13 +641,19 @@ def _over_replicas(fn: Callable, strategy: tuple[str, int], mesh: Mesh | None,
         one = lambda *a: fn(*a, *shared)
         if kind == "vmap":
             return jax.vmap(one)(*per_replica)
-        return lax.map(lambda a: one(*a), per_replica,
-                       batch_size=chunk if kind == "chunked" else None)
+        return lax.map(
+            lambda a: one(*a), per_replica, batch_size=chunk if kind == "chunked" else None
+        )
 
     if mesh is None:
         return local(per_replica, shared)
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(REPLICA_AXIS), P()),
-                         out_specs=P(REPLICA_AXIS), check_vma=False)(per_replica, shared)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(REPLICA_AXIS), P()),
+        out_specs=P(REPLICA_AXIS),
+        check_vma=False,
+    )(per_replica, shared)
 
 
 DETERMINISTIC_OPTIONS = {"xla_gpu_deterministic_ops": True}
@@ -601,10 +665,15 @@ the CPU and TPU backends accept it and are deterministic without it."""
 def _jit_pair(*, static_argnames=(), donate_argnames=()):
     """``fn`` jitted twice, plainly and with ``DETERMINISTIC_OPTIONS``; the wrapper takes a
     ``deterministic`` keyword that picks one (each compiles on first use only)."""
+
     def wrap(fn):
         plain = jax.jit(fn, static_argnames=static_argnames, donate_argnames=donate_argnames)
-        det = jax.jit(fn, static_argnames=static_argnames, donate_argnames=donate_argnames,
-                      compiler_options=DETERMINISTIC_OPTIONS)
+        det = jax.jit(
+            fn,
+            static_argnames=static_argnames,
+            donate_argnames=donate_argnames,
+            compiler_options=DETERMINISTIC_OPTIONS,
+        )
 
         @functools.wraps(fn)
         def call(*args, deterministic: bool = False, **kwargs):
@@ -616,14 +685,18 @@ def _jit_pair(*, static_argnames=(), donate_argnames=()):
 
 
 def _keys_for(seed, replica: Array, varied_V: Array) -> ReplicaKeys:
-    return ReplicaKeys(*(randomness.replica_key(seed, s, replica,
-                                                varied=varied_V[randomness.SOURCE_IDS[s]])
-                         for s in ("order", "dropout", "augment")))
+    return ReplicaKeys(
+        *(
+            randomness.replica_key(seed, s, replica, varied=varied_V[randomness.SOURCE_IDS[s]])
+            for s in ("order", "dropout", "augment")
+        )
+    )
 
 
 @_jit_pair(static_argnames=("task", "strategy", "mesh"))
-def _init_states(ids_R, seed, varied_V, x_example, perturb_scale, hparams_R, *, task, strategy,
-                 mesh):
+def _init_states(
+    ids_R, seed, varied_V, x_example, perturb_scale, hparams_R, *, task, strategy, mesh
+):
     TRACE_COUNTS["init"] += 1
 
     def one(r, hparams, seed, varied_V, x_example, perturb_scale):
@@ -632,31 +705,59 @@ def _init_states(ids_R, seed, varied_V, x_example, perturb_scale, hparams_R, *, 
         perturb_key = randomness.replica_key(seed, "perturb", r, varied=varied_V[ids["perturb"]])
         return init_replica(task, x_example, init_key, perturb_key, perturb_scale, hparams)
 
-    return _over_replicas(one, strategy, mesh, (ids_R, hparams_R),
-                          (seed, varied_V, x_example, perturb_scale))
+    return _over_replicas(
+        one, strategy, mesh, (ids_R, hparams_R), (seed, varied_V, x_example, perturb_scale)
+    )
 
 
-@_jit_pair(static_argnames=("task", "strategy", "mesh", "batch_size", "num_epochs"),
-           donate_argnames=("state_R",))
-def _train_epochs_R(state_R, ids_R, seed, varied_V, x_N, y_N, window, first_epoch, *, task,
-                    strategy, mesh, batch_size, num_epochs):
+@_jit_pair(
+    static_argnames=("task", "strategy", "mesh", "batch_size", "num_epochs"),
+    donate_argnames=("state_R",),
+)
+def _train_epochs_R(
+    state_R,
+    ids_R,
+    seed,
+    varied_V,
+    x_N,
+    y_N,
+    window,
+    first_epoch,
+    *,
+    task,
+    strategy,
+    mesh,
+    batch_size,
+    num_epochs,
+):
     TRACE_COUNTS["train_epochs"] += 1
     base_N = randomness.base_order(seed, x_N.shape[0])
     epochs_E = first_epoch + jnp.arange(num_epochs, dtype=jnp.int32)
 
     def one(state, r, seed, varied_V, x_N, y_N, base_N, window, epochs_E):
-        return train_epochs(task, state, _keys_for(seed, r, varied_V), x_N, y_N, base_N, window,
-                            epochs_E, batch_size=batch_size)
+        return train_epochs(
+            task,
+            state,
+            _keys_for(seed, r, varied_V),
+            x_N,
+            y_N,
+            base_N,
+            window,
+            epochs_E,
+            batch_size=batch_size,
+        )
 
-    return _over_replicas(one, strategy, mesh, (state_R, ids_R),
-                          (seed, varied_V, x_N, y_N, base_N, window, epochs_E))
+    return _over_replicas(
+        one, strategy, mesh, (state_R, ids_R), (seed, varied_V, x_N, y_N, base_N, window, epochs_E)
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "num_train"))
 def _batches_R(ids_R, seed, varied_V, num_train, window, epoch, *, batch_size):
     base_N = randomness.base_order(seed, num_train)
-    keys_R = randomness.replica_keys(seed, "order", ids_R,
-                                     varied=varied_V[randomness.SOURCE_IDS["order"]])
+    keys_R = randomness.replica_keys(
+        seed, "order", ids_R, varied=varied_V[randomness.SOURCE_IDS["order"]]
+    )
     return jax.vmap(lambda k: epoch_batches(k, epoch, base_N, window, batch_size))(keys_R)
 
 
@@ -674,6 +775,7 @@ def _predict_chunk(params_R, batch_stats_R, x_B, *, model, strategy, mesh, compo
     """Every replica's logits (or probabilities) for one chunk of examples. The softmax runs
     inside the per-replica function, so a replica's probabilities are bitwise the same
     whatever R, the strategy's batching or the device count."""
+
     def one(params, batch_stats, x_B):
         variables = {"params": params}
         if jax.tree.leaves(batch_stats):
@@ -742,8 +844,9 @@ class Engine:
     on every process.
     """
 
-    def __init__(self, task: Task, data, config: FitConfig, *,
-                 hparams: Mapping[str, Any] | None = None):
+    def __init__(
+        self, task: Task, data, config: FitConfig, *, hparams: Mapping[str, Any] | None = None
+    ):
         _check_data(data)
         self.task, self.data, self.config = task, data, config
         self.replica_ids = config.replica_ids
@@ -761,9 +864,11 @@ class Engine:
         y_host = np.asarray(data.y_train)
         y_host = y_host.astype(jax.dtypes.canonicalize_dtype(y_host.dtype), copy=False)
         x_example = jnp.asarray(x_host[:1])
+
         def shapes(x):  # one abstract trace of init: the logits and the optimizer state
-            logits, variables = task.model.init_with_output({"params": jax.random.key(0)}, x,
-                                                            train=False)
+            logits, variables = task.model.init_with_output(
+                {"params": jax.random.key(0)}, x, train=False
+            )
             return logits, task.tx.init(variables["params"])
 
         logits_example, opt_example = jax.eval_shape(shapes, x_example)
@@ -773,20 +878,27 @@ class Engine:
             raise ValueError(
                 "the model must return logits [B, C]"
                 + (" (an Ensemble: [K, B, C])" if k else "")
-                + f"; it returned shape {logits_example.shape} for a batch of 1")
+                + f"; it returned shape {logits_example.shape} for a batch of 1"
+            )
         if logits_example.shape[-1] != int(data.num_classes):
             raise ValueError(
                 f"the model outputs {logits_example.shape[-1]} logits per example but the "
                 f"dataset {getattr(data, 'name', '')!r} has {data.num_classes} classes"
             )
-        losses.check(task.loss_fn, num_components=k or 1, num_train=num_train,
-                     num_classes=int(data.num_classes))
+        losses.check(
+            task.loss_fn,
+            num_components=k or 1,
+            num_train=num_train,
+            num_classes=int(data.num_classes),
+        )
         hparams_R = _check_hparams(hparams, len(self.replica_ids), opt_example)
         self.placement = Placement.create(
-            len(self.replica_ids), config.strategy, config.devices,
-            memory=lambda: replica_memory_bytes(task, tuple(x_host.shape[1:]),
-                                                config.batch_size),
-            shared_bytes=x_host.nbytes + y_host.nbytes)
+            len(self.replica_ids),
+            config.strategy,
+            config.devices,
+            memory=lambda: replica_memory_bytes(task, tuple(x_host.shape[1:]), config.batch_size),
+            shared_bytes=x_host.nbytes + y_host.nbytes,
+        )
         pl = self.placement
         self._ids_R = pl.shard(self.replica_ids)
         self._hparams_R = {name: pl.shard(v) for name, v in hparams_R.items()}
@@ -813,9 +925,15 @@ class Engine:
         # loss or augmentation (a sweep over a loss weight) share its compilation.
         init_task = Task(model=self.task.model, tx=self.task.tx)
         return _init_states(
-            self._ids_R, jnp.uint32(c.seed), self._varied_V, self._x_example,
-            jnp.float32(c.effective_perturb_scale), self._hparams_R,
-            task=init_task, strategy=self.strategy, mesh=self.mesh,
+            self._ids_R,
+            jnp.uint32(c.seed),
+            self._varied_V,
+            self._x_example,
+            jnp.float32(c.effective_perturb_scale),
+            self._hparams_R,
+            task=init_task,
+            strategy=self.strategy,
+            mesh=self.mesh,
             deterministic=c.deterministic,
         )
 
@@ -828,11 +946,17 @@ class Engine:
         checkpoint is restored into)."""
         shapes = jax.eval_shape(self._init_padded)
         pl = self.placement
-        sharding = (pl._sharding(P()) if pl.mesh is not None
-                    else jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+        sharding = (
+            pl._sharding(P())
+            if pl.mesh is not None
+            else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        )
         return jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct((pl.num_replicas,) + a.shape[1:], a.dtype,
-                                           sharding=sharding), shapes)
+            lambda a: jax.ShapeDtypeStruct(
+                (pl.num_replicas,) + a.shape[1:], a.dtype, sharding=sharding
+            ),
+            shapes,
+        )
 
     def batch_indices(self, epoch: int) -> np.ndarray:
         """int ``[R, steps, batch_size]``: the training examples each replica visits in ``epoch``.
@@ -840,25 +964,44 @@ class Engine:
         Computed by the same function the training step uses.
         """
         c = self.config
-        return np.asarray(_batches_R(
-            jnp.asarray(self.replica_ids), jnp.uint32(c.seed), self._varied_V, self._num_train,
-            jnp.int32(self.window), jnp.int32(epoch), batch_size=c.batch_size,
-        ))
+        return np.asarray(
+            _batches_R(
+                jnp.asarray(self.replica_ids),
+                jnp.uint32(c.seed),
+                self._varied_V,
+                self._num_train,
+                jnp.int32(self.window),
+                jnp.int32(epoch),
+                batch_size=c.batch_size,
+            )
+        )
 
-    def _train_padded(self, state: TrainState, first_epoch: int, num_epochs: int
-                      ) -> tuple[TrainState, dict[str, np.ndarray]]:
+    def _train_padded(
+        self, state: TrainState, first_epoch: int, num_epochs: int
+    ) -> tuple[TrainState, dict[str, np.ndarray]]:
         c = self.config
         state, metrics = _train_epochs_R(
-            state, self._ids_R, jnp.uint32(c.seed), self._varied_V, self._x_N,
-            self._y_N, jnp.int32(self.window), jnp.int32(first_epoch), task=self.task,
-            strategy=self.strategy, mesh=self.mesh, batch_size=c.batch_size,
-            num_epochs=num_epochs, deterministic=c.deterministic,
+            state,
+            self._ids_R,
+            jnp.uint32(c.seed),
+            self._varied_V,
+            self._x_N,
+            self._y_N,
+            jnp.int32(self.window),
+            jnp.int32(first_epoch),
+            task=self.task,
+            strategy=self.strategy,
+            mesh=self.mesh,
+            batch_size=c.batch_size,
+            num_epochs=num_epochs,
+            deterministic=c.deterministic,
         )
         metrics = self.placement.to_host(metrics)
         return state, {k: np.asarray(v, np.float32) for k, v in metrics.items()}
 
-    def train(self, state: TrainState, first_epoch: int, num_epochs: int
-              ) -> tuple[TrainState, dict[str, np.ndarray]]:
+    def train(
+        self, state: TrainState, first_epoch: int, num_epochs: int
+    ) -> tuple[TrainState, dict[str, np.ndarray]]:
         """Runs epochs ``first_epoch .. first_epoch + num_epochs - 1``.
 
         The input ``state`` is donated (its buffers are reused); use the returned one.
@@ -870,11 +1013,15 @@ class Engine:
         state, metrics = self._train_padded(self.placement.pad(state), first_epoch, num_epochs)
         return self.placement.unpad(state), metrics
 
-    def run(self, state: TrainState | None = None, *, first_epoch: int = 0,
-            history: Mapping[str, np.ndarray] | None = None,
-            callback: Callable[[int, TrainState, dict[str, np.ndarray]], None] | None = None,
-            callback_state: Callable[[int], bool] | None = None,
-            ) -> Run:
+    def run(
+        self,
+        state: TrainState | None = None,
+        *,
+        first_epoch: int = 0,
+        history: Mapping[str, np.ndarray] | None = None,
+        callback: Callable[[int, TrainState, dict[str, np.ndarray]], None] | None = None,
+        callback_state: Callable[[int], bool] | None = None,
+    ) -> Run:
         """Trains to the config's last epoch, from the start or from a saved point.
 
         Dispatches ``config.epochs_per_call`` epochs at a time. ``fit`` is this from the start;
@@ -901,8 +1048,12 @@ class Engine:
         c = self.config
         start = time.perf_counter()
         state = self._init_padded() if state is None else self.placement.pad(state)
-        past = {k: [np.asarray(history[k], np.float32)] if history is not None
-                else [np.zeros((self.num_replicas, 0), np.float32)] for k in ("loss", "accuracy")}
+        past = {
+            k: [np.asarray(history[k], np.float32)]
+            if history is not None
+            else [np.zeros((self.num_replicas, 0), np.float32)]
+            for k in ("loss", "accuracy")
+        }
         done = first_epoch
         while done < c.epochs:
             n = min(c.epochs_per_call, c.epochs - done)
@@ -912,13 +1063,21 @@ class Engine:
             done += n
             if callback is not None:
                 wanted = callback_state is None or callback_state(done)
-                callback(done, self.placement.unpad(state) if wanted else None,
-                         {k: np.concatenate(v, axis=1) for k, v in past.items()})
+                callback(
+                    done,
+                    self.placement.unpad(state) if wanted else None,
+                    {k: np.concatenate(v, axis=1) for k, v in past.items()},
+                )
         jax.block_until_ready(state)
-        return Run(task=self.task, config=c, device_state=state, placement=self.placement,
-                   replica_ids=self.replica_ids,
-                   history={k: np.concatenate(v, axis=1) for k, v in past.items()},
-                   seconds=time.perf_counter() - start)
+        return Run(
+            task=self.task,
+            config=c,
+            device_state=state,
+            placement=self.placement,
+            replica_ids=self.replica_ids,
+            history={k: np.concatenate(v, axis=1) for k, v in past.items()},
+            seconds=time.perf_counter() - start,
+        )
 
 
 @dataclasses.dataclass
@@ -977,8 +1136,14 @@ class Run:
     def diverged(self) -> np.ndarray:
         """bool ``[R]``: the replica's loss or parameters became NaN or infinite."""
         pl = self.placement
-        finite = pl.to_host(_finite_R(self.device_state.params, strategy=pl.strategy,
-                                      mesh=pl.mesh, deterministic=self.config.deterministic))
+        finite = pl.to_host(
+            _finite_R(
+                self.device_state.params,
+                strategy=pl.strategy,
+                mesh=pl.mesh,
+                deterministic=self.config.deterministic,
+            )
+        )
         return ~np.all(np.isfinite(self.history["loss"]), axis=1) | ~np.asarray(finite, bool)
 
     def with_state(self, state: TrainState) -> Run:
@@ -990,8 +1155,9 @@ class Run:
         """The state of the replica at position ``index`` of the stack (not its key index)."""
         return jax.tree.map(lambda a: a[index], self.state)
 
-    def predict(self, x, *, logits: bool = False, components: bool = False,
-                chunk_size: int = 1024) -> np.ndarray:
+    def predict(
+        self, x, *, logits: bool = False, components: bool = False, chunk_size: int = 1024
+    ) -> np.ndarray:
         """Stacked predictions ``[R, N, C]`` in eval mode, computed in chunks of examples.
 
         For an ``Ensemble`` model the prediction is the ensemble's, the mean of its components'
@@ -1021,26 +1187,37 @@ class Run:
         pl = self.placement
         out = []
         for start in range(0, n, chunk):
-            x_B = x[start:start + chunk]
+            x_B = x[start : start + chunk]
             valid = x_B.shape[0]
             if valid < chunk:
                 x_B = np.concatenate([x_B, np.zeros((chunk - valid,) + x.shape[1:], x.dtype)])
             out_RxBxC = _predict_chunk(
-                self.device_state.params, self.device_state.batch_stats, pl.replicate(x_B),
-                model=self.task.model, strategy=pl.strategy, mesh=pl.mesh,
-                components=components, probs=not logits,
-                deterministic=self.config.deterministic)
+                self.device_state.params,
+                self.device_state.batch_stats,
+                pl.replicate(x_B),
+                model=self.task.model,
+                strategy=pl.strategy,
+                mesh=pl.mesh,
+                components=components,
+                probs=not logits,
+                deterministic=self.config.deterministic,
+            )
             out.append(pl.to_host(out_RxBxC)[..., :valid, :])
         return np.concatenate(out, axis=-2)
 
 
-def fit(model: nn.Module, tx: optax.GradientTransformation, data, *,
-        config: FitConfig | None = None,
-        loss_fn: losses.Loss = DEFAULT_LOSS,
-        augment: Callable[[Array, Array], Array] | None = None,
-        hparams: Mapping[str, Sequence[float]] | None = None,
-        callback: Callable[[int, TrainState, dict[str, np.ndarray]], None] | None = None,
-        **config_kwargs) -> Run:
+def fit(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    data,
+    *,
+    config: FitConfig | None = None,
+    loss_fn: losses.Loss = DEFAULT_LOSS,
+    augment: Callable[[Array, Array], Array] | None = None,
+    hparams: Mapping[str, Sequence[float]] | None = None,
+    callback: Callable[[int, TrainState, dict[str, np.ndarray]], None] | None = None,
+    **config_kwargs,
+) -> Run:
     """Trains R replicas of ``model`` with ``tx`` on ``data`` at once.
 
     Args:

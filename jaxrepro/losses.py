@@ -87,8 +87,9 @@ class Batch(NamedTuple):
     index: Array
 
 
-def make_batch(x_B: Array, labels_B: Array, num_classes: int, index_B: Array | None = None
-               ) -> Batch:
+def make_batch(
+    x_B: Array, labels_B: Array, num_classes: int, index_B: Array | None = None
+) -> Batch:
     """A ``Batch`` with one-hot targets (``index`` defaults to ``0 .. B-1``)."""
     labels_B = jnp.asarray(labels_B)
     if index_B is None:
@@ -142,8 +143,9 @@ def pairwise_correlation(outputs_KxBxC: Array, *, eps: float = CORRELATION_EPS) 
     return jnp.mean(corr_KxKxC, axis=-1)
 
 
-def decorrelation(outputs_KxBxC: Array, *, penalty: str = "squared",
-                  eps: float = CORRELATION_EPS) -> Array:
+def decorrelation(
+    outputs_KxBxC: Array, *, penalty: str = "squared", eps: float = CORRELATION_EPS
+) -> Array:
     """The anti-distillation penalty: mean over pairs i < j of ``rho_ij ** 2`` (or ``|rho_ij|``).
 
     ``rho_ij`` is ``pairwise_correlation``'s class-averaged Pearson correlation of components i
@@ -217,8 +219,9 @@ class SoftmaxCrossEntropy:
 
     def __post_init__(self):
         if self.over not in OVER:
-            raise ValueError(f"softmax_cross_entropy: over must be one of {OVER}, got "
-                             f"{self.over!r}")
+            raise ValueError(
+                f"softmax_cross_entropy: over must be one of {OVER}, got {self.over!r}"
+            )
 
     def __call__(self, logits_KxBxC: Array, batch: Batch) -> Array:
         if self.over == "ensemble":
@@ -253,8 +256,9 @@ class SigmoidBinaryCrossEntropy:
 
     def __post_init__(self):
         if self.over not in OVER:
-            raise ValueError(f"sigmoid_binary_cross_entropy: over must be one of {OVER}, got "
-                             f"{self.over!r}")
+            raise ValueError(
+                f"sigmoid_binary_cross_entropy: over must be one of {OVER}, got {self.over!r}"
+            )
 
     def __call__(self, logits_KxBxC: Array, batch: Batch) -> Array:
         log_p = jax.nn.log_sigmoid(logits_KxBxC)
@@ -295,8 +299,9 @@ class LabelSmoothing:
 
     def __post_init__(self):
         _check_loss("label_smoothing", self.loss)
-        object.__setattr__(self, "epsilon",
-                           _check_weight("label_smoothing", self.epsilon, upper=1.0))
+        object.__setattr__(
+            self, "epsilon", _check_weight("label_smoothing", self.epsilon, upper=1.0)
+        )
 
     def __call__(self, logits_KxBxC: Array, batch: Batch) -> Array:
         c = batch.targets.shape[-1]
@@ -324,8 +329,9 @@ class AnchorDistillation:
 
     def __post_init__(self):
         _check_loss("anchor_distillation", self.loss)
-        object.__setattr__(self, "weight",
-                           _check_weight("anchor_distillation", self.weight, upper=1.0))
+        object.__setattr__(
+            self, "weight", _check_weight("anchor_distillation", self.weight, upper=1.0)
+        )
 
     def __call__(self, logits_KxBxC: Array, batch: Batch) -> Array:
         anchor_BxC = jnp.asarray(self.anchor)[batch.index]
@@ -337,7 +343,8 @@ class AnchorDistillation:
             raise ValueError(
                 f"anchor_distillation: the anchor holds predictions of shape "
                 f"{self.anchor.shape}, but the training set needs [{num_train}, {num_classes}] "
-                f"(one distribution per training example, in training-set order)")
+                f"(one distribution per training example, in training-set order)"
+            )
 
 
 def anchor_distillation(loss: Loss, weight: float, anchor, *, x=None) -> AnchorDistillation:
@@ -369,13 +376,17 @@ def anchor_distillation(loss: Loss, weight: float, anchor, *, x=None) -> AnchorD
     if probs.ndim == 3:
         probs = probs.mean(axis=0)
     if probs.ndim != 2:
-        raise ValueError(f"anchor_distillation: anchor must be [N, C] or [R, N, C] "
-                         f"probabilities, got shape {np.shape(anchor)}")
+        raise ValueError(
+            f"anchor_distillation: anchor must be [N, C] or [R, N, C] "
+            f"probabilities, got shape {np.shape(anchor)}"
+        )
     if not np.all(np.isfinite(probs)):
         raise ValueError("anchor_distillation: the anchor predictions hold NaN or inf")
     if np.any(probs < -1e-6) or not np.allclose(probs.sum(-1), 1.0, atol=1e-3):
-        raise ValueError("anchor_distillation: anchor rows must be probability distributions "
-                         "(non-negative, summing to 1); pass probabilities, not logits")
+        raise ValueError(
+            "anchor_distillation: anchor rows must be probability distributions "
+            "(non-negative, summing to 1); pass probabilities, not logits"
+        )
     return AnchorDistillation(loss, weight, probs)
 
 
@@ -387,7 +398,8 @@ def _need_components(name: str, num_components: int) -> None:
     if num_components < 2:
         raise ValueError(
             f"{name} needs an ensemble of K >= 2 components per replica (models.Ensemble); "
-            f"the model has K = {num_components}")
+            f"the model has K = {num_components}"
+        )
 
 
 AD_OUTPUTS = ("logits", "centred_logits", "residual")
@@ -407,11 +419,13 @@ class AntiDistillation:
         _check_loss("anti_distillation", self.loss)
         object.__setattr__(self, "weight", _check_weight("anti_distillation", self.weight))
         if self.output not in AD_OUTPUTS:
-            raise ValueError(f"anti_distillation: output must be one of {AD_OUTPUTS}, got "
-                             f"{self.output!r}")
+            raise ValueError(
+                f"anti_distillation: output must be one of {AD_OUTPUTS}, got {self.output!r}"
+            )
         if self.penalty not in ("squared", "absolute"):
-            raise ValueError(f"anti_distillation: penalty must be 'squared' or 'absolute', got "
-                             f"{self.penalty!r}")
+            raise ValueError(
+                f"anti_distillation: penalty must be 'squared' or 'absolute', got {self.penalty!r}"
+            )
 
     def __call__(self, logits_KxBxC: Array, batch: Batch) -> Array:
         base = self.loss(logits_KxBxC, batch)
@@ -428,8 +442,9 @@ class AntiDistillation:
         _need_components("anti_distillation", num_components)
 
 
-def anti_distillation(loss: Loss, weight: float, *, output: str = "logits",
-                      penalty: str = "squared") -> AntiDistillation:
+def anti_distillation(
+    loss: Loss, weight: float, *, output: str = "logits", penalty: str = "squared"
+) -> AntiDistillation:
     """Anti-distillation: push an ensemble's components apart over each mini-batch.
 
     ``loss + weight * decorrelation(o)`` where ``o`` is each component's output over the batch:
@@ -471,7 +486,8 @@ class Codistillation:
         logp_KxBxC = jax.nn.log_softmax(logits_KxBxC, axis=-1)
         p_KxBxC = jnp.exp(logp_KxBxC)
         others_KxBxC = jax.lax.stop_gradient(
-            (jnp.sum(p_KxBxC, axis=0, keepdims=True) - p_KxBxC) / (k - 1))
+            (jnp.sum(p_KxBxC, axis=0, keepdims=True) - p_KxBxC) / (k - 1)
+        )
         log_others = jnp.log(jnp.maximum(others_KxBxC, 1e-30))
         kl_KxB = jnp.sum(others_KxBxC * (log_others - logp_KxBxC), axis=-1)
         return base + self.weight * jnp.mean(kl_KxB)

@@ -68,10 +68,16 @@ PBAR_FLOOR = 1e-7
 DEFAULT_ATOL = 1e-3
 """Tolerance for probabilities that should sum to 1 and lie in [0, 1]."""
 
-PAIR_KEYS = ("churn", "pd_abs", "pd_rel", "pd_l2", "kl_pairwise", "js_ensemble",
-             "churn_correctness")
-ACC_KEYS = ("acc_mean", "acc_std", "acc_min", "acc_max", "eta", "var_obs", "var_ind",
-            "var_ratio")
+PAIR_KEYS = (
+    "churn",
+    "pd_abs",
+    "pd_rel",
+    "pd_l2",
+    "kl_pairwise",
+    "js_ensemble",
+    "churn_correctness",
+)
+ACC_KEYS = ("acc_mean", "acc_std", "acc_min", "acc_max", "eta", "var_obs", "var_ind", "var_ratio")
 METRIC_KEYS = PAIR_KEYS + ACC_KEYS
 """Keys of :func:`compare` for every task; binary tasks add ``var_cal``."""
 
@@ -173,8 +179,11 @@ def _features(x, labels, *, from_logits: bool, k: int = 1, want=_TERMS, index: b
             q = jnp.take_along_axis(p, labels[None, :, None], axis=-1)[..., 0]
         f["q"] = q
     # One sorting network for both sorted quantities (columns: p for tv, then q for rel).
-    parts = [(name, v) for name, v, term in (("p", p.reshape(g, n * c), "tv"),
-                                             ("q", f.get("q"), "rel")) if term in want]
+    parts = [
+        (name, v)
+        for name, v, term in (("p", p.reshape(g, n * c), "tv"), ("q", f.get("q"), "rel"))
+        if term in want
+    ]
     if not parts:
         return f
     v = jnp.concatenate([v for _, v in parts], axis=1)
@@ -251,14 +260,18 @@ def _weighted_setup(f):
     pc, lc = p - pmean, logp - lmean
     return {
         "onehot": (yhat[:, :, None] == jnp.arange(c)[None, None, :]).astype(jnp.float32),
-        "pc": pc, "lc": lc, "pmean": pmean,
-        "norm": jnp.sum(pc * pc, axis=-1), "cross": jnp.sum(pc * lc, axis=-1),
-        "negent": jnp.sum(p * logp, axis=-1), "correct": f["correct"].astype(jnp.float32),
+        "pc": pc,
+        "lc": lc,
+        "pmean": pmean,
+        "norm": jnp.sum(pc * pc, axis=-1),
+        "cross": jnp.sum(pc * lc, axis=-1),
+        "negent": jnp.sum(p * logp, axis=-1),
+        "correct": f["correct"].astype(jnp.float32),
         **{key: f[key] for key in ("gap_p", "idx_p", "gap_q", "idx_q", "q")},
     }
 
 
-def _weighted_pair_abs(gap_KxM, idx_GxM, w_BxG):
+def _weighted_pair_abs(gap_GxM, idx_GxM, w_BxG):
     """sum_{r<s} w_r w_s |x_r - x_s| per column from sorted gaps: a scan over sorted positions
     accumulating each column's cumulative weight (much faster than gather + cumsum)."""
     tot = jnp.sum(w_BxG, axis=1)[:, None]
@@ -269,8 +282,8 @@ def _weighted_pair_abs(gap_KxM, idx_GxM, w_BxG):
         cum = cum + jnp.take(w_BxG, idx_M, axis=1)
         return (cum, acc + gap_M[None, :] * cum * (tot - cum)), None
 
-    zeros = jnp.zeros((w_BxG.shape[0], gap_KxM.shape[1]), jnp.float32)
-    (_, acc), _ = lax.scan(step, (zeros, zeros), (idx_GxM[:-1], gap_KxM))
+    zeros = jnp.zeros((w_BxG.shape[0], gap_GxM.shape[1]), jnp.float32)
+    (_, acc), _ = lax.scan(step, (zeros, zeros), (idx_GxM[:-1], gap_GxM))
     return acc
 
 
@@ -309,28 +322,37 @@ def _weighted(s, w_BxG):
 def _static_checks(probs, labels=None, *, min_replicas: int = 2, k: int = 1):
     shape = tuple(probs.shape)
     if len(shape) not in (2, 3):
-        raise ValueError("probs must have rank 2 ([R, N] positive-class probabilities of a "
-                         f"binary task) or 3 ([R, N, C]); got shape {shape}")
+        raise ValueError(
+            "probs must have rank 2 ([R, N] positive-class probabilities of a "
+            f"binary task) or 3 ([R, N, C]); got shape {shape}"
+        )
     if len(shape) == 3 and shape[2] < 2:
-        raise ValueError(f"probs has C = {shape[2]} classes; need at least 2 "
-                         "(use shape [R, N] for a binary task)")
+        raise ValueError(
+            f"probs has C = {shape[2]} classes; need at least 2 "
+            "(use shape [R, N] for a binary task)"
+        )
     if shape[1] == 0:
         raise ValueError("probs has no examples (N = 0)")
     if k < 1:
         raise ValueError(f"ensemble_size must be >= 1; got {k}")
     if shape[0] // k < min_replicas:
-        what = f"{shape[0]} replicas" if k == 1 else (
-            f"{shape[0] // k} groups of ensemble_size={k} from {shape[0]} replicas")
+        what = (
+            f"{shape[0]} replicas"
+            if k == 1
+            else (f"{shape[0] // k} groups of ensemble_size={k} from {shape[0]} replicas")
+        )
         raise ValueError(f"pairwise metrics need at least {min_replicas} replicas; got {what}")
     if labels is not None and tuple(jnp.shape(labels)) != (shape[1],):
-        raise ValueError(f"labels must have shape [N] = ({shape[1]},); "
-                         f"got {tuple(jnp.shape(labels))}")
+        raise ValueError(
+            f"labels must have shape [N] = ({shape[1]},); got {tuple(jnp.shape(labels))}"
+        )
 
 
 def _mean_pairs(probs, labels, term, *, from_logits, k=1, ordered=False):
     _static_checks(probs, labels, k=k)
-    t = _unweighted(_features(probs, labels, from_logits=from_logits, k=k, want=(term,)),
-                    (term,))[term]
+    t = _unweighted(_features(probs, labels, from_logits=from_logits, k=k, want=(term,)), (term,))[
+        term
+    ]
     g = probs.shape[0] // k
     return jnp.mean(t.astype(jnp.float32)) / (g * (g - 1) / (1 if ordered else 2))
 
@@ -390,8 +412,9 @@ def pd_rel(probs, labels=None, *, from_logits: bool = False) -> jax.Array:
       Shamir, Lin & Coviello 2020 (relative PD); Shamir & Coviello 2020 (Anti-Distillation).
     """
     _static_checks(probs, labels)
-    t = _unweighted(_features(probs, labels, from_logits=from_logits, want=("rel",)),
-                    ("rel",))["rel"]
+    t = _unweighted(_features(probs, labels, from_logits=from_logits, want=("rel",)), ("rel",))[
+        "rel"
+    ]
     return jnp.mean(t)
 
 
@@ -504,7 +527,8 @@ def eta(probs, labels, *, from_logits: bool = False) -> jax.Array:
       apurvakokate/Reproducibility ``ex_mlp.py`` ("Do regularizers improve reproducibility?").
     """
     return jnp.mean(accuracy(probs, labels, from_logits=from_logits)) - churn(
-        probs, from_logits=from_logits)
+        probs, from_logits=from_logits
+    )
 
 
 def var_obs(probs, labels, *, from_logits: bool = False) -> jax.Array:
@@ -543,7 +567,8 @@ def var_ratio(probs, labels, *, from_logits: bool = False) -> jax.Array:
       Jordan 2023 (arXiv 2304.01910).
     """
     return var_obs(probs, labels, from_logits=from_logits) / var_ind(
-        probs, labels, from_logits=from_logits)
+        probs, labels, from_logits=from_logits
+    )
 
 
 def var_cal(probs, labels, *, from_logits: bool = False) -> jax.Array:
@@ -606,7 +631,7 @@ def finite_replicas(probs, *, chunk_size: int | None = None):
     step = chunk_size or max(1, _BLOCK_BYTES // (4 * r * int(np.prod(probs.shape[2:]))))
     keep = np.ones(r, bool)
     for a in range(0, n, step):
-        blk = np.asarray(probs[:, a:a + step])
+        blk = np.asarray(probs[:, a : a + step])
         keep &= np.isfinite(blk.reshape(r, -1)).all(axis=1)
     return keep
 
@@ -651,6 +676,7 @@ def _block(x, labels, valid, w_SxG, v_SxB=None, *, from_logits, k, sub, batch):
         setup = _weighted_setup(f)
         g = w_SxG.shape[1]
         if v_SxB is None:
+
             def one_batch(w_BxG):
                 return {t: _dot(v, vs) for t, v in _weighted(setup, w_BxG).items()}
 
@@ -668,8 +694,7 @@ def _block(x, labels, valid, w_SxG, v_SxB=None, *, from_logits, k, sub, batch):
             sums["dup"] = jnp.sum(terms["cc"] * v_BxM * (v_BxM - 1), axis=1)
             return sums
 
-        sums = lax.map(one_batch_two_way, (w_SxG.reshape(-1, batch, g),
-                                           ve.reshape(-1, batch, sub)))
+        sums = lax.map(one_batch_two_way, (w_SxG.reshape(-1, batch, g), ve.reshape(-1, batch, sub)))
         return out + ({t: v.reshape((-1,) + v.shape[2:]) for t, v in sums.items()},)
 
     terms, correct, boot = lax.map(body, jnp.arange(nb // sub))
@@ -686,8 +711,10 @@ class _Scan:
         if not hasattr(probs, "shape"):
             probs = np.asarray(probs, np.float32)
         if not hasattr(probs, "__getitem__"):
-            raise ValueError("probs must be an array, or an object with .shape whose "
-                             "probs[:, start:stop] returns that block of examples")
+            raise ValueError(
+                "probs must be an array, or an object with .shape whose "
+                "probs[:, start:stop] returns that block of examples"
+            )
         shape = tuple(probs.shape)
         _static_checks(probs, None, min_replicas=1)
         r, n = shape[0], shape[1]
@@ -701,15 +728,19 @@ class _Scan:
         if not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"labels must be integers; got dtype {labels.dtype}")
         if labels.min() < 0 or labels.max() >= c:
-            raise ValueError(f"labels out of range: values must lie in [0, {c - 1}]; found "
-                             f"min {labels.min()} and max {labels.max()}")
+            raise ValueError(
+                f"labels out of range: values must lie in [0, {c - 1}]; found "
+                f"min {labels.min()} and max {labels.max()}"
+            )
         if mask is None:
             keep = np.arange(r)
         else:
             mask = np.asarray(mask)
             if mask.shape != (r,) or mask.dtype != bool:
-                raise ValueError(f"mask must be a boolean array of shape [R] = ({r},) "
-                                 f"(True = keep); got {mask.dtype} {mask.shape}")
+                raise ValueError(
+                    f"mask must be a boolean array of shape [R] = ({r},) "
+                    f"(True = keep); got {mask.dtype} {mask.shape}"
+                )
             keep = np.flatnonzero(mask)
         self.num_excluded = r - len(keep)
         rk = len(keep)
@@ -718,7 +749,8 @@ class _Scan:
                 why = "" if not self.num_excluded else f" ({self.num_excluded} masked out)"
                 raise ValueError(
                     f"pairwise metrics need at least 2 replicas (or groups); got {rk} "
-                    f"replicas{why} and ensemble_size={k}")
+                    f"replicas{why} and ensemble_size={k}"
+                )
         self.probs, self.labels = probs, labels.astype(np.int32)
         self.keep = None if rk == r else keep
         if _is_jax(probs) and self.keep is not None:
@@ -740,8 +772,9 @@ class _Scan:
             self.nb = want // self.sub * self.sub
 
     def _blocks(self):
-        pad_value = 0.0 if self.from_logits else (0.5 if len(self.probs.shape) == 2
-                                                  else 1.0 / self.c)
+        pad_value = (
+            0.0 if self.from_logits else (0.5 if len(self.probs.shape) == 2 else 1.0 / self.c)
+        )
         for a in range(0, self.n, self.nb):
             b = min(a + self.nb, self.n)
             if _is_jax(self.probs):
@@ -767,10 +800,16 @@ class _Scan:
         ``boot_v`` (with ``boot_w``; two-way bootstrap): ``[S, N]`` example multiplicities of
         each sample, sliced per block; the bootstrap sums then also hold ``cor`` ([S, G]) and
         ``dup`` (see :func:`_block`)."""
-        res = {k: {"sums": dict.fromkeys(_TERMS, 0.0), "correct": 0, "ex": [], "cor": [],
-                   "boot": None} for k in self.ks}
-        state = {"nonfinite": np.zeros(self.r, np.int64), "dev": np.zeros(self.r),
-                 "lo": np.full(self.r, np.inf), "hi": np.full(self.r, -np.inf)}
+        res = {
+            k: {"sums": dict.fromkeys(_TERMS, 0.0), "correct": 0, "ex": [], "cor": [], "boot": None}
+            for k in self.ks
+        }
+        state = {
+            "nonfinite": np.zeros(self.r, np.int64),
+            "dev": np.zeros(self.r),
+            "lo": np.full(self.r, np.inf),
+            "hi": np.full(self.r, -np.inf),
+        }
         w_arr = {}
         for k in self.ks:
             g = self.r // k
@@ -787,8 +826,7 @@ class _Scan:
             rows = len(w_arr[self.ks[0]])
             v_arr = np.asarray(boot_v, np.float32)
             if len(v_arr) < rows:  # the padding samples of w_arr
-                v_arr = np.concatenate([v_arr, np.zeros((rows - len(v_arr), self.n),
-                                                        np.float32)])
+                v_arr = np.concatenate([v_arr, np.zeros((rows - len(v_arr), self.n), np.float32)])
 
         def collect(nv, outs):
             for k, out in outs.items():
@@ -802,8 +840,9 @@ class _Scan:
                     acc["cor"].append(correct[:, :nv])
                 if len(w_arr[k]):
                     bs = {t: np.asarray(v[: len(boot_w)], np.float64) for t, v in boot.items()}
-                    acc["boot"] = bs if acc["boot"] is None else {
-                        t: acc["boot"][t] + bs[t] for t in bs}
+                    acc["boot"] = (
+                        bs if acc["boot"] is None else {t: acc["boot"][t] + bs[t] for t in bs}
+                    )
             nf, dv, mn, mx = checks
             state["nonfinite"] += nf
             state["dev"] = np.maximum(state["dev"], dv)
@@ -816,9 +855,20 @@ class _Scan:
                 v_blk = np.zeros((len(v_arr), self.nb), np.float32)
                 v_blk[:, : b - a] = v_arr[:, a:b]
                 extra = (v_blk,)
-            outs = {k: _block(blk, lab, valid, w_arr[k], *extra, from_logits=self.from_logits,
-                              k=k, sub=self.sub, batch=max(1, min(len(w_arr[k]), 256)))
-                    for k in self.ks}
+            outs = {
+                k: _block(
+                    blk,
+                    lab,
+                    valid,
+                    w_arr[k],
+                    *extra,
+                    from_logits=self.from_logits,
+                    k=k,
+                    sub=self.sub,
+                    batch=max(1, min(len(w_arr[k]), 256)),
+                )
+                for k in self.ks
+            }
             if pending is not None:
                 collect(*pending)
             pending = (b - a, outs)
@@ -833,19 +883,22 @@ class _Scan:
             raise ValueError(
                 f"probs has non-finite values (NaN or inf): {int(nonfinite.sum())} values in "
                 f"replicas {ids[bad].tolist()}; exclude diverged replicas with "
-                "mask=metrics.finite_replicas(probs)")
+                "mask=metrics.finite_replicas(probs)"
+            )
         if self.from_logits:
             return
         if (dev > self.atol).any():
             bad = np.flatnonzero(dev > self.atol)
             raise ValueError(
                 f"probabilities do not sum to 1: replicas {ids[bad].tolist()} deviate by up to "
-                f"{dev.max():.3g} (atol={self.atol}); pass from_logits=True for logits")
+                f"{dev.max():.3g} (atol={self.atol}); pass from_logits=True for logits"
+            )
         if (lo < -self.atol).any() or (hi > 1 + self.atol).any():
             bad = np.flatnonzero((lo < -self.atol) | (hi > 1 + self.atol))
             raise ValueError(
                 f"probabilities outside [0, 1] in replicas {ids[bad].tolist()} (min "
-                f"{lo.min():.3g}, max {hi.max():.3g}); pass from_logits=True for logits")
+                f"{lo.min():.3g}, max {hi.max():.3g}); pass from_logits=True for logits"
+            )
 
 
 def _finalize(sums, acc_SxG, n, w_SxG, binary, var_excess=0.0):
@@ -937,8 +990,9 @@ def _replica_values(res, scan, k, w):
     # variance) with 1 - sum w^2 / W^2 instead of 1 - 1/G. Rescale to the point's factor.
     tot = w.sum(-1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        values["js_ensemble"] = values["js_ensemble"] * (1 - 1 / g) / (
-            1 - (w * w).sum(-1) / (tot * tot))
+        values["js_ensemble"] = (
+            values["js_ensemble"] * (1 - 1 / g) / (1 - (w * w).sum(-1) / (tot * tot))
+        )
     return values
 
 
@@ -948,8 +1002,13 @@ def _example_values(arms, key, num_samples):
     examples), all with the same example multiplicities: sample i is
     ``_resample_counts(key, i, size=N)``."""
     n = arms[0][0].n
-    data = [(jnp.asarray(np.concatenate(res["ex"]).astype(np.float32)),
-             jnp.asarray(np.concatenate(res["cor"], axis=1))) for _, _, res in arms]
+    data = [
+        (
+            jnp.asarray(np.concatenate(res["ex"]).astype(np.float32)),
+            jnp.asarray(np.concatenate(res["cor"], axis=1)),
+        )
+        for _, _, res in arms
+    ]
     parts = [[] for _ in arms]
     for s in range(0, num_samples, 64):  # fixed batches of 64: one compile
         v = _resample_counts(key, s, size=n, count=64)
@@ -958,14 +1017,15 @@ def _example_values(arms, key, num_samples):
     out = []
     for (scan, k, _), part in zip(arms, parts, strict=True):
         g = scan.r // k
-        sums_SxT = np.concatenate([p[0] for p in part])[:num_samples].astype(np.float64)
+        term_sums = np.concatenate([p[0] for p in part])[:num_samples].astype(np.float64)
         acc = np.concatenate([p[1] for p in part])[:num_samples].astype(np.float64) / n
-        sums = {t: sums_SxT[:, i] for i, t in enumerate(_TERMS)}
+        sums = {t: term_sums[:, i] for i, t in enumerate(_TERMS)}
         # An example drawn m times enters var_obs with its own variance m^2 times instead of
         # m times (it is perfectly correlated with its copies), which would add about var_ind
         # to every sample; remove those self-products, as copies of a replica form no pair.
         dup = np.concatenate([p[2] for p in part])[:num_samples].astype(np.float64) / (
-            n * n * g * (g - 1))
+            n * n * g * (g - 1)
+        )
         out.append(_finalize(sums, acc, n, np.ones((num_samples, g)), scan.binary, dup))
     return out
 
@@ -991,15 +1051,26 @@ def _point(res, scan, k=1):
     ones = np.ones(g)
     out = _finalize(res["sums"], res["correct"] / scan.n, scan.n, ones, scan.binary)
     report = {key: float(out[key]) for key in METRIC_KEYS + ("var_cal",) if key in out}
-    report.update(num_replicas=int(g), num_examples=int(scan.n),
-                  num_excluded=int(scan.num_excluded))
+    report.update(
+        num_replicas=int(g), num_examples=int(scan.n), num_excluded=int(scan.num_excluded)
+    )
     return report
 
 
-def compare(probs, labels, *, from_logits: bool = False, mask=None, ensemble_size: int = 1,
-            key: jax.Array | None = None, num_samples: int = 1000, level: float = 0.95,
-            over: str = "replicas", atol: float = DEFAULT_ATOL,
-            chunk_size: int | None = None) -> dict[str, Any]:
+def compare(
+    probs,
+    labels,
+    *,
+    from_logits: bool = False,
+    mask=None,
+    ensemble_size: int = 1,
+    key: jax.Array | None = None,
+    num_samples: int = 1000,
+    level: float = 0.95,
+    over: str = "replicas",
+    atol: float = DEFAULT_ATOL,
+    chunk_size: int | None = None,
+) -> dict[str, Any]:
     """Every reproducibility figure of stacked predictions, as a JSON-ready dict.
 
     Streams blocks of ``chunk_size`` examples (default: about 32 MiB of input per block)
@@ -1043,8 +1114,15 @@ def compare(probs, labels, *, from_logits: bool = False, mask=None, ensemble_siz
       Bhojanapalli et al. 2021; Shamir, Lin & Coviello 2020; Jordan 2023 (arXiv 2304.01910);
       apurvakokate/Reproducibility ``ex_mlp.py`` (Effective Test Accuracy).
     """
-    scan = _Scan(probs, labels, from_logits=from_logits, mask=mask, atol=atol,
-                 chunk_size=chunk_size, ks=(ensemble_size,))
+    scan = _Scan(
+        probs,
+        labels,
+        from_logits=from_logits,
+        mask=mask,
+        atol=atol,
+        chunk_size=chunk_size,
+        ks=(ensemble_size,),
+    )
     if key is None:
         return _point(scan.run()[ensemble_size], scan, ensemble_size)
     report, cis = _bootstrap_from_scan(scan, ensemble_size, key, num_samples, level, over)
@@ -1053,10 +1131,20 @@ def compare(probs, labels, *, from_logits: bool = False, mask=None, ensemble_siz
     return report
 
 
-def bootstrap(probs, labels, key: jax.Array, num_samples: int = 1000, level: float = 0.95,
-              over: str = "replicas", *, from_logits: bool = False, mask=None,
-              ensemble_size: int = 1, atol: float = DEFAULT_ATOL,
-              chunk_size: int | None = None) -> dict[str, list[float]]:
+def bootstrap(
+    probs,
+    labels,
+    key: jax.Array,
+    num_samples: int = 1000,
+    level: float = 0.95,
+    over: str = "replicas",
+    *,
+    from_logits: bool = False,
+    mask=None,
+    ensemble_size: int = 1,
+    atol: float = DEFAULT_ATOL,
+    chunk_size: int | None = None,
+) -> dict[str, list[float]]:
     """Percentile bootstrap confidence intervals, deterministic given ``key``.
 
     ``over="replicas"`` resamples replicas (groups, with ``ensemble_size``) with replacement:
@@ -1104,8 +1192,15 @@ def bootstrap(probs, labels, key: jax.Array, num_samples: int = 1000, level: flo
       Efron & Tibshirani 1993, "An Introduction to the Bootstrap"; Jordan 2023 (variance
       ratio).
     """
-    scan = _Scan(probs, labels, from_logits=from_logits, mask=mask, atol=atol,
-                 chunk_size=chunk_size, ks=(ensemble_size,))
+    scan = _Scan(
+        probs,
+        labels,
+        from_logits=from_logits,
+        mask=mask,
+        atol=atol,
+        chunk_size=chunk_size,
+        ks=(ensemble_size,),
+    )
     return _bootstrap_from_scan(scan, ensemble_size, key, num_samples, level, over)[1]
 
 
@@ -1132,10 +1227,14 @@ def _difference_draws(key, over, paired, num_samples, g_a, g_b, n):
     shares them when paired, else uses ``fold_in(key, _STREAM_B)``; examples (shared by both
     arms) from ``key`` for ``over="examples"`` (the draws of ``bootstrap(over="examples")``)
     and from ``fold_in(key, _STREAM_EXAMPLES)`` for ``over="both"``."""
+
     def counts(k, size):  # in fixed batches of 64: one compile per size
-        return np.concatenate([np.asarray(_resample_counts(k, s, size=size, count=64),
-                                          np.float32)
-                               for s in range(0, num_samples, 64)])[:num_samples]
+        return np.concatenate(
+            [
+                np.asarray(_resample_counts(k, s, size=size, count=64), np.float32)
+                for s in range(0, num_samples, 64)
+            ]
+        )[:num_samples]
 
     w_a = w_b = v = None
     if over in ("replicas", "both"):
@@ -1154,8 +1253,9 @@ def _for_arm(arm, fn, *args, **kwargs):
         raise ValueError(f"probs_{arm}: {e}") from None
 
 
-def _difference_scans(probs_a, probs_b, labels, *, paired, mask, mask_b, from_logits, atol,
-                      chunk_size):
+def _difference_scans(
+    probs_a, probs_b, labels, *, paired, mask, mask_b, from_logits, atol, chunk_size
+):
     """Validates the two arms of :func:`difference` and returns their scans."""
     arms = []
     for arm, probs in (("a", probs_a), ("b", probs_b)):
@@ -1167,21 +1267,29 @@ def _difference_scans(probs_a, probs_b, labels, *, paired, mask, mask_b, from_lo
     shape_a, shape_b = tuple(probs_a.shape), tuple(probs_b.shape)
     if paired:
         if mask_b is not None:
-            raise ValueError("mask_b must be None when paired=True: mask applies to both arms "
-                             "(pass the replicas finite in both, e.g. finite_replicas(probs_a) "
-                             "& finite_replicas(probs_b)); use paired=False for independent "
-                             "replica sets")
+            raise ValueError(
+                "mask_b must be None when paired=True: mask applies to both arms "
+                "(pass the replicas finite in both, e.g. finite_replicas(probs_a) "
+                "& finite_replicas(probs_b)); use paired=False for independent "
+                "replica sets"
+            )
         if shape_a != shape_b:
-            raise ValueError(f"paired=True needs probs_a and probs_b of the same shape (replica "
-                             f"r of a paired with replica r of b); got {shape_a} and {shape_b}; "
-                             "use paired=False for independent replica sets")
+            raise ValueError(
+                f"paired=True needs probs_a and probs_b of the same shape (replica "
+                f"r of a paired with replica r of b); got {shape_a} and {shape_b}; "
+                "use paired=False for independent replica sets"
+            )
         mask_b = mask
     elif shape_a[1:] != shape_b[1:]:
-        raise ValueError("probs_a and probs_b must hold predictions of the same N examples and "
-                         f"classes: shapes [R, N(, C)] differ after R: {shape_a} and {shape_b}")
+        raise ValueError(
+            "probs_a and probs_b must hold predictions of the same N examples and "
+            f"classes: shapes [R, N(, C)] differ after R: {shape_a} and {shape_b}"
+        )
     kw = {"from_logits": from_logits, "atol": atol, "chunk_size": chunk_size}
-    return (_for_arm("a", _Scan, probs_a, labels, mask=mask, **kw),
-            _for_arm("b", _Scan, probs_b, labels, mask=mask_b, **kw))
+    return (
+        _for_arm("a", _Scan, probs_a, labels, mask=mask, **kw),
+        _for_arm("b", _Scan, probs_b, labels, mask=mask_b, **kw),
+    )
 
 
 def _difference_samples(scan_a, scan_b, key, *, over, paired, num_samples):
@@ -1189,11 +1297,13 @@ def _difference_samples(scan_a, scan_b, key, *, over, paired, num_samples):
     if over == "examples":
         res_a = _for_arm("a", scan_a.run, keep_examples=True)[1]
         res_b = _for_arm("b", scan_b.run, keep_examples=True)[1]
-        values_a, values_b = _example_values([(scan_a, 1, res_a), (scan_b, 1, res_b)], key,
-                                             num_samples)
+        values_a, values_b = _example_values(
+            [(scan_a, 1, res_a), (scan_b, 1, res_b)], key, num_samples
+        )
     else:
-        w_a, w_b, v = _difference_draws(key, over, paired, num_samples, scan_a.r, scan_b.r,
-                                        scan_a.n)
+        w_a, w_b, v = _difference_draws(
+            key, over, paired, num_samples, scan_a.r, scan_b.r, scan_a.n
+        )
         # Samples padded to a multiple of _DIFF_BATCH: every sample is then evaluated by the
         # same program at the same position of its batch whatever num_samples is, so its
         # values do not depend on num_samples (bitwise).
@@ -1221,16 +1331,33 @@ def _paired_summary(a, b, samples_a, samples_b, level):
         ci, p_value = [math.nan, math.nan], math.nan
     else:
         ci = _interval(d, level)
-        p_value = min(1.0, 2 * (min(int((d <= 0).sum()), int((d >= 0).sum())) + 1)
-                      / (d.size + 1))
-    return {"a": float(a), "b": float(b), "diff": float(a) - float(b), "ci": ci,
-            "p_value": float(p_value), "significant": bool(ci[0] > 0 or ci[1] < 0)}
+        p_value = min(1.0, 2 * (min(int((d <= 0).sum()), int((d >= 0).sum())) + 1) / (d.size + 1))
+    return {
+        "a": float(a),
+        "b": float(b),
+        "diff": float(a) - float(b),
+        "ci": ci,
+        "p_value": float(p_value),
+        "significant": bool(ci[0] > 0 or ci[1] < 0),
+    }
 
 
-def difference(probs_a, probs_b, labels, key: jax.Array, *, paired: bool = True,
-               over: str = "replicas", num_samples: int = 1000, level: float = 0.95,
-               mask=None, mask_b=None, from_logits: bool = False, atol: float = DEFAULT_ATOL,
-               chunk_size: int | None = None) -> dict[str, Any]:
+def difference(
+    probs_a,
+    probs_b,
+    labels,
+    key: jax.Array,
+    *,
+    paired: bool = True,
+    over: str = "replicas",
+    num_samples: int = 1000,
+    level: float = 0.95,
+    mask=None,
+    mask_b=None,
+    from_logits: bool = False,
+    atol: float = DEFAULT_ATOL,
+    chunk_size: int | None = None,
+) -> dict[str, Any]:
     """Bootstrap interval of the difference a - b of every metric between two arms: "is arm
     a more reproducible than arm b", deterministic given ``key``.
 
@@ -1318,13 +1445,24 @@ def difference(probs_a, probs_b, labels, key: jax.Array, *, paired: bool = True,
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
         raise ValueError(f"num_samples must be an integer; got {num_samples!r}")
     _check_bootstrap_args(num_samples, level)
-    scan_a, scan_b = _difference_scans(probs_a, probs_b, labels, paired=paired, mask=mask,
-                                       mask_b=mask_b, from_logits=from_logits, atol=atol,
-                                       chunk_size=chunk_size)
+    scan_a, scan_b = _difference_scans(
+        probs_a,
+        probs_b,
+        labels,
+        paired=paired,
+        mask=mask,
+        mask_b=mask_b,
+        from_logits=from_logits,
+        atol=atol,
+        chunk_size=chunk_size,
+    )
     point_a, point_b, values_a, values_b = _difference_samples(
-        scan_a, scan_b, key, over=over, paired=paired, num_samples=int(num_samples))
+        scan_a, scan_b, key, over=over, paired=paired, num_samples=int(num_samples)
+    )
     report: dict[str, Any] = {
-        "paired": bool(paired), "over": over, "num_samples": int(num_samples),
+        "paired": bool(paired),
+        "over": over,
+        "num_samples": int(num_samples),
         "level": float(level),
         "num_replicas": [point_a["num_replicas"], point_b["num_replicas"]],
         "num_examples": point_a["num_examples"],
@@ -1332,14 +1470,22 @@ def difference(probs_a, probs_b, labels, key: jax.Array, *, paired: bool = True,
     }
     for name in CI_KEYS:
         if name in values_a and name in values_b:
-            report[name] = _paired_summary(point_a[name], point_b[name], values_a[name],
-                                           values_b[name], level)
+            report[name] = _paired_summary(
+                point_a[name], point_b[name], values_a[name], values_b[name], level
+            )
     return report
 
 
-def ensemble_curve(probs, labels, ks: Sequence[int] | None = None, *,
-                   from_logits: bool = False, mask=None, atol: float = DEFAULT_ATOL,
-                   chunk_size: int | None = None) -> list[dict[str, Any]]:
+def ensemble_curve(
+    probs,
+    labels,
+    ks: Sequence[int] | None = None,
+    *,
+    from_logits: bool = False,
+    mask=None,
+    atol: float = DEFAULT_ATOL,
+    chunk_size: int | None = None,
+) -> list[dict[str, Any]]:
     """Every metric among ensembles of k consecutive replicas, for k = 1, 2, 4, ... <= R / 2.
 
     All ks are computed in one pass over the data. Grouping is consecutive and the last
@@ -1360,8 +1506,9 @@ def ensemble_curve(probs, labels, ks: Sequence[int] | None = None, *,
     if ks is None:
         ks = [1 << i for i in range(max(r // 2, 1).bit_length()) if (1 << i) <= r // 2]
     ks = tuple(int(k) for k in ks)
-    scan = _Scan(probs, labels, from_logits=from_logits, mask=mask, atol=atol,
-                 chunk_size=chunk_size, ks=ks)
+    scan = _Scan(
+        probs, labels, from_logits=from_logits, mask=mask, atol=atol, chunk_size=chunk_size, ks=ks
+    )
     res = scan.run()
     rows = []
     for k in ks:
@@ -1393,8 +1540,9 @@ def _mean_correlations(logits_RxKxNxC: jax.Array, labels_N: jax.Array) -> jax.Ar
     def one(logits_KxNxC):
         centred = logits_KxNxC - logits_KxNxC.mean(axis=-1, keepdims=True)
         residual = jax.nn.softmax(logits_KxNxC, axis=-1) - onehot_NxC[None]
-        return jnp.stack([losses.pairwise_correlation(o)[i, j].mean()
-                                for o in (logits_KxNxC, centred, residual)])
+        return jnp.stack(
+            [losses.pairwise_correlation(o)[i, j].mean() for o in (logits_KxNxC, centred, residual)]
+        )
 
     return jax.vmap(one, out_axes=1)(logits_RxKxNxC)
 
@@ -1422,9 +1570,13 @@ def component_stats(logits_RxKxNxC, labels_N) -> dict[str, Any]:
     i, j = np.triu_indices(logits.shape[1], 1)
     yhat = np.argmax(logits, axis=-1)
     disagree = np.mean([np.mean(yhat[:, a] != yhat[:, b]) for a, b in zip(i, j, strict=True)])
-    out: dict[str, Any] = {f"corr_{name}": float(np.mean(corr[n]))
-                           for n, name in enumerate(COMPONENT_OUTPUTS)}
-    out.update({f"corr_{name}_replicas": corr[n].tolist() for n, name in enumerate(COMPONENT_OUTPUTS)})
-    out.update(disagreement=float(disagree),
-               component_acc=float(np.mean(yhat == labels[None, None, :])))
+    out: dict[str, Any] = {
+        f"corr_{name}": float(np.mean(corr[n])) for n, name in enumerate(COMPONENT_OUTPUTS)
+    }
+    out.update(
+        {f"corr_{name}_replicas": corr[n].tolist() for n, name in enumerate(COMPONENT_OUTPUTS)}
+    )
+    out.update(
+        disagreement=float(disagree), component_acc=float(np.mean(yhat == labels[None, None, :]))
+    )
     return out

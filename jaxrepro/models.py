@@ -57,8 +57,10 @@ class PatchConv(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         spatial = x.shape[1:-1]
         if len(spatial) != len(self.window):
-            raise ValueError(f"PatchConv: window {self.window} needs {len(self.window)} spatial "
-                             f"axes, got input {x.shape}")
+            raise ValueError(
+                f"PatchConv: window {self.window} needs {len(self.window)} spatial "
+                f"axes, got input {x.shape}"
+            )
         pads, outs = [(0, 0)], []
         for size, k, s in zip(spatial, self.window, self.strides, strict=True):
             out = -(-size // s)
@@ -74,17 +76,24 @@ class PatchConv(nn.Module):
             patches.append(patch)
         patches = jnp.concatenate(patches, axis=-1)
         c_in = x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                            (*self.window, c_in, self.features), jnp.float32)
+        kernel = self.param(
+            "kernel",
+            nn.initializers.lecun_normal(),
+            (*self.window, c_in, self.features),
+            jnp.float32,
+        )
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         return patches @ kernel.reshape(-1, self.features) + bias
 
 
-def _conv(kind: str, features: int, window: tuple[int, ...], strides: tuple[int, ...],
-          name: str) -> nn.Module:
+def _conv(
+    kind: str, features: int, window: tuple[int, ...], strides: tuple[int, ...], name: str
+) -> nn.Module:
     if kind == "patches":
         return PatchConv(features, window, strides, name=name)
     return nn.Conv(features, window, strides=strides, padding="SAME", name=name)
+
+
 BATCH_NORM_MOMENTUM = 0.9
 
 
@@ -106,8 +115,9 @@ def _check_positive_int(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _conv_stack(module: nn.Module, h: jax.Array, window: tuple[int, ...], act, *,
-                train: bool) -> jax.Array:
+def _conv_stack(
+    module: nn.Module, h: jax.Array, window: tuple[int, ...], act, *, train: bool
+) -> jax.Array:
     """``module.features`` layers of stride-2 conv -> [norm] -> activation -> [dropout].
 
     Called from a CNN's compact ``__call__``, so the layers are its submodules ``conv_i`` and
@@ -381,8 +391,10 @@ class Ensemble(nn.Module):
     def __post_init__(self):
         _check_positive_int("num_components", self.num_components)
         if self.shared_body and not hasattr(self.model, "heads"):
-            raise ValueError(f"shared_body=True needs a model with a 'heads' field (MLP, CNN1D, "
-                             f"CNN2D); {type(self.model).__name__} has none")
+            raise ValueError(
+                f"shared_body=True needs a model with a 'heads' field (MLP, CNN1D, "
+                f"CNN2D); {type(self.model).__name__} has none"
+            )
         if getattr(self.model, "heads", 1) != 1:
             raise ValueError("Ensemble: the wrapped model must have heads=1")
         super().__post_init__()
@@ -401,7 +413,9 @@ class Ensemble(nn.Module):
             lambda module, x: module(x, train=train),
             variable_axes={"params": 0, "batch_stats": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=None, out_axes=0, axis_size=k,
+            in_axes=None,
+            out_axes=0,
+            axis_size=k,
         )
         return towers(self.model, x)
 

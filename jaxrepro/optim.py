@@ -22,8 +22,9 @@ import optax
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
 
-def optimizer(name: str, learning_rate: float, *, momentum: float = 0.9,
-              weight_decay: float = 0.0) -> optax.GradientTransformation:
+def optimizer(
+    name: str, learning_rate: float, *, momentum: float = 0.9, weight_decay: float = 0.0
+) -> optax.GradientTransformation:
     """An optax optimizer by name.
 
     Args:
@@ -41,22 +42,29 @@ def optimizer(name: str, learning_rate: float, *, momentum: float = 0.9,
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
-    for label, value, positive in (("learning_rate", learning_rate, True),
-                                   ("momentum", momentum, False),
-                                   ("weight_decay", weight_decay, False)):
+    for label, value, positive in (
+        ("learning_rate", learning_rate, True),
+        ("momentum", momentum, False),
+        ("weight_decay", weight_decay, False),
+    ):
         if not math.isfinite(value) or value < 0 or (positive and value == 0):
             bound = "> 0" if positive else ">= 0"
             raise ValueError(f"{label} must be finite and {bound}, got {value!r}")
     if momentum >= 1:
         raise ValueError(f"momentum must be < 1, got {momentum!r}")
     # Normalised arguments, so equivalent calls return the same (cached) object.
-    return _build(name, float(learning_rate), float(momentum) if name == "momentum" else 0.0,
-                  float(weight_decay))
+    return _build(
+        name,
+        float(learning_rate),
+        float(momentum) if name == "momentum" else 0.0,
+        float(weight_decay),
+    )
 
 
 @functools.cache
-def _build(name: str, learning_rate: float, momentum: float, weight_decay: float
-           ) -> optax.GradientTransformation:
+def _build(
+    name: str, learning_rate: float, momentum: float, weight_decay: float
+) -> optax.GradientTransformation:
     if name == "sgd":
         tx = optax.sgd(learning_rate)
     elif name == "momentum":

@@ -62,9 +62,15 @@ def _num(v) -> float:
     return math.nan if v is None else float(v)
 
 
-def grouped_bars(path: str | os.PathLike, categories: Sequence[str],
-                 series: Mapping[str, Sequence[float | None]], *, ylabel: str,
-                 xlabel: str = "", title: str = "") -> Path:
+def grouped_bars(
+    path: str | os.PathLike,
+    categories: Sequence[str],
+    series: Mapping[str, Sequence[float | None]],
+    *,
+    ylabel: str,
+    xlabel: str = "",
+    title: str = "",
+) -> Path:
     """Bars of each series side by side per category (e.g. churn per setting, per activation).
 
     Args:
@@ -92,9 +98,15 @@ def grouped_bars(path: str | os.PathLike, categories: Sequence[str],
     return save(fig, path)
 
 
-def metric_panels(path: str | os.PathLike, labels: Sequence[str],
-                  panels: Mapping[str, Sequence[float | None]], *, xlabel: str = "",
-                  kind: str = "line", title: str = "") -> Path:
+def metric_panels(
+    path: str | os.PathLike,
+    labels: Sequence[str],
+    panels: Mapping[str, Sequence[float | None]],
+    *,
+    xlabel: str = "",
+    kind: str = "line",
+    title: str = "",
+) -> Path:
     """One panel per metric against a grid (one value per label), as bars or a line.
 
     Args:
@@ -115,8 +127,12 @@ def metric_panels(path: str | os.PathLike, labels: Sequence[str],
             ax.bar(xs, ys, color="tab:blue")
         else:
             ax.plot(xs, ys, marker="o")
-        ax.set_xticks(xs, [str(v) for v in labels], rotation=45 if kind == "bar" else 0,
-                      ha="right" if kind == "bar" else "center")
+        ax.set_xticks(
+            xs,
+            [str(v) for v in labels],
+            rotation=45 if kind == "bar" else 0,
+            ha="right" if kind == "bar" else "center",
+        )
         ax.set_title(metric)
         ax.set_xlabel(xlabel)
         ax.set_ylim(bottom=0)
@@ -126,9 +142,14 @@ def metric_panels(path: str | os.PathLike, labels: Sequence[str],
     return save(fig, path)
 
 
-def histograms(path: str | os.PathLike, edges: Sequence[float],
-               counts: Mapping[str, Mapping[str, Sequence[int]]], *, xlabel: str = "",
-               title: str = "") -> Path:
+def histograms(
+    path: str | os.PathLike,
+    edges: Sequence[float],
+    counts: Mapping[str, Mapping[str, Sequence[int]]],
+    *,
+    xlabel: str = "",
+    title: str = "",
+) -> Path:
     """Pre-binned histograms: one panel per group, one step line per series.
 
     Args:
@@ -153,8 +174,15 @@ def histograms(path: str | os.PathLike, edges: Sequence[float],
     return save(fig, path)
 
 
-def scatter_intervals(path: str | os.PathLike, points: Sequence[Mapping[str, Any]], *,
-                      xlabel: str, ylabel: str, title: str = "", diagonal: bool = True) -> Path:
+def scatter_intervals(
+    path: str | os.PathLike,
+    points: Sequence[Mapping[str, Any]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    diagonal: bool = True,
+) -> Path:
     """Points with optional interval bars, and the diagonal y = x.
 
     Args:
@@ -177,8 +205,16 @@ def scatter_intervals(path: str | os.PathLike, points: Sequence[Mapping[str, Any
         color = colors.setdefault(series, palette[len(colors) % len(palette)])
         marker = markers.setdefault(group, shapes[len(markers) % len(shapes)])
         label = p.get("label") or "/".join(v for v in (group, series) if v)
-        ax.errorbar([x], [y], xerr=error_bar(x, p.get("x_ci")), yerr=error_bar(y, p.get("y_ci")),
-                    fmt=marker, color=color, capsize=3, label=label)
+        ax.errorbar(
+            [x],
+            [y],
+            xerr=error_bar(x, p.get("x_ci")),
+            yerr=error_bar(y, p.get("y_ci")),
+            fmt=marker,
+            color=color,
+            capsize=3,
+            label=label,
+        )
         values = [x, y, *(p.get("x_ci") or [0.0]), *(p.get("y_ci") or [0.0])]
         values = [v for v in map(_num, values) if math.isfinite(v)]
         top, bottom = max(top, *values), min(bottom, *values)

@@ -135,20 +135,39 @@ class Synthetic:
     def __post_init__(self):
         for name in ("dim", "num_train", "num_test", "hidden", "depth"):
             v = getattr(self, name)
-            _check(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1,
-                   name, f"must be an int >= 1, got {v!r}")
-        _check(self.teacher in TEACHERS, "teacher",
-               f"unknown teacher {self.teacher!r}; choose one of {', '.join(TEACHERS)}")
+            _check(
+                isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1,
+                name,
+                f"must be an int >= 1, got {v!r}",
+            )
+        _check(
+            self.teacher in TEACHERS,
+            "teacher",
+            f"unknown teacher {self.teacher!r}; choose one of {', '.join(TEACHERS)}",
+        )
         activations.get(self.activation)  # Raises ValueError naming the spec.
-        _check(isinstance(self.num_classes, (int, np.integer)) and self.num_classes >= 2,
-               "num_classes", f"must be an int >= 2, got {self.num_classes!r}")
-        _check(math.isfinite(self.temperature) and self.temperature >= 0, "temperature",
-               f"must be finite and >= 0, got {self.temperature!r}")
-        _check(0.0 <= self.label_noise <= 1.0, "label_noise",
-               f"must be in [0, 1], got {self.label_noise!r}")
-        _check(isinstance(self.seed, (int, np.integer)) and not isinstance(self.seed, bool)
-               and 0 <= self.seed < 2**32, "seed",
-               f"must be an int in [0, 2**32), got {self.seed!r}")
+        _check(
+            isinstance(self.num_classes, (int, np.integer)) and self.num_classes >= 2,
+            "num_classes",
+            f"must be an int >= 2, got {self.num_classes!r}",
+        )
+        _check(
+            math.isfinite(self.temperature) and self.temperature >= 0,
+            "temperature",
+            f"must be finite and >= 0, got {self.temperature!r}",
+        )
+        _check(
+            0.0 <= self.label_noise <= 1.0,
+            "label_noise",
+            f"must be in [0, 1], got {self.label_noise!r}",
+        )
+        _check(
+            isinstance(self.seed, (int, np.integer))
+            and not isinstance(self.seed, bool)
+            and 0 <= self.seed < 2**32,
+            "seed",
+            f"must be an int in [0, 2**32), got {self.seed!r}",
+        )
 
     @property
     def num_outputs(self) -> int:
@@ -169,14 +188,19 @@ class Synthetic:
             last = i == len(sizes) - 2
             b = np.zeros(fan_out) if last else rng.standard_normal(fan_out)
             layers.append((w.astype(np.float32), b.astype(np.float32)))
-        unscaled = Teacher(tuple(layers), self.activation, np.zeros(self.num_outputs, np.float32),
-                           np.ones(self.num_outputs, np.float32))
+        unscaled = Teacher(
+            tuple(layers),
+            self.activation,
+            np.zeros(self.num_outputs, np.float32),
+            np.ones(self.num_outputs, np.float32),
+        )
         x_norm = _rng(self.seed, _NORM).standard_normal((NORM_SAMPLES, self.dim))
         raw = np.asarray(unscaled.raw(x_norm.astype(np.float32)), np.float64)
         scale = raw.std(axis=0)
         scale = np.where(scale > 0, scale, 1.0)
-        return dataclasses.replace(unscaled, shift=raw.mean(axis=0).astype(np.float32),
-                                   scale=scale.astype(np.float32))
+        return dataclasses.replace(
+            unscaled, shift=raw.mean(axis=0).astype(np.float32), scale=scale.astype(np.float32)
+        )
 
     def _labels(self, rng: np.random.Generator, logits_NxK: np.ndarray) -> np.ndarray:
         n = logits_NxK.shape[0]
@@ -204,8 +228,10 @@ class Synthetic:
         """The dataset of this spec: train and test inputs and labels, named ``"synthetic"``."""
         teacher = self.make_teacher()
         arrays = {}
-        for split, n, kx, ky in (("train", self.num_train, _X_TRAIN, _Y_TRAIN),
-                                 ("test", self.num_test, _X_TEST, _Y_TEST)):
+        for split, n, kx, ky in (
+            ("train", self.num_train, _X_TRAIN, _Y_TRAIN),
+            ("test", self.num_test, _X_TEST, _Y_TEST),
+        ):
             x = _rng(self.seed, kx).standard_normal((n, self.dim)).astype(np.float32)
             arrays[f"x_{split}"] = x
             arrays[f"y_{split}"] = self._labels(_rng(self.seed, ky), teacher(x))

@@ -25,8 +25,7 @@ def main(argv):
 
     if len(argv) > 3:
         address, num, pid = argv[3], int(argv[4]), int(argv[5])
-        assert jaxrepro.distributed.initialize(address, num, pid,
-                                               cpu_devices=DEVICES_PER_PROCESS)
+        assert jaxrepro.distributed.initialize(address, num, pid, cpu_devices=DEVICES_PER_PROCESS)
     else:
         jaxrepro.use_cpu_devices(2 * DEVICES_PER_PROCESS)
         pid = 0
@@ -36,8 +35,10 @@ def main(argv):
 
     from jaxrepro import data, engine, models, study
 
-    out = {"num_devices": np.int32(len(jax.devices())),
-           "num_processes": np.int32(jax.process_count())}
+    out = {
+        "num_devices": np.int32(len(jax.devices())),
+        "num_processes": np.int32(jax.process_count()),
+    }
     modes = mode.split("+")
     if "fit" in modes:
         rng = np.random.default_rng(0)
@@ -46,8 +47,16 @@ def main(argv):
         ds = data.Dataset(x[:160], y[:160], x[160:], y[160:], num_classes=2)
         model = models.MLP(widths=(8,), num_classes=2, dropout_rate=0.1)
         for r in (4, 5):
-            run = engine.fit(model, optax.adam(1e-2), ds, replicas=r, epochs=2, batch_size=32,
-                             strategy="map", vary=("init", "order", "dropout"))
+            run = engine.fit(
+                model,
+                optax.adam(1e-2),
+                ds,
+                replicas=r,
+                epochs=2,
+                batch_size=32,
+                strategy="map",
+                vary=("init", "order", "dropout"),
+            )
             out[f"r{r}_probs"] = run.predict(ds.x_test)
             out[f"r{r}_logits"] = run.predict(ds.x_test, logits=True, chunk_size=16)
             out[f"r{r}_loss"] = run.history["loss"]
@@ -56,8 +65,17 @@ def main(argv):
             out[f"r{r}_devices"] = np.int32(run.placement.num_devices)
         # A learning rate per replica: the hyperparameters are sharded (and padded) too.
         tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
-        run = engine.fit(model, tx, ds, replicas=3, epochs=1, batch_size=32, strategy="map",
-                         hparams={"learning_rate": [0.0, 0.1, 0.3]}, vary=("init",))
+        run = engine.fit(
+            model,
+            tx,
+            ds,
+            replicas=3,
+            epochs=1,
+            batch_size=32,
+            strategy="map",
+            hparams={"learning_rate": [0.0, 0.1, 0.3]},
+            vary=("init",),
+        )
         out["hp_kernel"] = np.asarray(run.state.params["dense_0"]["kernel"])
         out["hp_lr"] = np.asarray(run.state.opt_state.hyperparams["learning_rate"])
     if "study" in modes or "resume" in modes:
@@ -73,8 +91,9 @@ def main(argv):
 
         if "resume" in modes:
             try:
-                study.run(config, workdir, checkpoint_every=1, progress=False,
-                          on_checkpoint=interrupt)
+                study.run(
+                    config, workdir, checkpoint_every=1, progress=False, on_checkpoint=interrupt
+                )
                 raise AssertionError("the run was not interrupted")
             except Interrupt:
                 pass

@@ -14,9 +14,22 @@ FLOOR = metrics.LOG_FLOOR
 R, N, C = 4, 12, 3  # shared shapes keep the number of compilations small
 S = 40
 CHUNK = 5  # several blocks per pass (the last one padded), shared by every test: few compiles
-CHECKED = ("churn", "pd_abs", "pd_rel", "pd_l2", "kl_pairwise", "js_ensemble",
-           "churn_correctness", "acc_mean", "acc_std", "eta", "var_obs", "var_ind", "var_ratio",
-           "var_cal")
+CHECKED = (
+    "churn",
+    "pd_abs",
+    "pd_rel",
+    "pd_l2",
+    "kl_pairwise",
+    "js_ensemble",
+    "churn_correctness",
+    "acc_mean",
+    "acc_std",
+    "eta",
+    "var_obs",
+    "var_ind",
+    "var_ratio",
+    "var_cal",
+)
 
 
 def make(r, n, c, seed):
@@ -57,28 +70,42 @@ def reference_sample(x, labels, w, v):
             churn += ww * v[e] * (yhat[i, e] != yhat[j, e])
             tv += ww * v[e] * 0.5 * np.abs(p[i, e] - p[j, e]).sum()
             sq += ww * v[e] * ((p[i, e] - p[j, e]) ** 2).sum()
-            kl += ww * v[e] * ((p[i, e] * (logp[i, e] - logp[j, e])).sum()
-                               + (p[j, e] * (logp[j, e] - logp[i, e])).sum())
+            kl += (
+                ww
+                * v[e]
+                * (
+                    (p[i, e] * (logp[i, e] - logp[j, e])).sum()
+                    + (p[j, e] * (logp[j, e] - logp[i, e])).sum()
+                )
+            )
             cc += ww * v[e] * d[e] ** 2
             rel[e] += ww * abs(q[i, e] - q[j, e])
     with np.errstate(divide="ignore", invalid="ignore"):
         qbar = w @ q / tot
-        rel = np.where(qbar < metrics.PBAR_FLOOR, 0.0,
-                       rel / pairs / np.maximum(qbar, metrics.PBAR_FLOOR))
+        rel = np.where(
+            qbar < metrics.PBAR_FLOOR, 0.0, rel / pairs / np.maximum(qbar, metrics.PBAR_FLOOR)
+        )
         pbar = np.einsum("r,rnc->nc", w, p) / tot
-        js = np.einsum("r,rnc->n", w, p * logp) / tot - (pbar * np.log(
-            np.maximum(pbar, FLOOR))).sum(-1)
+        js = np.einsum("r,rnc->n", w, p * logp) / tot - (
+            pbar * np.log(np.maximum(pbar, FLOOR))
+        ).sum(-1)
         js_factor = (1 - 1 / r) / (1 - (w * w).sum() / tot**2)  # 1 without replica draws
         acc = correct @ v / n
         acc_mean = w @ acc / tot
         var_obs = max(var_pairs / (2 * pairs), 0.0) if pairs > 0 else math.nan
         out = {
-            "churn": churn / (n * pairs), "pd_abs": tv / (n * pairs), "pd_rel": v @ rel / n,
+            "churn": churn / (n * pairs),
+            "pd_abs": tv / (n * pairs),
+            "pd_rel": v @ rel / n,
             "pd_l2": math.sqrt(sq / (n * pairs)) if pairs > 0 else math.nan,
-            "kl_pairwise": kl / (2 * n * pairs), "js_ensemble": v @ js / n * js_factor,
-            "churn_correctness": cc / (n * pairs), "acc_mean": acc_mean,
-            "acc_std": math.sqrt(var_obs), "eta": acc_mean - churn / (n * pairs),
-            "var_obs": var_obs, "var_ind": cc / (n * n * 2 * pairs),
+            "kl_pairwise": kl / (2 * n * pairs),
+            "js_ensemble": v @ js / n * js_factor,
+            "churn_correctness": cc / (n * pairs),
+            "acc_mean": acc_mean,
+            "acc_std": math.sqrt(var_obs),
+            "eta": acc_mean - churn / (n * pairs),
+            "var_obs": var_obs,
+            "var_ind": cc / (n * n * 2 * pairs),
         }
         out["var_ratio"] = out["var_obs"] / out["var_ind"]
     if c == 2:
@@ -89,8 +116,15 @@ def reference_sample(x, labels, w, v):
 def explicit_counts(key, size, rows):
     """The documented draws of samples ``rows``: sample i is the bincount of
     randint(fold_in(key, i), (size,), 0, size)."""
-    return np.stack([np.bincount(np.asarray(jax.random.randint(
-        jax.random.fold_in(key, i), (size,), 0, size)), minlength=size) for i in rows])
+    return np.stack(
+        [
+            np.bincount(
+                np.asarray(jax.random.randint(jax.random.fold_in(key, i), (size,), 0, size)),
+                minlength=size,
+            )
+            for i in rows
+        ]
+    )
 
 
 def difference(*args, **kw):
@@ -99,11 +133,20 @@ def difference(*args, **kw):
 
 def samples(xa, xb, y, key, **kw):
     kw = {"paired": True, "mask": None, "mask_b": None, **kw}
-    scans = metrics._difference_scans(xa, xb, y, paired=kw["paired"], mask=kw["mask"],
-                                      mask_b=kw["mask_b"], from_logits=False,
-                                      atol=metrics.DEFAULT_ATOL, chunk_size=CHUNK)
-    return metrics._difference_samples(*scans, key, over=kw["over"], paired=kw["paired"],
-                                       num_samples=kw["num_samples"])
+    scans = metrics._difference_scans(
+        xa,
+        xb,
+        y,
+        paired=kw["paired"],
+        mask=kw["mask"],
+        mask_b=kw["mask_b"],
+        from_logits=False,
+        atol=metrics.DEFAULT_ATOL,
+        chunk_size=CHUNK,
+    )
+    return metrics._difference_samples(
+        *scans, key, over=kw["over"], paired=kw["paired"], num_samples=kw["num_samples"]
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,11 +162,14 @@ def test_draws_follow_the_documented_scheme():
     w_a2, w_b2, v2 = metrics._difference_draws(key, "both", False, S, R, gb, N)
     np.testing.assert_array_equal(w_a2, w_a)  # arm a: the draws of bootstrap(over=replicas)
     np.testing.assert_array_equal(
-        w_b2[[0, 39]], explicit_counts(jax.random.fold_in(key, 0x80000001), gb, [0, 39]))
+        w_b2[[0, 39]], explicit_counts(jax.random.fold_in(key, 0x80000001), gb, [0, 39])
+    )
     np.testing.assert_array_equal(
-        v2[[0, 39]], explicit_counts(jax.random.fold_in(key, 0x80000002), N, [0, 39]))
+        v2[[0, 39]], explicit_counts(jax.random.fold_in(key, 0x80000002), N, [0, 39])
+    )
     np.testing.assert_array_equal(
-        metrics._difference_draws(key, "replicas", False, S, R, gb, N)[1], w_b2)
+        metrics._difference_draws(key, "replicas", False, S, R, gb, N)[1], w_b2
+    )
     no_a, no_b, v = metrics._difference_draws(key, "examples", False, 70, R, gb, N)
     assert no_a is None and no_b is None and v.shape == (70, N)
     # Both sides of the batches of 64: the draws of bootstrap(over="examples").
@@ -132,19 +178,27 @@ def test_draws_follow_the_documented_scheme():
     long = metrics._difference_draws(key, "both", False, 70, R, gb, N)
     for a, b in zip((w_a2, w_b2, v2), long, strict=True):
         np.testing.assert_array_equal(a, b[:S])
-    np.testing.assert_array_equal(v, metrics._difference_draws(key, "examples", True, 70, R, R,
-                                                               N)[2])
+    np.testing.assert_array_equal(
+        v, metrics._difference_draws(key, "examples", True, 70, R, R, N)[2]
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Against the reference.
 
 
-@pytest.mark.parametrize("over,paired,binary,masked", [
-    ("replicas", True, False, False), ("replicas", False, False, True),
-    ("examples", True, False, True), ("examples", False, True, False),
-    ("both", True, False, False), ("both", False, False, True), ("both", True, True, True),
-])
+@pytest.mark.parametrize(
+    "over,paired,binary,masked",
+    [
+        ("replicas", True, False, False),
+        ("replicas", False, False, True),
+        ("examples", True, False, True),
+        ("examples", False, True, False),
+        ("both", True, False, False),
+        ("both", False, False, True),
+        ("both", True, True, True),
+    ],
+)
 def test_samples_and_intervals_match_reference(over, paired, binary, masked):
     c = None if binary else C
     xa, y = make(R, N, c, seed=1)
@@ -158,8 +212,7 @@ def test_samples_and_intervals_match_reference(over, paired, binary, masked):
     kb = ka if paired else (np.ones(len(xb), bool) if mask_b is None else mask_b)
     kw = {"over": over, "paired": paired, "mask": mask, "mask_b": mask_b, "num_samples": S}
     point_a, point_b, values_a, values_b = samples(xa, xb, y, key, **kw)
-    w_a, w_b, v = metrics._difference_draws(key, over, paired, S, int(ka.sum()), int(kb.sum()),
-                                            N)
+    w_a, w_b, v = metrics._difference_draws(key, over, paired, S, int(ka.sum()), int(kb.sum()), N)
     want_a, want_b = [], []
     for i in range(S):
         wa = np.ones(ka.sum()) if w_a is None else w_a[i]
@@ -176,11 +229,11 @@ def test_samples_and_intervals_match_reference(over, paired, binary, masked):
             # reference, NaN or +-inf (0 / 0 after float32 rounding) in metrics.
             np.testing.assert_array_equal(np.isfinite(got[name]), np.isfinite(want), name)
             ok = np.isfinite(want)
-            np.testing.assert_allclose(got[name][ok], want[ok], rtol=1e-5, atol=1e-8,
-                                       err_msg=name)
+            np.testing.assert_allclose(got[name][ok], want[ok], rtol=1e-5, atol=1e-8, err_msg=name)
     # The report: points, intervals and p-values of the reference differences.
-    report = difference(xa, xb, y, key, over=over, paired=paired, mask=mask, mask_b=mask_b,
-                        num_samples=S)
+    report = difference(
+        xa, xb, y, key, over=over, paired=paired, mask=mask, mask_b=mask_b, num_samples=S
+    )
     ones_a, ones_b = np.ones(ka.sum()), np.ones(kb.sum())
     point_ref_a = reference_sample(xa[ka], y, ones_a, np.ones(N))
     point_ref_b = reference_sample(xb[kb], y, ones_b, np.ones(N))
@@ -189,8 +242,13 @@ def test_samples_and_intervals_match_reference(over, paired, binary, masked):
     assert report["num_examples"] == N
     for name in keys:
         entry = report[name]
-        np.testing.assert_allclose([entry["a"], entry["b"]], [point_ref_a[name],
-                                   point_ref_b[name]], rtol=1e-5, atol=1e-8, err_msg=name)
+        np.testing.assert_allclose(
+            [entry["a"], entry["b"]],
+            [point_ref_a[name], point_ref_b[name]],
+            rtol=1e-5,
+            atol=1e-8,
+            err_msg=name,
+        )
         assert entry["diff"] == entry["a"] - entry["b"]
         da = np.array([s[name] for s in want_a])
         db = np.array([s[name] for s in want_b])
@@ -228,14 +286,26 @@ def test_reproducible_arm_is_significantly_better(over):
     agree = (base + 0.01 * rng.dirichlet(np.ones(C), size=(R, N))) / 1.01
     noisy = rng.dirichlet(np.ones(C), size=(R, N))
     y = rng.integers(0, C, N)
-    report = difference(agree.astype(np.float32), noisy.astype(np.float32), y,
-                        jax.random.key(1), over=over, num_samples=S)
+    report = difference(
+        agree.astype(np.float32),
+        noisy.astype(np.float32),
+        y,
+        jax.random.key(1),
+        over=over,
+        num_samples=S,
+    )
     for name in ("churn", "pd_abs"):
         entry = report[name]
         assert entry["diff"] < 0 and entry["ci"][1] < 0, (name, entry)
         assert entry["significant"] and entry["p_value"] < 0.1, (name, entry)
-    flipped = difference(noisy.astype(np.float32), agree.astype(np.float32), y,
-                         jax.random.key(1), over=over, num_samples=S)
+    flipped = difference(
+        noisy.astype(np.float32),
+        agree.astype(np.float32),
+        y,
+        jax.random.key(1),
+        over=over,
+        num_samples=S,
+    )
     assert flipped["pd_abs"]["ci"][0] > 0 and flipped["pd_abs"]["significant"]
 
 
@@ -246,8 +316,9 @@ def test_each_arm_matches_compare_intervals(over):
     key = jax.random.key(8)
     num = 256  # bitwise equal from 256 replica samples on (bootstrap's batch of 256)
     for paired in (True, False):
-        point_a, point_b, values_a, values_b = samples(xa, xb, y, key, over=over,
-                                                       paired=paired, num_samples=num)
+        point_a, point_b, values_a, values_b = samples(
+            xa, xb, y, key, over=over, paired=paired, num_samples=num
+        )
         own = [(xa, point_a, values_a)] + ([(xb, point_b, values_b)] if paired else [])
         for x, point, values in own:  # arm b shares arm a's draws when paired
             want = metrics.compare(x, y, key=key, over=over, num_samples=num, chunk_size=CHUNK)
@@ -283,14 +354,45 @@ def test_deterministic_and_independent_of_batching():
 
 def test_report_format():
     x, y = make(R, N, None, seed=13)
-    report = difference(x, x[::-1].copy(), y, jax.random.key(0), paired=False,
-                        over="examples", num_samples=S, level=0.9)
-    assert {k: report[k] for k in ("paired", "over", "num_samples", "level", "num_replicas",
-                                   "num_examples", "num_excluded")} == {
-        "paired": False, "over": "examples", "num_samples": S, "level": 0.9,
-        "num_replicas": [R, R], "num_examples": N, "num_excluded": [0, 0]}
-    assert set(report) - {"paired", "over", "num_samples", "level", "num_replicas",
-                          "num_examples", "num_excluded"} == set(metrics.CI_KEYS)
+    report = difference(
+        x,
+        x[::-1].copy(),
+        y,
+        jax.random.key(0),
+        paired=False,
+        over="examples",
+        num_samples=S,
+        level=0.9,
+    )
+    assert {
+        k: report[k]
+        for k in (
+            "paired",
+            "over",
+            "num_samples",
+            "level",
+            "num_replicas",
+            "num_examples",
+            "num_excluded",
+        )
+    } == {
+        "paired": False,
+        "over": "examples",
+        "num_samples": S,
+        "level": 0.9,
+        "num_replicas": [R, R],
+        "num_examples": N,
+        "num_excluded": [0, 0],
+    }
+    assert set(report) - {
+        "paired",
+        "over",
+        "num_samples",
+        "level",
+        "num_replicas",
+        "num_examples",
+        "num_excluded",
+    } == set(metrics.CI_KEYS)
     for name in metrics.CI_KEYS:
         entry = report[name]
         assert set(entry) == {"a", "b", "diff", "ci", "p_value", "significant"}
@@ -302,12 +404,14 @@ def test_report_format():
 
 def test_no_finite_sample_gives_nan_interval():
     # Samples where either arm is undefined (NaN or inf: no pair) are left out.
-    summary = metrics._paired_summary(0.1, 0.2, np.array([np.nan, 0.3]),
-                                      np.array([0.2, np.inf]), 0.95)
+    summary = metrics._paired_summary(
+        0.1, 0.2, np.array([np.nan, 0.3]), np.array([0.2, np.inf]), 0.95
+    )
     assert math.isnan(summary["ci"][0]) and math.isnan(summary["ci"][1])
     assert math.isnan(summary["p_value"]) and summary["significant"] is False
-    summary = metrics._paired_summary(0.3, 0.1, np.array([0.3, 0.4, np.nan]),
-                                      np.array([0.1, 0.1, 0.0]), 0.95)
+    summary = metrics._paired_summary(
+        0.3, 0.1, np.array([0.3, 0.4, np.nan]), np.array([0.1, 0.1, 0.0]), 0.95
+    )
     assert summary["ci"][0] > 0 and summary["significant"]
     assert summary["p_value"] == pytest.approx(min(1, 2 * (0 + 1) / 3))
 

@@ -23,8 +23,10 @@ def _max_diff(a, b):
 
 
 def _bitwise_equal(a, b):
-    return all(np.array_equal(np.asarray(x), np.asarray(y))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    return all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
 
 
 def _at(tree, r):
@@ -55,8 +57,7 @@ def test_replica_among_many_equals_replica_alone(ds, strategy):
     many_probs = many.predict(ds.x_test)
     for index in (0, 2):
         alone = engine.fit(MODEL, TX, ds, **dict(cfg, replicas=(index,)))
-        diff = _max_diff(_at(many.state.params, index),
-                         _at(alone.state.params, 0))
+        diff = _max_diff(_at(many.state.params, index), _at(alone.state.params, 0))
         probs_diff = float(np.max(np.abs(many_probs[index] - alone.predict(ds.x_test)[0])))
         assert diff <= 1e-5 and probs_diff <= 1e-5, (strategy, index, diff, probs_diff)
         if engine.Placement.create(4, strategy).strategy[0] == "map":
@@ -130,8 +131,8 @@ def test_vary_only_perturb_changes_initial_weights_by_the_stated_amount(ds):
     rms = np.sqrt(np.mean(kernel0**2))
     for r in range(4):
         delta = (kernel[r] - kernel0) / (eps * rms)
-        assert 0 < np.abs(delta).max() < 8          # tiny: a few eps relative
-        assert 0.8 < delta.std() < 1.2             # N(0, 1) scaled by eps * rms
+        assert 0 < np.abs(delta).max() < 8  # tiny: a few eps relative
+        assert 0.8 < delta.std() < 1.2  # N(0, 1) scaled by eps * rms
     assert not np.array_equal(kernel[1], kernel[0])
     # An explicit scale of 0 leaves the weights bitwise unchanged.
     zero = _engine(ds, vary=("perturb",), perturb_scale=0.0).init()
@@ -148,12 +149,21 @@ def test_vary_only_dropout_and_augment(ds):
     run_d = engine.fit(MODEL, TX, ds, **dict(BASE, vary=("dropout",)))
     init = _engine(ds, vary=("dropout",)).init().params
     assert _bitwise_equal(_at(init, 0), _at(init, 1))
-    assert not np.array_equal(np.asarray(run_d.state.params["dense_0"]["kernel"][0]),
-                              np.asarray(run_d.state.params["dense_0"]["kernel"][1]))
-    run_a = engine.fit(MODEL, TX, ds, augment=augment.GaussianNoise(0.1),
-                       **dict(BASE, vary=("augment",), replicas=2, epochs=1))
-    assert not np.array_equal(np.asarray(run_a.state.params["dense_0"]["kernel"][0]),
-                              np.asarray(run_a.state.params["dense_0"]["kernel"][1]))
+    assert not np.array_equal(
+        np.asarray(run_d.state.params["dense_0"]["kernel"][0]),
+        np.asarray(run_d.state.params["dense_0"]["kernel"][1]),
+    )
+    run_a = engine.fit(
+        MODEL,
+        TX,
+        ds,
+        augment=augment.GaussianNoise(0.1),
+        **dict(BASE, vary=("augment",), replicas=2, epochs=1),
+    )
+    assert not np.array_equal(
+        np.asarray(run_a.state.params["dense_0"]["kernel"][0]),
+        np.asarray(run_a.state.params["dense_0"]["kernel"][1]),
+    )
 
 
 def test_training_traces_once_across_epochs_and_runs(ds):
@@ -162,8 +172,14 @@ def test_training_traces_once_across_epochs_and_runs(ds):
     engine.fit(MODEL, tx, ds, **dict(BASE, epochs=4, epochs_per_call=1))
     assert engine.TRACE_COUNTS["train_epochs"] == before + 1
     # Another seed, window, replica set and choice of varied sources: same compiled function.
-    engine.fit(MODEL, tx, ds, **dict(BASE, epochs=2, seed=11, window=5, replicas=(1, 2, 3, 9),
-                                     vary=("perturb", "augment")))
+    engine.fit(
+        MODEL,
+        tx,
+        ds,
+        **dict(
+            BASE, epochs=2, seed=11, window=5, replicas=(1, 2, 3, 9), vary=("perturb", "augment")
+        ),
+    )
     assert engine.TRACE_COUNTS["train_epochs"] == before + 1
 
 
@@ -182,19 +198,23 @@ def test_resume_from_state_equals_uninterrupted(ds, run4):
 
 def test_per_replica_learning_rates(ds):
     tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
-    run = engine.fit(MODEL, tx, ds, hparams={"learning_rate": [0.0, 0.05, 0.2]},
-                     **dict(BASE, replicas=3, vary=()))
-    init = engine.Engine(engine.Task(MODEL, tx), ds,
-                         engine.FitConfig(**dict(BASE, replicas=3, vary=()))).init()
+    run = engine.fit(
+        MODEL,
+        tx,
+        ds,
+        hparams={"learning_rate": [0.0, 0.05, 0.2]},
+        **dict(BASE, replicas=3, vary=()),
+    )
+    init = engine.Engine(
+        engine.Task(MODEL, tx), ds, engine.FitConfig(**dict(BASE, replicas=3, vary=()))
+    ).init()
     # Learning rate 0: the parameters never move; the others do, differently.
-    assert _bitwise_equal(_at(run.state.params, 0),
-                          _at(init.params, 0))
+    assert _bitwise_equal(_at(run.state.params, 0), _at(init.params, 0))
     k = np.asarray(run.state.params["dense_0"]["kernel"])
     assert not np.array_equal(k[1], k[0]) and not np.array_equal(k[1], k[2])
     # Replica 2 with lr 0.2 equals a plain sgd(0.2) run of the same replica.
     plain = engine.fit(MODEL, optax.sgd(0.2), ds, **dict(BASE, replicas=3, vary=()))
-    assert _max_diff(_at(run.state.params, 2),
-                     _at(plain.state.params, 2)) < 1e-5
+    assert _max_diff(_at(run.state.params, 2), _at(plain.state.params, 2)) < 1e-5
 
 
 def test_optax_schedules_work(ds):
@@ -210,8 +230,7 @@ def test_batchnorm_statistics_are_per_replica(ds):
     assert mean.shape[0] == 3
     assert not np.array_equal(mean[0], mean[1])
     alone = engine.fit(model, TX, ds, **dict(BASE, replicas=(1,), epochs=1))
-    assert _max_diff(_at(run.state.batch_stats, 1),
-                     _at(alone.state.batch_stats, 0)) == 0.0
+    assert _max_diff(_at(run.state.batch_stats, 1), _at(alone.state.batch_stats, 0)) == 0.0
 
 
 def test_diverging_replica_is_reported_and_others_unaffected(ds):
@@ -221,8 +240,7 @@ def test_diverging_replica_is_reported_and_others_unaffected(ds):
     np.testing.assert_array_equal(run.diverged, [False, True, False])
     ok = engine.fit(MODEL, tx, ds, hparams={"learning_rate": [0.1, 0.1, 0.1]}, **cfg)
     for r in (0, 2):
-        assert _max_diff(_at(run.state.params, r),
-                         _at(ok.state.params, r)) <= 1e-6
+        assert _max_diff(_at(run.state.params, r), _at(ok.state.params, r)) <= 1e-6
 
 
 def test_predict_in_chunks_matches_plain_apply(run4, ds):
@@ -230,8 +248,7 @@ def test_predict_in_chunks_matches_plain_apply(run4, ds):
     small = run4.predict(ds.x_test, logits=True, chunk_size=7)
     np.testing.assert_allclose(small, full, atol=1e-5)
     for r in range(4):
-        ref = MODEL.apply({"params": _at(run4.state.params, r)},
-                          ds.x_test, train=False)
+        ref = MODEL.apply({"params": _at(run4.state.params, r)}, ds.x_test, train=False)
         np.testing.assert_allclose(full[r], np.asarray(ref), atol=1e-5)
 
 
@@ -245,18 +262,21 @@ def test_runs_under_disable_jit(ds):
     assert _max_diff(jitted.state.params, eager.state.params) < 1e-5
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(replicas=0), "replicas must be >= 1"),
-    (dict(batch_size=10_000), "batch_size 10000 is larger than the training set"),
-    (dict(vary=("init", "shuffle")), "unknown source of randomness 'shuffle'"),
-    (dict(epochs=0), "epochs must be >= 1"),
-    (dict(window=0), "window must be >= 1"),
-    (dict(strategy="pmap"), "unknown strategy 'pmap'"),
-    (dict(replicas=(1, 1)), "distinct"),
-    (dict(perturb_scale=float("nan")), "perturb_scale"),
-    (dict(devices=64), "devices=64 but only"),
-    (dict(devices=0), "devices must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(replicas=0), "replicas must be >= 1"),
+        (dict(batch_size=10_000), "batch_size 10000 is larger than the training set"),
+        (dict(vary=("init", "shuffle")), "unknown source of randomness 'shuffle'"),
+        (dict(epochs=0), "epochs must be >= 1"),
+        (dict(window=0), "window must be >= 1"),
+        (dict(strategy="pmap"), "unknown strategy 'pmap'"),
+        (dict(replicas=(1, 1)), "distinct"),
+        (dict(perturb_scale=float("nan")), "perturb_scale"),
+        (dict(devices=64), "devices=64 but only"),
+        (dict(devices=0), "devices must be >= 1"),
+    ],
+)
 def test_bad_configuration_is_a_clear_error(ds, kwargs, match):
     with pytest.raises(ValueError, match=match):
         engine.fit(MODEL, TX, ds, **dict(BASE, **kwargs))
@@ -266,8 +286,13 @@ def test_bad_inputs_are_clear_errors(ds):
     with pytest.raises(ValueError, match="10 logits.*3 classes"):
         engine.fit(models.MLP(widths=(4,), num_classes=10), TX, ds, **BASE)
     with pytest.raises(ValueError, match="learning_rate.*shape"):
-        engine.fit(MODEL, optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), ds,
-                   hparams={"learning_rate": [0.1, 0.2]}, **BASE)
+        engine.fit(
+            MODEL,
+            optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
+            ds,
+            hparams={"learning_rate": [0.1, 0.2]},
+            **BASE,
+        )
     with pytest.raises(ValueError, match="inject_hyperparams"):
         engine.fit(MODEL, TX, ds, hparams={"learning_rate": [0.1] * 4}, **BASE)
     with pytest.raises(ValueError, match="activation"):

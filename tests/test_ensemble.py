@@ -53,8 +53,9 @@ def test_ensemble_outputs_one_logit_set_per_component():
     # Each tower is the wrapped model with its slice of the parameters.
     for k in range(2):
         own = jax.tree.map(lambda a, k=k: a[k], variables["params"]["model"])
-        np.testing.assert_allclose(logits[k], MLP.apply({"params": own}, x, train=False),
-                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            logits[k], MLP.apply({"params": own}, x, train=False), rtol=1e-6, atol=1e-6
+        )
 
 
 def test_shared_body_has_one_body_and_k_heads():
@@ -91,8 +92,9 @@ def test_k1_ensemble_equals_the_plain_model(ds):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(plain_run.state.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(wrapped_run.history["loss"], plain_run.history["loss"], rtol=1e-5)
-    np.testing.assert_allclose(wrapped_run.predict(ds.x_test), plain_run.predict(ds.x_test),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        wrapped_run.predict(ds.x_test), plain_run.predict(ds.x_test), atol=1e-5
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,23 +118,31 @@ def test_replica_of_an_ensemble_among_many_equals_it_alone(anti_distilled, ds):
     """The replica axis composes with the component axis: replica 2 of an anti-distilled
     ensemble trained among 4 is bitwise the one trained alone (map strategy, CPU)."""
     alone = engine.fit(ENS2, TX, ds, loss_fn=AD, **dict(CFG, replicas=(2,)))
-    for a, b in zip(jax.tree.leaves(anti_distilled.state.params),
-                    jax.tree.leaves(alone.state.params), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(anti_distilled.state.params),
+        jax.tree.leaves(alone.state.params),
+        strict=True,
+    ):
         np.testing.assert_array_equal(np.asarray(a)[2], np.asarray(b)[0])
 
 
-def test_anti_distillation_lowers_the_measured_component_correlation(plain_ensemble,
-                                                                     anti_distilled, ds):
+def test_anti_distillation_lowers_the_measured_component_correlation(
+    plain_ensemble, anti_distilled, ds
+):
     """Same keys, lambda = 1 against lambda = 0: the components' logits are less correlated on
     held-out data."""
     plain = _component_correlation(plain_ensemble, ds.x_test)
     pushed = _component_correlation(anti_distilled, ds.x_test)
     assert pushed < plain - 0.2, (plain, pushed)
     # Same keys, so the same initial parameters: only the loss differs.
-    first = jax.tree.leaves(engine.Engine(engine.Task(ENS2, TX, loss_fn=AD), ds,
-                                          engine.FitConfig(**CFG)).init().params)
-    again = jax.tree.leaves(engine.Engine(engine.Task(ENS2, TX, loss_fn=BASE), ds,
-                                          engine.FitConfig(**CFG)).init().params)
+    first = jax.tree.leaves(
+        engine.Engine(engine.Task(ENS2, TX, loss_fn=AD), ds, engine.FitConfig(**CFG)).init().params
+    )
+    again = jax.tree.leaves(
+        engine.Engine(engine.Task(ENS2, TX, loss_fn=BASE), ds, engine.FitConfig(**CFG))
+        .init()
+        .params
+    )
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
 
 
@@ -161,8 +171,13 @@ def test_distillation_towards_an_anchor_run_reduces_churn_against_it(ds):
 
 def test_ensemble_with_batchnorm_and_dropout_keeps_per_component_state(ds):
     model = models.Ensemble(models.MLP((8,), 3, norm="batch", dropout_rate=0.2), 2)
-    run = engine.fit(model, TX, ds, loss_fn=losses.codistillation(BASE, 0.5),
-                     **dict(CFG, replicas=2, epochs=1, vary=("init", "order", "dropout")))
+    run = engine.fit(
+        model,
+        TX,
+        ds,
+        loss_fn=losses.codistillation(BASE, 0.5),
+        **dict(CFG, replicas=2, epochs=1, vary=("init", "order", "dropout")),
+    )
     mean = run.state.batch_stats["model"]["norm_0"]["mean"]
     assert mean.shape == (2, 2, 8)  # [R, K, features]
     assert not np.allclose(mean[:, 0], mean[:, 1])
@@ -184,8 +199,7 @@ def test_optimizers_by_name_and_weight_decay():
     tx = optim.optimizer("sgd", 0.1, weight_decay=0.01)
     updates, _ = tx.update(grads, tx.init(params), params)
     # PyTorch-style L2: the step is -lr * (g + wd * w).
-    np.testing.assert_allclose(updates["w"], -0.1 * (grads["w"] + 0.01 * params["w"]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(updates["w"], -0.1 * (grads["w"] + 0.01 * params["w"]), rtol=1e-6)
     momentum = optim.optimizer("momentum", 0.1, momentum=0.5)
     state = momentum.init(params)
     first, state = momentum.update(grads, state, params)
@@ -193,12 +207,15 @@ def test_optimizers_by_name_and_weight_decay():
     np.testing.assert_allclose(second["w"], -0.1 * (0.5 * grads["w"] + grads["w"]), rtol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(name="rmsprop", learning_rate=0.1), "optimizer must be one of"),
-    (dict(name="sgd", learning_rate=0.0), "learning_rate"),
-    (dict(name="sgd", learning_rate=0.1, weight_decay=-1.0), "weight_decay"),
-    (dict(name="momentum", learning_rate=0.1, momentum=1.0), "momentum"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(name="rmsprop", learning_rate=0.1), "optimizer must be one of"),
+        (dict(name="sgd", learning_rate=0.0), "learning_rate"),
+        (dict(name="sgd", learning_rate=0.1, weight_decay=-1.0), "weight_decay"),
+        (dict(name="momentum", learning_rate=0.1, momentum=1.0), "momentum"),
+    ],
+)
 def test_optimizer_errors(kwargs, match):
     name = kwargs.pop("name")
     with pytest.raises(ValueError, match=match):

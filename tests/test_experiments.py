@@ -21,8 +21,13 @@ RECORD_KEYS = {"info", "diverged", "train_loss", "train_accuracy", "metrics"}
 
 
 def _binary(name, *args, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / "experiments" / f"{name}.py"), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / f"{name}.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def _check_results(workdir: Path, study_name: str, *, binary: bool = False) -> dict:
@@ -66,8 +71,13 @@ def test_main_binary_quick_end_to_end(tmp_path):
 
 
 def test_main_binary_bad_flag_is_a_usage_error_before_training(tmp_path):
-    proc = _binary("irreproducibility", "--quick", "--activations=relu,softmaxx",
-                   f"--workdir={tmp_path / 'w'}", timeout=120)
+    proc = _binary(
+        "irreproducibility",
+        "--quick",
+        "--activations=relu,softmaxx",
+        f"--workdir={tmp_path / 'w'}",
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "--activations" in proc.stderr and "softmaxx" in proc.stderr
     assert not (tmp_path / "w").exists()
@@ -80,22 +90,25 @@ def _main_in_process(cls, argv):
     return study.main(cls, ["prog"], flag_values=fv)
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--replicas=1"], "--replicas"),
-    (["--settings=init,everything"], "--settings"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--replicas=1"], "--replicas"),
+        (["--settings=init,everything"], "--settings"),
+    ],
+)
 def test_bad_flags_are_usage_errors_naming_the_flag(tmp_path, argv, flag):
     with pytest.raises(app.UsageError, match=flag):
-        _main_in_process(study.IrreproducibilityConfig,
-                         ["--quick", f"--workdir={tmp_path}", *argv])
+        _main_in_process(study.IrreproducibilityConfig, ["--quick", f"--workdir={tmp_path}", *argv])
     assert not (tmp_path / "config.json").exists()
 
 
 def test_workdir_holding_another_config_is_a_usage_error(tmp_path):
     study.prepare_workdir(tmp_path, study.IrreproducibilityConfig.quick())
     with pytest.raises(app.UsageError, match="--epochs"):
-        _main_in_process(study.IrreproducibilityConfig,
-                         ["--quick", "--epochs=3", f"--workdir={tmp_path}"])
+        _main_in_process(
+            study.IrreproducibilityConfig, ["--quick", "--epochs=3", f"--workdir={tmp_path}"]
+        )
     assert sorted(os.listdir(tmp_path)) == ["config.json"]
 
 

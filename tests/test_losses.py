@@ -67,8 +67,9 @@ def test_decorrelation_matches_a_numpy_reference():
             rhos.append(np.mean(per_class))
     rhos = np.asarray(rhos)
     np.testing.assert_allclose(float(losses.decorrelation(outputs)), np.mean(rhos**2), rtol=1e-4)
-    np.testing.assert_allclose(float(losses.decorrelation(outputs, penalty="absolute")),
-                               np.mean(np.abs(rhos)), rtol=1e-4)
+    np.testing.assert_allclose(
+        float(losses.decorrelation(outputs, penalty="absolute")), np.mean(np.abs(rhos)), rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("penalty", ["squared", "absolute"])
@@ -76,8 +77,15 @@ def test_decorrelation_gradient_matches_finite_differences(penalty):
     outputs = _logits(4, k=3, b=12, c=4)
     with jax.enable_x64(True):
         x64 = jnp.asarray(np.asarray(outputs), jnp.float64)
-        check_grads(lambda o: losses.decorrelation(o, penalty=penalty), (x64,), order=1,
-                    modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
+        check_grads(
+            lambda o: losses.decorrelation(o, penalty=penalty),
+            (x64,),
+            order=1,
+            modes=["rev"],
+            eps=1e-6,
+            atol=1e-6,
+            rtol=1e-6,
+        )
 
 
 def test_decorrelation_needs_two_components():
@@ -105,11 +113,15 @@ def test_cross_entropy_of_the_ensemble_and_of_the_components():
     components = -np.mean(np.log(p[:, np.arange(B), y]))
     np.testing.assert_allclose(float(BASE(logits, batch)), ensemble, rtol=1e-5)
     np.testing.assert_allclose(
-        float(losses.softmax_cross_entropy(over="components")(logits, batch)), components,
-        rtol=1e-5)
+        float(losses.softmax_cross_entropy(over="components")(logits, batch)), components, rtol=1e-5
+    )
     # The ensemble's log probabilities are logits whose softmax is the mean probability.
-    np.testing.assert_allclose(np.asarray(jax.nn.softmax(losses.ensemble_log_probs(logits))),
-                               p.mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(jax.nn.softmax(losses.ensemble_log_probs(logits))),
+        p.mean(0),
+        rtol=1e-5,
+        atol=1e-7,
+    )
 
 
 def test_sigmoid_binary_cross_entropy_matches_optax():
@@ -123,8 +135,9 @@ def test_sigmoid_binary_cross_entropy_matches_optax():
     q = np.asarray(jax.nn.sigmoid(logits), np.float64).mean(0)
     t = np.asarray(batch.targets)
     ref = -np.mean(np.sum(t * np.log(q) + (1 - t) * np.log(1 - q), axis=-1))
-    np.testing.assert_allclose(float(losses.sigmoid_binary_cross_entropy()(logits, batch)), ref,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        float(losses.sigmoid_binary_cross_entropy()(logits, batch)), ref, rtol=1e-5
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,11 +151,15 @@ def test_label_smoothing_and_anchor_rewrite_the_targets():
     smoothed = 0.9 * batch.targets + 0.1 / c
     np.testing.assert_allclose(
         float(losses.label_smoothing(BASE, 0.1)(logits, batch)),
-        float(BASE(logits, batch._replace(targets=smoothed))), rtol=1e-6)
+        float(BASE(logits, batch._replace(targets=smoothed))),
+        rtol=1e-6,
+    )
     mixed = 0.3 * anchor[np.asarray(batch.index)] + 0.7 * batch.targets
     np.testing.assert_allclose(
         float(losses.anchor_distillation(BASE, 0.3, anchor)(logits, batch)),
-        float(BASE(logits, batch._replace(targets=mixed))), rtol=1e-6)
+        float(BASE(logits, batch._replace(targets=mixed))),
+        rtol=1e-6,
+    )
 
 
 def test_composition_order_of_target_transforms_is_outermost_first():
@@ -156,10 +173,14 @@ def test_composition_order_of_target_transforms_is_outermost_first():
     outer_anchor = losses.anchor_distillation(losses.label_smoothing(BASE, 0.2), 0.5, anchor)
     np.testing.assert_allclose(
         float(outer_smoothing(logits, batch)),
-        float(BASE(logits, batch._replace(targets=jnp.asarray(smooth_then_mix)))), rtol=1e-6)
+        float(BASE(logits, batch._replace(targets=jnp.asarray(smooth_then_mix)))),
+        rtol=1e-6,
+    )
     np.testing.assert_allclose(
         float(outer_anchor(logits, batch)),
-        float(BASE(logits, batch._replace(targets=jnp.asarray(mix_then_smooth)))), rtol=1e-6)
+        float(BASE(logits, batch._replace(targets=jnp.asarray(mix_then_smooth)))),
+        rtol=1e-6,
+    )
     assert abs(float(outer_smoothing(logits, batch)) - float(outer_anchor(logits, batch))) > 1e-4
 
 
@@ -189,8 +210,9 @@ def test_residual_anti_distillation_decorrelates_the_errors():
     logits, batch = _logits(), _batch()
     residual = jax.nn.softmax(logits, axis=-1) - batch.targets[None]
     got = losses.anti_distillation(BASE, 1.0, output="residual")(logits, batch)
-    np.testing.assert_allclose(float(got - BASE(logits, batch)),
-                               float(losses.decorrelation(residual)), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(got - BASE(logits, batch)), float(losses.decorrelation(residual)), rtol=1e-5
+    )
 
 
 def test_centred_logits_penalty_ignores_a_per_example_shift():
@@ -200,8 +222,9 @@ def test_centred_logits_penalty_ignores_a_per_example_shift():
     shift_KxBx1 = 10.0 * jax.random.normal(jax.random.key(5), (K, B, 1))
     centred = losses.anti_distillation(BASE, 1.0, output="centred_logits")
     raw = losses.anti_distillation(BASE, 1.0)
-    np.testing.assert_allclose(float(centred(logits + shift_KxBx1, batch)),
-                               float(centred(logits, batch)), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(centred(logits + shift_KxBx1, batch)), float(centred(logits, batch)), rtol=1e-5
+    )
     assert abs(float(raw(logits + shift_KxBx1, batch)) - float(raw(logits, batch))) > 1e-2
 
 
@@ -214,8 +237,7 @@ def test_codistillation_target_carries_no_gradient():
     p = jax.nn.softmax(logits, axis=-1)
     # d/dz0 KL(q || softmax(z0)) = softmax(z0) - q, with q = p1 held fixed; halved by the mean
     # over the two components and divided by B by the batch mean.
-    np.testing.assert_allclose(np.asarray(g[0]), np.asarray((p[0] - p[1]) / (2 * B)),
-                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(g[0]), np.asarray((p[0] - p[1]) / (2 * B)), atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,10 +250,12 @@ def _all_transforms(weight):
         "label_smoothing": losses.label_smoothing(BASE, weight),
         "anchor_distillation": losses.anchor_distillation(BASE, weight, anchor),
         "anti_distillation": losses.anti_distillation(BASE, weight),
-        "anti_distillation_residual": losses.anti_distillation(BASE, weight, output="residual",
-                                                               penalty="absolute"),
-        "anti_distillation_centred": losses.anti_distillation(BASE, weight,
-                                                              output="centred_logits"),
+        "anti_distillation_residual": losses.anti_distillation(
+            BASE, weight, output="residual", penalty="absolute"
+        ),
+        "anti_distillation_centred": losses.anti_distillation(
+            BASE, weight, output="centred_logits"
+        ),
         "codistillation": losses.codistillation(BASE, weight),
         "min_entropy": losses.min_entropy(BASE, weight),
     }
@@ -276,20 +300,23 @@ def test_equal_losses_are_equal_objects():
 # Errors.
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: losses.anti_distillation(BASE, -1.0), "anti_distillation: weight"),
-    (lambda: losses.anti_distillation(BASE, float("nan")), "anti_distillation: weight"),
-    (lambda: losses.anti_distillation(BASE, 0.1, output="probs"), "output"),
-    (lambda: losses.anti_distillation(BASE, 0.1, penalty="cubic"), "penalty"),
-    (lambda: losses.codistillation(BASE, "a"), "codistillation: weight"),
-    (lambda: losses.min_entropy(BASE, float("inf")), "min_entropy: weight"),
-    (lambda: losses.label_smoothing(BASE, 1.5), r"label_smoothing: weight must be \[0, 1.0\]"),
-    (lambda: losses.anchor_distillation(BASE, 2.0, _anchor()), "anchor_distillation: weight"),
-    (lambda: losses.anchor_distillation(BASE, 0.5, np.ones((4,))), "anchor must be"),
-    (lambda: losses.anchor_distillation(BASE, 0.5, np.ones((4, 3))), "probability"),
-    (lambda: losses.anchor_distillation(BASE, 0.5, np.full((4, 2), np.nan)), "NaN"),
-    (lambda: losses.softmax_cross_entropy(over="mean"), "over must be"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: losses.anti_distillation(BASE, -1.0), "anti_distillation: weight"),
+        (lambda: losses.anti_distillation(BASE, float("nan")), "anti_distillation: weight"),
+        (lambda: losses.anti_distillation(BASE, 0.1, output="probs"), "output"),
+        (lambda: losses.anti_distillation(BASE, 0.1, penalty="cubic"), "penalty"),
+        (lambda: losses.codistillation(BASE, "a"), "codistillation: weight"),
+        (lambda: losses.min_entropy(BASE, float("inf")), "min_entropy: weight"),
+        (lambda: losses.label_smoothing(BASE, 1.5), r"label_smoothing: weight must be \[0, 1.0\]"),
+        (lambda: losses.anchor_distillation(BASE, 2.0, _anchor()), "anchor_distillation: weight"),
+        (lambda: losses.anchor_distillation(BASE, 0.5, np.ones((4,))), "anchor must be"),
+        (lambda: losses.anchor_distillation(BASE, 0.5, np.ones((4, 3))), "probability"),
+        (lambda: losses.anchor_distillation(BASE, 0.5, np.full((4, 2), np.nan)), "NaN"),
+        (lambda: losses.softmax_cross_entropy(over="mean"), "over must be"),
+    ],
+)
 def test_bad_arguments_name_the_problem(make, match):
     with pytest.raises(ValueError, match=match):
         make()
@@ -298,15 +325,23 @@ def test_bad_arguments_name_the_problem(make, match):
 def test_check_rejects_transforms_that_do_not_fit_the_task():
     ok = dict(num_train=40, num_classes=C)
     with pytest.raises(ValueError, match="anti_distillation needs an ensemble of K >= 2"):
-        losses.check(losses.min_entropy(losses.anti_distillation(BASE, 0.1), 0.1),
-                     num_components=1, **ok)
+        losses.check(
+            losses.min_entropy(losses.anti_distillation(BASE, 0.1), 0.1), num_components=1, **ok
+        )
     with pytest.raises(ValueError, match="codistillation needs"):
         losses.check(losses.codistillation(BASE, 0.1), num_components=1, **ok)
     with pytest.raises(ValueError, match=r"anchor_distillation: .* \[41, 5\]"):
-        losses.check(losses.anchor_distillation(BASE, 0.1, _anchor()), num_components=1,
-                     num_train=41, num_classes=C)
-    losses.check(losses.codistillation(losses.anchor_distillation(BASE, 0.1, _anchor()), 0.1),
-                 num_components=2, **ok)  # fits: no error
+        losses.check(
+            losses.anchor_distillation(BASE, 0.1, _anchor()),
+            num_components=1,
+            num_train=41,
+            num_classes=C,
+        )
+    losses.check(
+        losses.codistillation(losses.anchor_distillation(BASE, 0.1, _anchor()), 0.1),
+        num_components=2,
+        **ok,
+    )  # fits: no error
 
 
 def test_anchor_from_stacked_predictions_is_their_mean():

@@ -12,8 +12,15 @@ from scipy.special import logsumexp, xlogy
 from jaxrepro import metrics
 
 FLOOR = metrics.LOG_FLOOR
-DIFF_KEYS = ("churn", "pd_abs", "pd_rel", "pd_l2", "kl_pairwise", "js_ensemble",
-             "churn_correctness")
+DIFF_KEYS = (
+    "churn",
+    "pd_abs",
+    "pd_rel",
+    "pd_l2",
+    "kl_pairwise",
+    "js_ensemble",
+    "churn_correctness",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,12 +83,20 @@ def reference(x, labels, from_logits=False, weights=None):
         var_obs = np.mean([(acc[a] - acc[b]) ** 2 / 2 for a, b in pairs])
     var_ind = np.mean([np.mean(correct[a] != correct[b]) for a, b in pairs]) / (2 * n)
     out = {
-        "churn": churn / m, "pd_abs": tv / m, "pd_rel": rel.mean(), "pd_l2": math.sqrt(sq / m),
+        "churn": churn / m,
+        "pd_abs": tv / m,
+        "pd_rel": rel.mean(),
+        "pd_l2": math.sqrt(sq / m),
         "kl_pairwise": kl / (2 * m),
         "js_ensemble": np.mean(entropy(p.mean(0)) - entropy(p).mean(0)),
-        "churn_correctness": cc / m, "acc_mean": acc.mean(), "acc_std": math.sqrt(var_obs),
-        "acc_min": acc.min(), "acc_max": acc.max(), "eta": acc.mean() - churn / m,
-        "var_obs": var_obs, "var_ind": var_ind,
+        "churn_correctness": cc / m,
+        "acc_mean": acc.mean(),
+        "acc_std": math.sqrt(var_obs),
+        "acc_min": acc.min(),
+        "acc_max": acc.max(),
+        "eta": acc.mean() - churn / m,
+        "var_obs": var_obs,
+        "var_ind": var_ind,
         "var_ratio": var_obs / var_ind if var_ind > 0 else math.nan,
     }
     if c == 2:
@@ -112,8 +127,15 @@ def make(r, n, c, from_logits, seed=0):
 
 
 # (R, N, C or None for binary [R, N], from_logits): R in {2, 3, 8, 17}, binary included.
-CASES = [(2, 13, 3, False), (3, 20, None, False), (8, 24, 5, True), (17, 31, 4, False),
-         (17, 10, None, True), (8, 9, 2, False), (3, 16, 10, True)]
+CASES = [
+    (2, 13, 3, False),
+    (3, 20, None, False),
+    (8, 24, 5, True),
+    (17, 31, 4, False),
+    (17, 10, None, True),
+    (8, 9, 2, False),
+    (3, 16, 10, True),
+]
 
 
 def assert_report_close(got, want, keys=None, rtol=2e-5, atol=1e-6):
@@ -134,8 +156,9 @@ def test_compare_matches_pair_loop(r, n, c, from_logits):
     assert set(report) == set(want) | {"num_replicas", "num_examples", "num_excluded"}
     assert (report["num_replicas"], report["num_examples"], report["num_excluded"]) == (r, n, 0)
     assert ("var_cal" in report) == (c in (None, 2))
-    np.testing.assert_allclose(report["var_ind"], _var_ind_by_definition(x, y, from_logits),
-                               rtol=1e-9)
+    np.testing.assert_allclose(
+        report["var_ind"], _var_ind_by_definition(x, y, from_logits), rtol=1e-9
+    )
 
 
 @pytest.mark.parametrize("r,n,c,from_logits", CASES[:5])
@@ -147,14 +170,19 @@ def test_pure_functions_match_pair_loop(r, n, c, from_logits):
     def everything(x, y):
         kw = {"from_logits": from_logits}
         out = {
-            "churn": metrics.churn(x, **kw), "pd_abs": metrics.pd_abs(x, **kw),
-            "pd_rel": metrics.pd_rel(x, y, **kw), "pd_l2": metrics.pd_l2(x, **kw),
+            "churn": metrics.churn(x, **kw),
+            "pd_abs": metrics.pd_abs(x, **kw),
+            "pd_rel": metrics.pd_rel(x, y, **kw),
+            "pd_l2": metrics.pd_l2(x, **kw),
             "kl_pairwise": metrics.kl_pairwise(x, **kw),
             "js_ensemble": metrics.js_ensemble(x, **kw),
             "churn_correctness": metrics.churn_correctness(x, y, **kw),
-            "acc": metrics.accuracy(x, y, **kw), "phat": metrics.phat(x, y, **kw),
-            "eta": metrics.eta(x, y, **kw), "var_obs": metrics.var_obs(x, y, **kw),
-            "var_ind": metrics.var_ind(x, y, **kw), "var_ratio": metrics.var_ratio(x, y, **kw),
+            "acc": metrics.accuracy(x, y, **kw),
+            "phat": metrics.phat(x, y, **kw),
+            "eta": metrics.eta(x, y, **kw),
+            "var_obs": metrics.var_obs(x, y, **kw),
+            "var_ind": metrics.var_ind(x, y, **kw),
+            "var_ratio": metrics.var_ratio(x, y, **kw),
         }
         if c is None:
             out["var_cal"] = metrics.var_cal(x, y, **kw)
@@ -170,11 +198,17 @@ def test_pure_functions_match_pair_loop(r, n, c, from_logits):
 
 def test_jitted_and_not_jitted_agree():
     x, y = make(5, 6, 3, False, seed=2)
-    fns = {"churn": (metrics.churn, (x,)), "pd_abs": (metrics.pd_abs, (x,)),
-           "pd_rel": (metrics.pd_rel, (x, y)), "pd_l2": (metrics.pd_l2, (x,)),
-           "kl_pairwise": (metrics.kl_pairwise, (x,)), "js_ensemble": (metrics.js_ensemble, (x,)),
-           "churn_correctness": (metrics.churn_correctness, (x, y)),
-           "eta": (metrics.eta, (x, y)), "var_ratio": (metrics.var_ratio, (x, y))}
+    fns = {
+        "churn": (metrics.churn, (x,)),
+        "pd_abs": (metrics.pd_abs, (x,)),
+        "pd_rel": (metrics.pd_rel, (x, y)),
+        "pd_l2": (metrics.pd_l2, (x,)),
+        "kl_pairwise": (metrics.kl_pairwise, (x,)),
+        "js_ensemble": (metrics.js_ensemble, (x,)),
+        "churn_correctness": (metrics.churn_correctness, (x, y)),
+        "eta": (metrics.eta, (x, y)),
+        "var_ratio": (metrics.var_ratio, (x, y)),
+    }
     jitted = jax.jit(lambda: {k: fn(*a) for k, (fn, a) in fns.items()})()
     with jax.disable_jit():
         plain = {k: fn(*a) for k, (fn, a) in fns.items()}
@@ -186,8 +220,10 @@ def test_jitted_and_not_jitted_agree():
 # Known values.
 
 
-@pytest.mark.parametrize("from_logits,binary,k", [(False, False, 1), (True, False, 1),
-                                                  (False, True, 1), (True, False, 2)])
+@pytest.mark.parametrize(
+    "from_logits,binary,k",
+    [(False, False, 1), (True, False, 1), (False, True, 1), (True, False, 2)],
+)
 def test_identical_replicas_give_exactly_zero(from_logits, binary, k):
     x, y = make(1, 20, None if binary else 6, from_logits, seed=3)
     x = np.repeat(x, 6, axis=0)
@@ -196,8 +232,7 @@ def test_identical_replicas_give_exactly_zero(from_logits, binary, k):
         assert report[key] == 0.0, key
     assert math.isnan(report["var_ratio"])
     assert report["eta"] == report["acc_mean"]
-    fns = (metrics.churn, metrics.pd_abs, metrics.pd_l2, metrics.kl_pairwise,
-           metrics.js_ensemble)
+    fns = (metrics.churn, metrics.pd_abs, metrics.pd_l2, metrics.kl_pairwise, metrics.js_ensemble)
     values = jax.jit(lambda x: [fn(x, from_logits=from_logits) for fn in fns])(x)
     assert [float(v) for v in values] == [0.0] * len(fns)
 
@@ -345,19 +380,22 @@ def test_memmap_and_lazy_sources_stream_in_blocks(tmp_path):
 # Validation.
 
 
-@pytest.mark.parametrize("probs,labels,match", [
-    (np.full((3,), 0.5), np.zeros(3, int), "rank"),
-    (np.full((2, 3, 4, 5), 0.2), np.zeros(3, int), "rank"),
-    (np.full((2, 3, 1), 1.0), np.zeros(3, int), "classes"),
-    (np.full((2, 3, 2), 0.5), np.zeros(4, int), "labels must have shape"),
-    (np.full((2, 3, 2), 0.5), np.array([0, 1, 2]), "labels out of range"),
-    (np.full((2, 3, 2), 0.5), np.array([0, 1, -1]), "labels out of range"),
-    (np.full((2, 3, 2), 0.5), np.array([0.0, 1.0, 1.0]), "labels must be integers"),
-    (np.full((2, 3, 2), 0.6), np.zeros(3, int), "do not sum to 1"),
-    (np.full((2, 3), 1.5), np.zeros(3, int), r"outside \[0, 1\]"),
-    (np.full((1, 3, 2), 0.5), np.zeros(3, int), "at least 2 replicas"),
-    (np.zeros((2, 0, 2)), np.zeros(0, int), "no examples"),
-])
+@pytest.mark.parametrize(
+    "probs,labels,match",
+    [
+        (np.full((3,), 0.5), np.zeros(3, int), "rank"),
+        (np.full((2, 3, 4, 5), 0.2), np.zeros(3, int), "rank"),
+        (np.full((2, 3, 1), 1.0), np.zeros(3, int), "classes"),
+        (np.full((2, 3, 2), 0.5), np.zeros(4, int), "labels must have shape"),
+        (np.full((2, 3, 2), 0.5), np.array([0, 1, 2]), "labels out of range"),
+        (np.full((2, 3, 2), 0.5), np.array([0, 1, -1]), "labels out of range"),
+        (np.full((2, 3, 2), 0.5), np.array([0.0, 1.0, 1.0]), "labels must be integers"),
+        (np.full((2, 3, 2), 0.6), np.zeros(3, int), "do not sum to 1"),
+        (np.full((2, 3), 1.5), np.zeros(3, int), r"outside \[0, 1\]"),
+        (np.full((1, 3, 2), 0.5), np.zeros(3, int), "at least 2 replicas"),
+        (np.zeros((2, 0, 2)), np.zeros(0, int), "no examples"),
+    ],
+)
 def test_invalid_inputs_raise_named_errors(probs, labels, match):
     with pytest.raises(ValueError, match=match):
         metrics.compare(probs.astype(np.float32), labels)
@@ -418,16 +456,21 @@ def test_bootstrap_is_deterministic_given_key():
     assert a == b
     assert a != c
     assert set(a) == set(metrics.CI_KEYS) - {"var_cal"}
-    d = [metrics.bootstrap(x, y, jax.random.key(3), num_samples=300, from_logits=True,
-                           over="examples") for _ in range(2)]
+    d = [
+        metrics.bootstrap(
+            x, y, jax.random.key(3), num_samples=300, from_logits=True, over="examples"
+        )
+        for _ in range(2)
+    ]
     assert d[0] == d[1] != a
 
 
 @pytest.mark.parametrize("over", ["replicas", "examples"])
 def test_bootstrap_intervals_contain_point_estimate(over):
     x, y = _realistic(16, 300, 3, seed=12)
-    report = metrics.compare(x, y, from_logits=True, key=jax.random.key(0), num_samples=300,
-                             over=over)
+    report = metrics.compare(
+        x, y, from_logits=True, key=jax.random.key(0), num_samples=300, over=over
+    )
     assert report["ci_over"] == over and report["ci_num_samples"] == 300
     for key in metrics.CI_KEYS:
         if key == "var_cal":
@@ -443,10 +486,21 @@ def test_replica_bootstrap_uses_distinct_pairs():
     w = np.array([[2, 0, 1, 2, 0], [1, 1, 1, 1, 1]], np.float32)
     scan = metrics._Scan(x, y, from_logits=False, mask=None, atol=1e-3, chunk_size=8)
     res = scan.run(boot_w=w)[1]
-    values = metrics._finalize(res["boot"], res["correct"][None, :] / 18, 18,
-                               w.astype(np.float64), False)
+    values = metrics._finalize(
+        res["boot"], res["correct"][None, :] / 18, 18, w.astype(np.float64), False
+    )
     for i in range(2):
         want = reference(x, y, weights=w[i].astype(int))
-        for key in ("churn", "pd_abs", "pd_rel", "pd_l2", "kl_pairwise", "churn_correctness",
-                    "acc_mean", "var_obs", "var_ind", "var_ratio"):
+        for key in (
+            "churn",
+            "pd_abs",
+            "pd_rel",
+            "pd_l2",
+            "kl_pairwise",
+            "churn_correctness",
+            "acc_mean",
+            "var_obs",
+            "var_ind",
+            "var_ratio",
+        ):
             np.testing.assert_allclose(values[key][i], want[key], rtol=2e-5, err_msg=key)

@@ -335,12 +335,21 @@ def test_vmapped_init_equals_per_key_init():
         )
 
 
-@pytest.mark.parametrize("make, x_shape", [
-    (lambda conv: models.CNN1D(features=(4, 6), kernel_size=5, num_classes=3, conv=conv),
-     (5, 13, 2)),
-    (lambda conv: models.CNN2D(features=(4, 6), kernel_size=3, dense=8, num_classes=3,
-                               conv=conv), (5, 9, 7, 1)),
-])
+@pytest.mark.parametrize(
+    "make, x_shape",
+    [
+        (
+            lambda conv: models.CNN1D(features=(4, 6), kernel_size=5, num_classes=3, conv=conv),
+            (5, 13, 2),
+        ),
+        (
+            lambda conv: models.CNN2D(
+                features=(4, 6), kernel_size=3, dense=8, num_classes=3, conv=conv
+            ),
+            (5, 9, 7, 1),
+        ),
+    ],
+)
 def test_patch_convolution_equals_xla_convolution(make, x_shape):
     """PatchConv (im2col by strided slices) has nn.Conv's parameters, init and outputs."""
     x = jax.random.normal(jax.random.key(1), x_shape)

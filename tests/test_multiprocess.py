@@ -32,8 +32,13 @@ def _free_port() -> int:
 
 def _env() -> dict:
     env = dict(os.environ)
-    for name in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
-                 "JAX_PLATFORMS"):
+    for name in (
+        "XLA_FLAGS",
+        "JAX_COORDINATOR_ADDRESS",
+        "JAX_NUM_PROCESSES",
+        "JAX_PROCESS_ID",
+        "JAX_PLATFORMS",
+    ):
         env.pop(name, None)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONWARNINGS"] = "ignore"
@@ -49,8 +54,9 @@ def _run_all(commands: list[list[str]], logs: Path) -> None:
         for i, cmd in enumerate(commands):
             f = open(logs / f"process-{i}.log", "w")
             files.append(f)
-            procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(),
-                                          cwd=ROOT))
+            procs.append(
+                subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+            )
         deadline = time.monotonic() + LIMIT_S
         while any(p.poll() is None for p in procs):
             if any(p.poll() not in (None, 0) for p in procs):
@@ -67,9 +73,10 @@ def _run_all(commands: list[list[str]], logs: Path) -> None:
             f.close()
     codes = [p.returncode for p in procs]
     if codes != [0] * len(procs):
-        tails = "\n".join(f"--- process {i} (exit {c}) ---\n"
-                          + (logs / f"process-{i}.log").read_text()[-2500:]
-                          for i, c in enumerate(codes))
+        tails = "\n".join(
+            f"--- process {i} (exit {c}) ---\n" + (logs / f"process-{i}.log").read_text()[-2500:]
+            for i, c in enumerate(codes)
+        )
         pytest.fail(f"processes exited with {codes}:\n{tails}")
 
 
@@ -79,8 +86,10 @@ def _worker(mode: str, out: Path, num_processes: int = 1) -> None:
         _run_all([base], out / f"logs-{mode}")
         return
     address = f"127.0.0.1:{_free_port()}"
-    _run_all([base + [address, str(num_processes), str(i)] for i in range(num_processes)],
-             out / f"logs-{mode}")
+    _run_all(
+        [base + [address, str(num_processes), str(i)] for i in range(num_processes)],
+        out / f"logs-{mode}",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -113,12 +122,19 @@ def test_fit_and_predict_over_two_processes_equal_one_process(single, tmp_path):
 def test_main_job_binary_as_two_processes_writes_the_same_results(single, tmp_path):
     address = f"127.0.0.1:{_free_port()}"
     workdir = tmp_path / "irr"
-    cmd = [sys.executable, str(ROOT / "experiments" / "irreproducibility.py"), "--quick",
-           f"--workdir={workdir}", "--cpu_devices=2", f"--coordinator_address={address}",
-           "--num_processes=2"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "experiments" / "irreproducibility.py"),
+        "--quick",
+        f"--workdir={workdir}",
+        "--cpu_devices=2",
+        f"--coordinator_address={address}",
+        "--num_processes=2",
+    ]
     _run_all([cmd + [f"--process_id={i}"] for i in range(2)], tmp_path / "logs")
-    assert (workdir / "results.json").read_bytes() == (single / "study" /
-                                                      "results.json").read_bytes()
+    assert (workdir / "results.json").read_bytes() == (
+        single / "study" / "results.json"
+    ).read_bytes()
     # Only process 0 wrote: one copy of each progress line and of the printed report.
     log = (workdir / "progress.log").read_text()
     assert log.count("done: 2 configs") == 1
@@ -130,12 +146,12 @@ def test_main_job_binary_as_two_processes_writes_the_same_results(single, tmp_pa
     assert (workdir / "churn.png").stat().st_size > 0
 
 
-def test_two_process_run_interrupted_and_resumed_ends_where_one_process_does(single,
-                                                                             tmp_path):
+def test_two_process_run_interrupted_and_resumed_ends_where_one_process_does(single, tmp_path):
     _worker("resume", tmp_path, num_processes=2)
     workdir = tmp_path / "study"
-    assert (workdir / "results.json").read_bytes() == (single / "study" /
-                                                      "results.json").read_bytes()
+    assert (workdir / "results.json").read_bytes() == (
+        single / "study" / "results.json"
+    ).read_bytes()
     assert "relu/all resumed at epoch 1/2" in (workdir / "progress.log").read_text()
     results = json.loads((workdir / "results.json").read_text())
     assert results["complete"] is True and results["deterministic"] is False

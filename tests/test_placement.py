@@ -23,12 +23,15 @@ def test_pad_host_repeats_the_last_replica_and_unpad_drops_it():
     assert pl.num_pad == 2 and pl.num_devices == 1
 
 
-@pytest.mark.parametrize("per_device, per_replica, free, expected", [
-    (64, 1_000, None, ("vmap", 0)),              # free memory unknown: vmap
-    (64, 1_000, 1_000_000, ("vmap", 0)),         # 64 kB of 800 kB usable: all at once
-    (1024, 10_000, 1_000_000, ("chunked", 80)),  # 80 fit in 0.8 of the free memory
-    (1024, 10**9, 10**6, ("chunked", 1)),        # not even one: one at a time, never zero
-])
+@pytest.mark.parametrize(
+    "per_device, per_replica, free, expected",
+    [
+        (64, 1_000, None, ("vmap", 0)),  # free memory unknown: vmap
+        (64, 1_000, 1_000_000, ("vmap", 0)),  # 64 kB of 800 kB usable: all at once
+        (1024, 10_000, 1_000_000, ("chunked", 80)),  # 80 fit in 0.8 of the free memory
+        (1024, 10**9, 10**6, ("chunked", 1)),  # not even one: one at a time, never zero
+    ],
+)
 def test_accelerator_strategy_rule(per_device, per_replica, free, expected):
     assert engine.choose_strategy(per_device, per_replica, free) == expected
 
@@ -67,8 +70,8 @@ def test_assigning_a_state_is_what_predict_and_diverged_use(ds):
     before = run.predict(ds.x_test)
     zeroed = jax.tree.map(lambda a: np.zeros_like(np.asarray(a)), run.state)
     other = run.with_state(zeroed)
-    np.testing.assert_array_equal(run.predict(ds.x_test), before)   # the original is kept
-    np.testing.assert_allclose(other.predict(ds.x_test), 1 / 3)     # zero weights: uniform
+    np.testing.assert_array_equal(run.predict(ds.x_test), before)  # the original is kept
+    np.testing.assert_allclose(other.predict(ds.x_test), 1 / 3)  # zero weights: uniform
     nan = jax.tree.map(lambda a: np.full_like(np.asarray(a), np.nan), run.state.params)
     run.state = run.state._replace(params=nan)
     assert run.diverged.all() and np.isnan(np.asarray(run.state.params["dense_0"]["kernel"])).all()
@@ -77,9 +80,10 @@ def test_assigning_a_state_is_what_predict_and_diverged_use(ds):
 def test_callback_gets_the_state_only_when_it_asks(ds):
     seen = []
     eng = engine.Engine(engine.Task(MODEL, TX), ds, engine.FitConfig(**dict(BASE, epochs=3)))
-    eng.run(callback=lambda done, state, hist: seen.append((done, state is None,
-                                                             hist["loss"].shape)),
-            callback_state=lambda done: done == 2)
+    eng.run(
+        callback=lambda done, state, hist: seen.append((done, state is None, hist["loss"].shape)),
+        callback_state=lambda done: done == 2,
+    )
     assert seen == [(1, True, (3, 1)), (2, False, (3, 2)), (3, True, (3, 3))]
 
 
@@ -91,32 +95,55 @@ def test_abstract_state_matches_init(ds):
         assert a.shape == s.shape and a.dtype == s.dtype
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(coordinator_address="127.0.0.1:1"), "missing: num_processes, process_id"),
-    (dict(num_processes=2, process_id=0), "missing: coordinator_address"),
-    (dict(coordinator_address="127.0.0.1:1", num_processes=2, process_id=2),
-     r"process_id must be in \[0, 2\)"),
-    (dict(coordinator_address="127.0.0.1:1", num_processes=0, process_id=0),
-     "num_processes must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(coordinator_address="127.0.0.1:1"), "missing: num_processes, process_id"),
+        (dict(num_processes=2, process_id=0), "missing: coordinator_address"),
+        (
+            dict(coordinator_address="127.0.0.1:1", num_processes=2, process_id=2),
+            r"process_id must be in \[0, 2\)",
+        ),
+        (
+            dict(coordinator_address="127.0.0.1:1", num_processes=0, process_id=0),
+            "num_processes must be >= 1",
+        ),
+    ],
+)
 def test_distributed_initialize_names_what_is_missing(kwargs, match, monkeypatch):
-    for name in (distributed.ENV_ADDRESS, distributed.ENV_NUM_PROCESSES,
-                 distributed.ENV_PROCESS_ID):
+    for name in (
+        distributed.ENV_ADDRESS,
+        distributed.ENV_NUM_PROCESSES,
+        distributed.ENV_PROCESS_ID,
+    ):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match=match):
         distributed.initialize(**kwargs)
 
 
 def test_cluster_detection_joins_only_a_job_of_several_processes(monkeypatch):
-    for name in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-                 "SLURM_LOCALID", "OMPI_MCA_orte_hnp_uri", "KUBERNETES_SERVICE_HOST",
-                 distributed.ENV_ADDRESS, distributed.ENV_NUM_PROCESSES,
-                 distributed.ENV_PROCESS_ID):
+    for name in (
+        "SLURM_JOB_ID",
+        "SLURM_STEP_NODELIST",
+        "SLURM_NTASKS",
+        "SLURM_PROCID",
+        "SLURM_LOCALID",
+        "OMPI_MCA_orte_hnp_uri",
+        "KUBERNETES_SERVICE_HOST",
+        distributed.ENV_ADDRESS,
+        distributed.ENV_NUM_PROCESSES,
+        distributed.ENV_PROCESS_ID,
+    ):
         monkeypatch.delenv(name, raising=False)
     assert distributed.cluster_processes() == 0
     # A single-task Slurm job: detected, but not a multi-process run, so not joined.
-    for name, value in (("SLURM_JOB_ID", "7"), ("SLURM_STEP_NODELIST", "node1"),
-                        ("SLURM_NTASKS", "1"), ("SLURM_PROCID", "0"), ("SLURM_LOCALID", "0")):
+    for name, value in (
+        ("SLURM_JOB_ID", "7"),
+        ("SLURM_STEP_NODELIST", "node1"),
+        ("SLURM_NTASKS", "1"),
+        ("SLURM_PROCID", "0"),
+        ("SLURM_LOCALID", "0"),
+    ):
         monkeypatch.setenv(name, value)
     assert distributed.cluster_processes() == 1
     assert distributed.initialize() is False
@@ -125,8 +152,11 @@ def test_cluster_detection_joins_only_a_job_of_several_processes(monkeypatch):
 
 
 def test_distributed_initialize_without_a_run_is_a_single_process(monkeypatch):
-    for name in (distributed.ENV_ADDRESS, distributed.ENV_NUM_PROCESSES,
-                 distributed.ENV_PROCESS_ID):
+    for name in (
+        distributed.ENV_ADDRESS,
+        distributed.ENV_NUM_PROCESSES,
+        distributed.ENV_PROCESS_ID,
+    ):
         monkeypatch.delenv(name, raising=False)
     assert distributed.initialize(auto=False) is False
     monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, "two")

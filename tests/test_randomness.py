@@ -69,7 +69,7 @@ def test_no_example_leaves_its_window(window):
         order = _order(3, r, 2, n, window)
         assert sorted(order) == list(range(n))
         for start in range(0, n, window):
-            assert set(order[start:start + window]) == set(base[start:start + window])
+            assert set(order[start : start + window]) == set(base[start : start + window])
     # Within windows the order does change.
     assert not np.array_equal(_order(3, 0, 2, n, window), base)
 

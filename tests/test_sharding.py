@@ -104,16 +104,17 @@ SCRIPT = textwrap.dedent("""
 def out():
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-    return json.loads(line[len("RESULT"):])
+    return json.loads(line[len("RESULT") :])
 
 
 def test_result_does_not_depend_on_the_number_of_devices(out):
     assert out["num_devices"] == 4
-    assert out["vmap_sharded"] == 4      # the state really is spread over 4 devices
+    assert out["vmap_sharded"] == 4  # the state really is spread over 4 devices
     # "map" (the CPU default) runs each replica as the same program whatever the placement:
     # bitwise the same (the grid below). "vmap" batches a different number of replicas per
     # device, which moves float rounding by an ulp or so.
@@ -139,5 +140,5 @@ def test_any_replica_count_on_any_device_count_is_padded_invisibly(out, r, d):
     assert cell["shapes"] == [r] * 4, cell
     devices = min(r, 4) if d == "None" else int(d)
     padded = -(-r // devices) * devices
-    assert cell["devices"] == devices, cell          # every device is used
+    assert cell["devices"] == devices, cell  # every device is used
     assert cell["padded"] == padded and cell["device_rows"] == padded, cell

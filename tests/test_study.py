@@ -33,7 +33,8 @@ def _bitwise_equal(a, b):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     return len(la) == len(lb) and all(
         np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y)
-        for x, y in zip(la, lb, strict=True))
+        for x, y in zip(la, lb, strict=True)
+    )
 
 
 # --- configs and flags --------------------------------------------------------------------
@@ -46,22 +47,28 @@ def test_configs_round_trip_through_json(cls):
         assert again == config
 
 
-@pytest.mark.parametrize("cls, changes, field", [
-    (study.IrreproducibilityConfig, dict(replicas=1), "replicas"),
-    (study.IrreproducibilityConfig, dict(activations=("relu", "nope")), "activations"),
-    (study.IrreproducibilityConfig, dict(settings=("init", "weather")), "settings"),
-    (study.IrreproducibilityConfig, dict(dataset="cifar"), "dataset"),
-    (study.IrreproducibilityConfig, dict(learning_rate=-1.0), "learning_rate"),
-    (study.SyntheticConfig, dict(grid_activations=("relu", "smelu(beta=0)")),
-     "grid_activations"),
-    (study.SyntheticConfig, dict(teacher="cubic"), "teacher"),
-    (study.SyntheticConfig, dict(teacher_hidden=0), "teacher_hidden"),
-    (study.SyntheticConfig, dict(window_vary=("shuffle",)), "window_vary"),
-    (study.SyntheticConfig, dict(replicas=0), "replicas"),
-    (study.TestSetVarianceConfig, dict(datasets=("mnist1d", "imagenet")), "datasets"),
-    (study.TestSetVarianceConfig, dict(binary_classes=(3, 3)), "binary_classes"),
-    (study.TestSetVarianceConfig, dict(bootstrap_over="pairs"), "bootstrap_over"),
-])
+@pytest.mark.parametrize(
+    "cls, changes, field",
+    [
+        (study.IrreproducibilityConfig, dict(replicas=1), "replicas"),
+        (study.IrreproducibilityConfig, dict(activations=("relu", "nope")), "activations"),
+        (study.IrreproducibilityConfig, dict(settings=("init", "weather")), "settings"),
+        (study.IrreproducibilityConfig, dict(dataset="cifar"), "dataset"),
+        (study.IrreproducibilityConfig, dict(learning_rate=-1.0), "learning_rate"),
+        (
+            study.SyntheticConfig,
+            dict(grid_activations=("relu", "smelu(beta=0)")),
+            "grid_activations",
+        ),
+        (study.SyntheticConfig, dict(teacher="cubic"), "teacher"),
+        (study.SyntheticConfig, dict(teacher_hidden=0), "teacher_hidden"),
+        (study.SyntheticConfig, dict(window_vary=("shuffle",)), "window_vary"),
+        (study.SyntheticConfig, dict(replicas=0), "replicas"),
+        (study.TestSetVarianceConfig, dict(datasets=("mnist1d", "imagenet")), "datasets"),
+        (study.TestSetVarianceConfig, dict(binary_classes=(3, 3)), "binary_classes"),
+        (study.TestSetVarianceConfig, dict(bootstrap_over="pairs"), "bootstrap_over"),
+    ],
+)
 def test_bad_config_names_the_field(cls, changes, field):
     with pytest.raises(study.ConfigError) as e:
         cls(**changes)
@@ -79,18 +86,29 @@ def _flags(cls, argv):
 def test_flags_give_the_config_and_quick_keeps_explicit_flags():
     cls = study.IrreproducibilityConfig
     assert study.config_from_flags(cls, _flags(cls, [])) == cls()
-    fv = _flags(cls, ["--quick", "--replicas=6", "--activations=gelu,smelu(0.5)",
-                      "--widths=8,4", "--workdir=/tmp/x"])
+    fv = _flags(
+        cls,
+        [
+            "--quick",
+            "--replicas=6",
+            "--activations=gelu,smelu(0.5)",
+            "--widths=8,4",
+            "--workdir=/tmp/x",
+        ],
+    )
     config = study.config_from_flags(cls, fv)
     assert config == cls.quick(replicas=6, activations=("gelu", "smelu(0.5)"), widths=(8, 4))
     assert fv["workdir"].value == "/tmp/x"
 
 
-@pytest.mark.parametrize("argv, field", [
-    (["--replicas=1"], "replicas"),
-    (["--activations=relu,softmaxx"], "activations"),
-    (["--widths=8,x"], "widths"),
-])
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (["--replicas=1"], "replicas"),
+        (["--activations=relu,softmaxx"], "activations"),
+        (["--widths=8,x"], "widths"),
+    ],
+)
 def test_bad_flags_are_config_errors_naming_the_flag(argv, field):
     cls = study.IrreproducibilityConfig
     with pytest.raises(study.ConfigError) as e:
@@ -138,8 +156,15 @@ def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path, monkeypatch
 
 
 def test_json_is_strict_and_undefined_values_are_null():
-    out = study.to_json({"x": np.float32(0.5), "n": np.int64(3), "bad": math.nan,
-                         "arr": np.arange(2), "t": (1, math.inf)})
+    out = study.to_json(
+        {
+            "x": np.float32(0.5),
+            "n": np.int64(3),
+            "bad": math.nan,
+            "arr": np.arange(2),
+            "t": (1, math.inf),
+        }
+    )
     assert out == {"x": 0.5, "n": 3, "bad": None, "arr": [0, 1], "t": [1, None]}
     json.dumps(out, allow_nan=False)
 
@@ -147,8 +172,9 @@ def test_json_is_strict_and_undefined_values_are_null():
 def test_progress_lines_with_an_injected_clock(tmp_path):
     now = [100.0]
     stream = io.StringIO()
-    progress = study.Progress(100, clock=lambda: now[0], stream=stream,
-                              log_path=tmp_path / "progress.log")
+    progress = study.Progress(
+        100, clock=lambda: now[0], stream=stream, log_path=tmp_path / "progress.log"
+    )
     progress.skip(20)  # done in an earlier session
     now[0] = 110.0
     line = progress.step(2, 3, "relu/init", 1, 4, 20)
@@ -190,6 +216,7 @@ def _interrupt_at(name, epoch):
     def hook(trial_name, done):
         if (trial_name, done) == (name, epoch):
             raise _Interrupt
+
     return hook
 
 
@@ -199,16 +226,17 @@ def test_interrupted_run_resumes_to_bitwise_the_same_results(tmp_path):
     parts = tmp_path / "parts"
     # Interrupted at the first checkpoint (trial 1, epoch 1), then during trial 2.
     with pytest.raises(_Interrupt):
-        study.run(CFG, parts, checkpoint_every=1, progress=False,
-                  on_checkpoint=_interrupt_at(first, 1))
+        study.run(
+            CFG, parts, checkpoint_every=1, progress=False, on_checkpoint=_interrupt_at(first, 1)
+        )
     assert not (parts / "results.json").exists()
     with pytest.raises(_Interrupt):
-        study.run(CFG, parts, checkpoint_every=1, progress=False,
-                  on_checkpoint=_interrupt_at(ALL, 2))
+        study.run(
+            CFG, parts, checkpoint_every=1, progress=False, on_checkpoint=_interrupt_at(ALL, 2)
+        )
     # Only the finished trial left its predictions; results.json waits for the analysis.
     assert not (parts / "results.json").exists()
-    assert sorted(p.name for p in (parts / "predictions").iterdir()) == [
-        study.slug(first) + ".npz"]
+    assert sorted(p.name for p in (parts / "predictions").iterdir()) == [study.slug(first) + ".npz"]
     stream = io.StringIO()
     resumed = study.run(CFG, parts, checkpoint_every=1, stream=stream)
     log = stream.getvalue()
@@ -233,8 +261,9 @@ def test_diverged_replicas_are_reported_and_excluded(trial, tmp_path):
     assert record["metrics"]["num_excluded"] == 1 and record["metrics"]["num_replicas"] == 3
     assert math.isfinite(record["metrics"]["churn"])
 
-    all_bad = run.with_state(run.state._replace(
-        params=jax.tree.map(lambda a: nan_at(a, slice(None)), run.state.params)))
+    all_bad = run.with_state(
+        run.state._replace(params=jax.tree.map(lambda a: nan_at(a, slice(None)), run.state.params))
+    )
     pred = study.predict(trial, all_bad)
     assert study.Predictions.from_bytes(pred.to_bytes()).diverged == [0, 1, 2, 3]
     record = study.record(pred)
@@ -261,19 +290,18 @@ def test_a_finished_study_reruns_only_the_analysis(tmp_path):
     for t in irreproducibility.trials(CFG):
         pred = study.load_predictions(tmp_path, t.name)
         assert pred.probs.dtype == np.float32 and pred.probs.shape == (4, 256, 10)
-        assert study.Predictions.from_bytes(pred.to_bytes()).probs.tobytes() == \
-            pred.probs.tobytes()
+        assert study.Predictions.from_bytes(pred.to_bytes()).probs.tobytes() == pred.probs.tobytes()
 
 
 def test_import_jaxrepro_imports_no_study_plotting_or_checkpoint_code():
-    code = ("import sys, jaxrepro, jaxrepro.engine, jaxrepro.metrics; "
-            "bad = sorted(m for m in sys.modules if m.startswith(('jaxrepro.stud', "
-            "'jaxrepro.plots', 'orbax', 'matplotlib'))); print(bad)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+    code = (
+        "import sys, jaxrepro, jaxrepro.engine, jaxrepro.metrics; "
+        "bad = sorted(m for m in sys.modules if m.startswith(('jaxrepro.stud', "
+        "'jaxrepro.plots', 'orbax', 'matplotlib'))); print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     # The notebook API is still there, loaded on first use.
     code = "import jaxrepro; print(jaxrepro.study.IrreproducibilityConfig.STUDY)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "irreproducibility"

@@ -28,8 +28,17 @@ def quick_run(tmp_path_factory):
     """The binary with --quick, run once as a subprocess: (workdir, completed process)."""
     workdir = tmp_path_factory.mktemp("ad") / "run"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "anti_distillation.py"), "--quick",
-         f"--workdir={workdir}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "anti_distillation.py"),
+            "--quick",
+            f"--workdir={workdir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir, proc
 
@@ -115,11 +124,15 @@ def test_report_with_codistillation_and_more_lambdas(quick_run, tmp_path):
 
     workdir, _ = quick_run
     config = AntiDistillationConfig.quick(codistillation_alpha=0.5, lambdas=(1.0, 2.0))
-    saved = {t.name: study.load_predictions(workdir, t.name)
-             for t in ad.trials(AntiDistillationConfig.quick())}
+    saved = {
+        t.name: study.load_predictions(workdir, t.name)
+        for t in ad.trials(AntiDistillationConfig.quick())
+    }
     plain = saved["synthetic/ensemble-K2/plain"]
-    preds = {t.name: saved.get(t.name) or dataclasses.replace(plain, info=t.info)
-             for t in ad.trials(config)}
+    preds = {
+        t.name: saved.get(t.name) or dataclasses.replace(plain, info=t.info)
+        for t in ad.trials(config)
+    }
     analysis = ad.analyse(config, preds)
     lines = "\n".join(report.render(config, analysis, tmp_path))
     assert "Codistillation (codistill-0.5): pd_abs" in lines
@@ -132,31 +145,34 @@ def test_report_with_codistillation_and_more_lambdas(quick_run, tmp_path):
 # --- configs and flags --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("changes, field", [
-    (dict(replicas=1), "replicas"),
-    (dict(datasets=("mnist1d", "cifar")), "datasets"),
-    (dict(datasets=("mnist1d", "mnist1d")), "datasets"),
-    (dict(ks=(1, 2)), "ks"),
-    (dict(ks=(2, 2)), "ks"),
-    (dict(lambdas=(0.1, -1.0)), "lambdas"),
-    (dict(lambdas=(math.nan,)), "lambdas"),
-    (dict(lambdas=()), "lambdas"),
-    (dict(codistillation_alpha=-0.5), "codistillation_alpha"),
-    (dict(ad_output="probs"), "ad_output"),
-    (dict(ad_penalty="cubic"), "ad_penalty"),
-    (dict(over="batch"), "over"),
-    (dict(vary=("init", "weather")), "vary"),
-    (dict(vary=()), "vary"),
-    (dict(widths=(64, 0)), "widths"),
-    (dict(activation="softmaxx"), "activation"),
-    (dict(level=1.5), "level"),
-    (dict(num_samples=0), "num_samples"),
-    (dict(synthetic_teacher="cubic"), "synthetic_teacher"),
-    (dict(synthetic_dim=0), "synthetic_dim"),
-    (dict(synthetic_temperature=-1.0), "synthetic_temperature"),
-    (dict(num_train=64, batch_size=128), "batch_size"),
-    (dict(learning_rate=0.0), "learning_rate"),
-])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(replicas=1), "replicas"),
+        (dict(datasets=("mnist1d", "cifar")), "datasets"),
+        (dict(datasets=("mnist1d", "mnist1d")), "datasets"),
+        (dict(ks=(1, 2)), "ks"),
+        (dict(ks=(2, 2)), "ks"),
+        (dict(lambdas=(0.1, -1.0)), "lambdas"),
+        (dict(lambdas=(math.nan,)), "lambdas"),
+        (dict(lambdas=()), "lambdas"),
+        (dict(codistillation_alpha=-0.5), "codistillation_alpha"),
+        (dict(ad_output="probs"), "ad_output"),
+        (dict(ad_penalty="cubic"), "ad_penalty"),
+        (dict(over="batch"), "over"),
+        (dict(vary=("init", "weather")), "vary"),
+        (dict(vary=()), "vary"),
+        (dict(widths=(64, 0)), "widths"),
+        (dict(activation="softmaxx"), "activation"),
+        (dict(level=1.5), "level"),
+        (dict(num_samples=0), "num_samples"),
+        (dict(synthetic_teacher="cubic"), "synthetic_teacher"),
+        (dict(synthetic_dim=0), "synthetic_dim"),
+        (dict(synthetic_temperature=-1.0), "synthetic_temperature"),
+        (dict(num_train=64, batch_size=128), "batch_size"),
+        (dict(learning_rate=0.0), "learning_rate"),
+    ],
+)
 def test_bad_config_names_the_field(changes, field):
     with pytest.raises(study.ConfigError) as e:
         AntiDistillationConfig(**changes)
@@ -166,8 +182,7 @@ def test_bad_config_names_the_field(changes, field):
 
 def test_config_round_trips_and_is_registered():
     for config in (AntiDistillationConfig(), AntiDistillationConfig.quick()):
-        assert AntiDistillationConfig.from_dict(json.loads(json.dumps(config.to_dict()))) \
-            == config
+        assert AntiDistillationConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert study.CONFIGS["anti_distillation"] is AntiDistillationConfig
 
 
@@ -178,12 +193,15 @@ def _main_in_process(argv):
     return study.main(AntiDistillationConfig, ["prog"], flag_values=fv)
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--lambdas=0.1,oops"], "--lambdas"),
-    (["--ks=2,1"], "--ks"),
-    (["--ad_output=probs"], "--ad_output"),
-    (["--datasets=synthetic,cifar"], "--datasets"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--lambdas=0.1,oops"], "--lambdas"),
+        (["--ks=2,1"], "--ks"),
+        (["--ad_output=probs"], "--ad_output"),
+        (["--datasets=synthetic,cifar"], "--datasets"),
+    ],
+)
 def test_bad_flags_are_usage_errors_before_training(tmp_path, argv, flag):
     with pytest.raises(app.UsageError, match=flag):
         _main_in_process(["--quick", f"--workdir={tmp_path}", *argv])
@@ -195,8 +213,7 @@ def test_flags_give_the_config():
     study.define_flags(AntiDistillationConfig, fv)
     fv(["prog", "--quick", "--lambdas=0.01,0.1", "--ks=2,4", "--over=components"])
     config = study.config_from_flags(AntiDistillationConfig, fv)
-    assert config == AntiDistillationConfig.quick(lambdas=(0.01, 0.1), ks=(2, 4),
-                                                  over="components")
+    assert config == AntiDistillationConfig.quick(lambdas=(0.01, 0.1), ks=(2, 4), over="components")
 
 
 # --- the trial grid -------------------------------------------------------------------------
@@ -207,25 +224,35 @@ def test_default_trials_names_info_and_shared_objects():
     trials = ad.trials(config)
     names = [t.name for t in trials]
     per_k = ["plain", "ad-0.01", "ad-0.1", "ad-1", "ad-10", "ad-100", "codistill-1"]
-    assert names == [f"{d}/{v}" for d in ("mnist1d", "synthetic")
-                     for v in ["single"] + [f"ensemble-K{k}/{p}" for k in (2, 4)
-                                            for p in per_k]]
+    assert names == [
+        f"{d}/{v}"
+        for d in ("mnist1d", "synthetic")
+        for v in ["single"] + [f"ensemble-K{k}/{p}" for k in (2, 4) for p in per_k]
+    ]
     by_name = {t.name: t for t in trials}
     single = by_name["mnist1d/single"]
     assert single.fit.replica_ids.tolist() == list(range(16 * 4))
     assert single.task.num_components is None
     t = by_name["mnist1d/ensemble-K4/ad-0.1"]
-    assert t.info == {"dataset": "mnist1d", "num_train": 4000, "num_test": 1000,
-                      "vary": ["init", "order"], "kind": "anti_distillation", "K": 4,
-                      "lambda": 0.1, "alpha": None, "replicas": 16}
+    assert t.info == {
+        "dataset": "mnist1d",
+        "num_train": 4000,
+        "num_test": 1000,
+        "vary": ["init", "order"],
+        "kind": "anti_distillation",
+        "K": 4,
+        "lambda": 0.1,
+        "alpha": None,
+        "replicas": 16,
+    }
     assert t.task.num_components == 4 and len(t.fit.replica_ids) == 16
     assert t.task.loss_fn == losses.anti_distillation(losses.softmax_cross_entropy(), 0.1)
     assert by_name["synthetic/ensemble-K2/codistill-1"].task.loss_fn == losses.codistillation(
-        losses.softmax_cross_entropy(), 1.0)
+        losses.softmax_cross_entropy(), 1.0
+    )
     # One optimizer object and one model per (dataset, K): compiled functions are shared.
     assert len({id(t.task.tx) for t in trials}) == 1
-    assert len({id(t.task.model) for t in trials if t.name.startswith("mnist1d/ensemble-K4")}) \
-        == 1
+    assert len({id(t.task.model) for t in trials if t.name.startswith("mnist1d/ensemble-K4")}) == 1
     synth = by_name["synthetic/single"].data
     assert (synth.num_train, synth.num_test, synth.num_classes) == (4000, 1000, 2)
 
@@ -247,22 +274,29 @@ def test_analysis_pairs_replicas_and_skips_diverged_ones():
     """The analysis on hand-made predictions: an ad arm whose replicas agree more than the
     plain ensemble's is 'lower', paired on the replicas finite in both arms."""
     config = AntiDistillationConfig.quick()
-    labels = (np.arange(60) % 2).astype(np.int32)
+    labels = (np.arange(128) % 2).astype(np.int32)  # the quick run's shapes: shared compiles
     info = {t.name: t.info for t in ad.trials(config)}
 
     def pred(name, probs):
         r = probs.shape[0]
         return study.Predictions(
-            info=info[name], probs=probs.astype(np.float32), labels=labels,
-            replica_ids=np.arange(r), keep=np.isfinite(probs).all(axis=(1, 2)),
-            train_loss=np.zeros(r, np.float32), train_accuracy=np.zeros(r, np.float32))
+            info=info[name],
+            probs=probs.astype(np.float32),
+            labels=labels,
+            replica_ids=np.arange(r),
+            keep=np.isfinite(probs).all(axis=(1, 2)),
+            train_loss=np.zeros(r, np.float32),
+            train_accuracy=np.zeros(r, np.float32),
+        )
 
-    plain = _probs(1, 4, 60, 2)
+    plain = _probs(1, 4, 128, 2)
     closer = 0.3 * plain + 0.7 * plain.mean(axis=0, keepdims=True)
     closer[2] = np.nan  # replica 2 of the ad arm diverged
-    preds = {"synthetic/single": pred("synthetic/single", _probs(2, 8, 60, 2)),
-             "synthetic/ensemble-K2/plain": pred("synthetic/ensemble-K2/plain", plain),
-             "synthetic/ensemble-K2/ad-1": pred("synthetic/ensemble-K2/ad-1", closer)}
+    preds = {
+        "synthetic/single": pred("synthetic/single", _probs(2, 8, 128, 2)),
+        "synthetic/ensemble-K2/plain": pred("synthetic/ensemble-K2/plain", plain),
+        "synthetic/ensemble-K2/ad-1": pred("synthetic/ensemble-K2/ad-1", closer),
+    }
     records = ad.analyse(config, preds).records
     rec = records["synthetic/ensemble-K2/ad-1"]
     assert rec["diverged"] == [2] and rec["metrics"]["num_replicas"] == 3

@@ -26,8 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _binary(*args):
-    return subprocess.run([sys.executable, str(ROOT / "experiments" / "regularizers.py"), *args],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "regularizers.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -100,28 +105,31 @@ def test_interrupted_run_retrains_to_the_same_bytes(quick_run, tmp_path):
 # Config validation.
 
 
-@pytest.mark.parametrize("field, value", [
-    ("depths", (2, 0)),
-    ("depths", (2, 2)),
-    ("width", 0),
-    ("regularizers", ("none",)),
-    ("regularizers", ("dropout", "l1")),
-    ("regularizers", ()),
-    ("optimizers", ("adam", "rmsprop")),
-    ("sgd_learning_rate", 0.0),
-    ("adam_learning_rate", math.nan),
-    ("momentum", 1.0),
-    ("weight_decay", -1e-4),
-    ("dropout_rate", 1.0),
-    ("label_smoothing", -0.1),
-    ("vary", ("init", "bogus")),
-    ("replicas", 1),
-    ("epochs", 0),
-    ("dataset", "cifar10"),
-    ("num_samples", 0),
-    ("level", 1.0),
-    ("seed", -1),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("depths", (2, 0)),
+        ("depths", (2, 2)),
+        ("width", 0),
+        ("regularizers", ("none",)),
+        ("regularizers", ("dropout", "l1")),
+        ("regularizers", ()),
+        ("optimizers", ("adam", "rmsprop")),
+        ("sgd_learning_rate", 0.0),
+        ("adam_learning_rate", math.nan),
+        ("momentum", 1.0),
+        ("weight_decay", -1e-4),
+        ("dropout_rate", 1.0),
+        ("label_smoothing", -0.1),
+        ("vary", ("init", "bogus")),
+        ("replicas", 1),
+        ("epochs", 0),
+        ("dataset", "cifar10"),
+        ("num_samples", 0),
+        ("level", 1.0),
+        ("seed", -1),
+    ],
+)
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(study.ConfigError) as e:
         RegularizersConfig(**{field: value})
@@ -162,8 +170,9 @@ def test_each_arm_switches_on_one_regulariser():
     assert arm["layernorm"].model.norm == "layer" and arm["batchnorm"].model.norm == "batch"
     assert arm["residual"].model.residual
     assert arm["label_smoothing"].loss_fn == losses.label_smoothing(engine.DEFAULT_LOSS, 0.1)
-    assert arm["weight_decay"].tx is optim.optimizer("momentum", 0.03, momentum=0.9,
-                                                     weight_decay=5e-4)
+    assert arm["weight_decay"].tx is optim.optimizer(
+        "momentum", 0.03, momentum=0.9, weight_decay=5e-4
+    )
     for name, task in arm.items():  # everything else is the baseline's
         assert (task.model == base.model) == (name in ("weight_decay", "label_smoothing"))
         assert (task.tx is base.tx) == (name != "weight_decay")
@@ -195,8 +204,9 @@ def test_arms_share_the_initial_weights_of_replica_r():
 
 
 def paired_bootstrap(a, b, labels, *, seed=0, **kwargs):
-    return metrics.difference(a, b, labels, jax.random.key(seed), paired=True, over="both",
-                              **kwargs)
+    return metrics.difference(
+        a, b, labels, jax.random.key(seed), paired=True, over="both", **kwargs
+    )
 
 
 def _probs(seed, r, n, c=4, *, same=False):
@@ -206,7 +216,7 @@ def _probs(seed, r, n, c=4, *, same=False):
 
 
 def test_identical_arms_are_not_significant():
-    p = _probs(0, 6, 200)
+    p = _probs(0, 8, 200)  # the tests of the paired test share shapes (and compilations)
     labels = np.random.default_rng(1).integers(0, 4, 200)
     out = paired_bootstrap(p, p.copy(), labels, num_samples=300)
     for key in reg.PAIRED_METRICS:
@@ -217,8 +227,8 @@ def test_identical_arms_are_not_significant():
 
 def test_clearly_different_arms_are_significant():
     # Arm a: independent random replicas (high PD); arm b: identical replicas (PD exactly 0).
-    a, b = _probs(0, 8, 300), _probs(1, 8, 300, same=True)
-    labels = np.random.default_rng(2).integers(0, 4, 300)
+    a, b = _probs(0, 8, 200), _probs(1, 8, 200, same=True)
+    labels = np.random.default_rng(2).integers(0, 4, 200)
     out = paired_bootstrap(a, b, labels, num_samples=400, seed=3)
     for key in ("pd_abs", "churn"):
         r = out[key]
@@ -226,7 +236,7 @@ def test_clearly_different_arms_are_significant():
         assert 0 < r["ci"][0] <= r["diff"] <= r["ci"][1], key
         assert r["significant"] is True and r["p_value"] <= 2 / 401, key
     assert out["eta"]["significant"] and out["eta"]["diff"] < 0
-    assert out["num_replicas"] == [8, 8] and out["num_examples"] == 300
+    assert out["num_replicas"] == [8, 8] and out["num_examples"] == 200
 
 
 def test_paired_point_estimates_match_compare_and_mask():
@@ -259,13 +269,16 @@ def test_pairing_narrows_the_interval():
     assert r["ci"][1] - r["ci"][0] < 0.2 * abs(r["diff"])
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(b_shape=(4, 11, 3)), "shape"),
-    (dict(mask=np.array([True, False, False, False])), "at least 2"),
-    (dict(nan=True), "finite"),
-    (dict(num_samples=0), "num_samples"),
-    (dict(level=1.5), "level"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(b_shape=(4, 11, 3)), "shape"),
+        (dict(mask=np.array([True, False, False, False])), "at least 2"),
+        (dict(nan=True), "finite"),
+        (dict(num_samples=0), "num_samples"),
+        (dict(level=1.5), "level"),
+    ],
+)
 def test_paired_bootstrap_rejects_bad_inputs(kwargs, match):
     a = _probs(0, 4, 10, 3)
     b = _probs(1, *kwargs.pop("b_shape", (4, 10, 3)))

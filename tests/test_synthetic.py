@@ -10,23 +10,31 @@ SMALL = dict(dim=5, num_train=300, num_test=200, hidden=6)
 
 
 def _same(a: data.Dataset, b: data.Dataset) -> bool:
-    return all(np.array_equal(getattr(a, k), getattr(b, k))
-               for k in ("x_train", "y_train", "x_test", "y_test"))
+    return all(
+        np.array_equal(getattr(a, k), getattr(b, k))
+        for k in ("x_train", "y_train", "x_test", "y_test")
+    )
 
 
 @pytest.mark.parametrize("teacher", synthetic.TEACHERS)
 @pytest.mark.parametrize("num_classes", [2, 4])
 def test_same_seed_same_dataset_other_seed_other_dataset(teacher, num_classes):
-    spec = synthetic.Synthetic(**SMALL, teacher=teacher, num_classes=num_classes, seed=7,
-                               label_noise=0.1)
+    spec = synthetic.Synthetic(
+        **SMALL, teacher=teacher, num_classes=num_classes, seed=7, label_noise=0.1
+    )
     ds = spec.dataset()
     assert isinstance(ds, data.Dataset)
     assert ds.x_train.shape == (300, 5) and ds.x_test.shape == (200, 5)
     assert ds.num_classes == num_classes
-    assert _same(ds, synthetic.generate(**SMALL, teacher=teacher, num_classes=num_classes,
-                                        seed=7, label_noise=0.1))
-    other = synthetic.Synthetic(**SMALL, teacher=teacher, num_classes=num_classes, seed=8,
-                                label_noise=0.1).dataset()
+    assert _same(
+        ds,
+        synthetic.generate(
+            **SMALL, teacher=teacher, num_classes=num_classes, seed=7, label_noise=0.1
+        ),
+    )
+    other = synthetic.Synthetic(
+        **SMALL, teacher=teacher, num_classes=num_classes, seed=8, label_noise=0.1
+    ).dataset()
     assert not np.array_equal(ds.x_train, other.x_train)
     # Every class occurs (the standardised teacher splits the data).
     assert len(np.unique(ds.y_train)) == num_classes
@@ -76,25 +84,30 @@ def test_stochastic_binary_labels_follow_the_sigmoid_of_the_teacher():
 
 
 def test_label_noise_replaces_the_stated_fraction_of_labels():
-    clean = synthetic.Synthetic(dim=4, num_train=20000, num_test=10, num_classes=4,
-                                temperature=0.0, seed=5)
-    noisy = synthetic.Synthetic(dim=4, num_train=20000, num_test=10, num_classes=4,
-                                temperature=0.0, seed=5, label_noise=0.4)
+    clean = synthetic.Synthetic(
+        dim=4, num_train=20000, num_test=10, num_classes=4, temperature=0.0, seed=5
+    )
+    noisy = synthetic.Synthetic(
+        dim=4, num_train=20000, num_test=10, num_classes=4, temperature=0.0, seed=5, label_noise=0.4
+    )
     changed = np.mean(clean.dataset().y_train != noisy.dataset().y_train)
     # A replaced label is uniform over 4 classes, so 3/4 of the replaced ones change.
     expected = 0.4 * 3 / 4
     assert stats.binomtest(int(changed * 20000), 20000, expected).pvalue > 1e-4
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(teacher="cubic"), "teacher"),
-    (dict(activation="nope"), "nope"),
-    (dict(num_classes=1), "num_classes"),
-    (dict(temperature=-1.0), "temperature"),
-    (dict(label_noise=1.5), "label_noise"),
-    (dict(dim=0), "dim"),
-    (dict(seed=-1), "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(teacher="cubic"), "teacher"),
+        (dict(activation="nope"), "nope"),
+        (dict(num_classes=1), "num_classes"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(label_noise=1.5), "label_noise"),
+        (dict(dim=0), "dim"),
+        (dict(seed=-1), "seed"),
+    ],
+)
 def test_bad_knobs_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         synthetic.Synthetic(**kwargs)

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import importlib
 
-NAMES = ("irreproducibility", "synthetic", "test_set_variance", "anti_distillation",
-         "regularizers")
+NAMES = ("irreproducibility", "synthetic", "test_set_variance", "anti_distillation", "regularizers")
 """The studies, by ``StudyConfig.STUDY`` (each is the module ``jaxrepro.studies.<name>``)."""
 
 CONFIG_CLASSES = {

@@ -1,33 +1,24 @@
 """The anti-distillation study (Shamir & Coviello): does decorrelating an ensemble's components
 make replicas of the ensemble agree more than plain ensembling does?
 
-Per dataset (MNIST-1D and the project's synthetic data by default) the study trains R replicas
-each of:
+Per dataset the study trains R replicas of each of: ``single``, one MLP trained as
+``R * max(ks)`` replicas so that groups of k consecutive replicas are ensembles of k
+independently trained models (the reference at equal compute, methods.md section 6);
+``ensemble-K{K}/plain``, a K-component ensemble (``models.Ensemble``) trained with the task
+loss of its prediction (``over``); ``ensemble-K{K}/ad-{lambda}``, the same plus lambda times
+the decorrelation penalty (``losses.anti_distillation``); ``ensemble-K{K}/codistill-{alpha}``,
+the same plus the codistillation term (``losses.codistillation``, Anil et al. 2018).
 
-- ``single``: one MLP, trained as ``R * max(ks)`` replicas so that groups of k consecutive
-  replicas give the reference of methods.md section 6 at equal compute: ensembles of k
-  independently trained models (``metrics.ensemble_curve``, k in 1 and ``ks``);
-- ``ensemble-K{K}/plain``: a K-component ensemble (``models.Ensemble``, K towers) trained with
-  the task loss of the ensemble prediction (``over``);
-- ``ensemble-K{K}/ad-{lambda}``: the same plus lambda times the decorrelation penalty
-  (``losses.anti_distillation``), for each lambda of the sweep;
-- ``ensemble-K{K}/codistill-{alpha}``: the same plus alpha times the codistillation term
-  (``losses.codistillation``, Anil et al.): components pushed towards each other.
-
-The analysis records ``metrics.compare`` of every trial with bootstrap intervals over replicas
-and, for each ensemble trial, ``differences`` (``metrics.difference``): against the plain
-ensemble of the same K (paired: replica r of both trials has the same keys) and against the
-independent ensembles of k = K (unpaired). Ensemble trials also measure the mean Pearson
-correlation between their components (``losses.pairwise_correlation``, what the penalty acts
-on) on the training and the test set: a penalty that only decorrelates on the training data
-(Jeffares et al. 2023) shows up as a test correlation well above the training one. The binary
-``experiments/anti_distillation.py`` is flags over ``AntiDistillationConfig``; the report is
-``anti_distillation_report.render``.
+``analyse`` records ``metrics.compare`` of every trial with intervals over replicas and, per
+ensemble trial, ``differences`` (``metrics.difference``) against the plain ensemble of the same
+K (paired: replica r of both shares its keys) and the independent ensembles of k = K
+(unpaired). Ensemble trials measure the correlation of their components on the training and
+the test set (``metrics.component_stats``): a penalty that decorrelates only on the training
+data (Jeffares et al. 2023) shows a test correlation well above the training one.
 
 References:
   Shamir & Coviello, arXiv 2010.09923; Anil et al. 2018, arXiv 1804.03235; Jeffares et al.
-  2023, "Joint training of deep ensembles fails due to learner collusion"; methods.md
-  sections 6 and 7.
+  2023; methods.md sections 6 and 7.
 """
 
 from __future__ import annotations
@@ -41,16 +32,19 @@ import numpy as np
 from jaxrepro import engine, losses, metrics, models, optim, randomness, synthetic
 from jaxrepro.studies.base import (
     StudyConfig,
+    bootstrap_kwargs,
     check_activation,
+    check_choice,
+    check_choices,
+    check_int,
     check_level,
+    check_number,
     check_sources,
     check_synthetic,
     check_unique,
     check_widths,
     fit_config,
     flag_field,
-    is_int,
-    is_number,
     load_dataset,
     require,
 )
@@ -76,31 +70,48 @@ class AntiDistillationConfig(StudyConfig):
 
     STUDY: ClassVar[str] = "anti_distillation"
     QUICK: ClassVar[Mapping[str, Any]] = dict(
-        datasets=("synthetic",), replicas=4, epochs=2, widths=(16,), ks=(2,), lambdas=(1.0,),
-        codistillation_alpha=0.0, num_train=256, num_test=128, num_samples=100,
+        datasets=("synthetic",),
+        replicas=4,
+        epochs=2,
+        widths=(16,),
+        ks=(2,),
+        lambdas=(1.0,),
+        codistillation_alpha=0.0,
+        num_train=256,
+        num_test=128,
+        num_samples=100,
     )
 
-    replicas: int = flag_field(16, "replicas R of each ensemble trial (the single-model trial "
-                                   "trains R * max(ks))")
+    replicas: int = flag_field(
+        16, "replicas R of each ensemble trial (the single-model trial trains R * max(ks))"
+    )
     num_train: int = flag_field(
-        0, f"training examples (0: all of mnist1d/digits, {SYNTHETIC_SIZES[0]} synthetic)")
+        0, f"training examples (0: all of mnist1d/digits, {SYNTHETIC_SIZES[0]} synthetic)"
+    )
     num_test: int = flag_field(
-        0, f"test examples (0: all of mnist1d/digits, {SYNTHETIC_SIZES[1]} synthetic)")
+        0, f"test examples (0: all of mnist1d/digits, {SYNTHETIC_SIZES[1]} synthetic)"
+    )
     datasets: tuple[str, ...] = flag_field(
-        ("mnist1d", "synthetic"), "datasets: mnist1d, synthetic (jaxrepro.synthetic), digits")
+        ("mnist1d", "synthetic"), "datasets: mnist1d, synthetic (jaxrepro.synthetic), digits"
+    )
     widths: tuple[int, ...] = flag_field((64, 64), "hidden widths of the MLP (one component)")
     activation: str = flag_field("relu", "activation of the MLP")
     ks: tuple[int, ...] = flag_field((2, 4), "ensemble sizes K (components per replica)")
     lambdas: tuple[float, ...] = flag_field(
-        (0.01, 0.1, 1.0, 10.0, 100.0), "anti-distillation weights lambda (the sweep)")
+        (0.01, 0.1, 1.0, 10.0, 100.0), "anti-distillation weights lambda (the sweep)"
+    )
     ad_output: str = flag_field(
-        "logits", "output the penalty decorrelates: logits, or residual (softmax - one-hot)")
+        "logits", "output the penalty decorrelates: logits, or residual (softmax - one-hot)"
+    )
     ad_penalty: str = flag_field("squared", "penalty on the correlations: squared or absolute")
     codistillation_alpha: float = flag_field(
-        1.0, "weight of the codistilled ensemble's term (0: no codistilled ensembles)")
+        1.0, "weight of the codistilled ensemble's term (0: no codistilled ensembles)"
+    )
     over: str = flag_field(
-        "ensemble", "task loss of an ensemble: of the ensemble prediction (ensemble, methods.md "
-                    "section 7) or the mean of the components' losses (components)")
+        "ensemble",
+        "task loss of an ensemble: of the ensemble prediction (ensemble, methods.md "
+        "section 7) or the mean of the components' losses (components)",
+    )
     vary: tuple[str, ...] = flag_field(("init", "order"), "sources varied between replicas")
     learning_rate: float = flag_field(3e-3, "Adam learning rate")
     synthetic_dim: int = flag_field(10, "input dimension of the synthetic data")
@@ -111,43 +122,50 @@ class AntiDistillationConfig(StudyConfig):
     level: float = flag_field(0.95, "confidence level of the intervals")
 
     def check(self):
-        check_unique("datasets", self.datasets)
-        for name in self.datasets:
-            require(name in AD_DATASETS, "datasets",
-                    f"unknown dataset {name!r}; choose from {', '.join(AD_DATASETS)}")
+        check_choices("datasets", self.datasets, AD_DATASETS, "dataset")
         check_widths("widths", self.widths)
         check_activation("activation", self.activation)
         check_unique("ks", self.ks)
-        require(all(is_int(k) and 2 <= k <= 16 for k in self.ks), "ks",
-                f"must be ints in [2, 16] (components per ensemble), got {list(self.ks)!r}")
+        for k in self.ks:
+            check_int("ks", k, 2, 16)  # components per ensemble
         check_unique("lambdas", self.lambdas)
-        require(all(is_number(v) and v > 0 for v in self.lambdas), "lambdas",
-                f"must be finite numbers > 0, got {list(self.lambdas)!r}")
-        require(is_number(self.codistillation_alpha) and self.codistillation_alpha >= 0,
-                "codistillation_alpha",
-                f"must be a finite number >= 0, got {self.codistillation_alpha!r}")
-        for name, choices in (("ad_output", losses.AD_OUTPUTS), ("over", losses.OVER),
-                              ("ad_penalty", ("squared", "absolute"))):
-            require(getattr(self, name) in choices, name,
-                    f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for lam in self.lambdas:
+            check_number("lambdas", lam, 0.0, strict=True)
+        check_number("codistillation_alpha", self.codistillation_alpha)
+        check_choice("ad_output", self.ad_output, losses.AD_OUTPUTS)
+        check_choice("over", self.over, losses.OVER)
+        check_choice("ad_penalty", self.ad_penalty, ("squared", "absolute"))
         check_sources("vary", self.vary)
-        require(len(self.vary) > 0, "vary",
-                "must name at least one source (otherwise every replica is identical)")
-        require(self.num_train == 0 or self.batch_size <= self.num_train, "batch_size",
-                f"{self.batch_size} is larger than num_train={self.num_train}")
-        require(is_int(self.num_samples) and self.num_samples >= 1, "num_samples",
-                f"must be an int >= 1, got {self.num_samples!r}")
+        require(
+            len(self.vary) > 0,
+            "vary",
+            "must name at least one source (otherwise every replica is identical)",
+        )
+        require(
+            self.num_train == 0 or self.batch_size <= self.num_train,
+            "batch_size",
+            f"{self.batch_size} is larger than num_train={self.num_train}",
+        )
+        check_int("num_samples", self.num_samples)
         check_level("level", self.level)
-        check_synthetic(self.synthetic_spec, {
-            "dim": "synthetic_dim", "teacher": "synthetic_teacher",
-            "temperature": "synthetic_temperature", "seed": "data_seed"})
+        fields = {
+            "dim": "synthetic_dim",
+            "teacher": "synthetic_teacher",
+            "temperature": "synthetic_temperature",
+            "seed": "data_seed",
+        }
+        check_synthetic(self.synthetic_spec, fields)
 
     def synthetic_spec(self) -> synthetic.Synthetic:
         """The generator spec of the synthetic dataset (binary labels, tanh teacher)."""
         return synthetic.Synthetic(
-            dim=self.synthetic_dim, num_train=self.num_train or SYNTHETIC_SIZES[0],
-            num_test=self.num_test or SYNTHETIC_SIZES[1], teacher=self.synthetic_teacher,
-            temperature=self.synthetic_temperature, seed=self.data_seed)
+            dim=self.synthetic_dim,
+            num_train=self.num_train or SYNTHETIC_SIZES[0],
+            num_test=self.num_test or SYNTHETIC_SIZES[1],
+            teacher=self.synthetic_teacher,
+            temperature=self.synthetic_temperature,
+            seed=self.data_seed,
+        )
 
     @property
     def single_replicas(self) -> int:
@@ -184,40 +202,50 @@ def variants(config: AntiDistillationConfig) -> list[tuple[str, str, float]]:
 def _loss(config: AntiDistillationConfig, kind: str, weight: float) -> losses.Loss:
     base = losses.softmax_cross_entropy(over=config.over)
     if kind == "anti_distillation":
-        return losses.anti_distillation(base, weight, output=config.ad_output,
-                                        penalty=config.ad_penalty)
+        return losses.anti_distillation(
+            base, weight, output=config.ad_output, penalty=config.ad_penalty
+        )
     return losses.codistillation(base, weight) if kind == "codistillation" else base
 
 
 def trials(config: AntiDistillationConfig) -> list[Trial]:
     tx = optim.optimizer("adam", config.learning_rate)
     vary = randomness.check_sources(config.vary)
+    fit = fit_config(config, vary)
     out = []
     for name in config.datasets:
-        ds = load_dataset(name, config.num_train, config.num_test,
-                          synthetic_spec=config.synthetic_spec())
-        mlp = models.MLP(widths=tuple(config.widths), num_classes=ds.num_classes,
-                         activation=config.activation)
-        base = {"dataset": name, "num_train": ds.num_train, "num_test": ds.num_test,
-                "vary": list(vary)}
-        fit = fit_config(config, vary)
-        out.append(Trial(
-            name=single_name(name), data=ds,
-            task=engine.Task(model=mlp, tx=tx, loss_fn=losses.softmax_cross_entropy()),
-            fit=dataclasses.replace(fit, replicas=config.single_replicas),
-            info={**base, "kind": "single", "K": 1, "lambda": None, "alpha": None,
-                  "replicas": config.single_replicas}))
+        spec = config.synthetic_spec()
+        ds = load_dataset(name, config.num_train, config.num_test, synthetic_spec=spec)
+        mlp = models.MLP(
+            widths=config.widths, num_classes=ds.num_classes, activation=config.activation
+        )
+        base = dict(dataset=name, num_train=ds.num_train, num_test=ds.num_test, vary=list(vary))
+        single = dataclasses.replace(fit, replicas=config.single_replicas)
+        task = engine.Task(model=mlp, tx=tx, loss_fn=losses.softmax_cross_entropy())
+        info = dict(
+            base,
+            kind="single",
+            K=1,
+            **{"lambda": None},
+            alpha=None,
+            replicas=config.single_replicas,
+        )
+        out.append(Trial(single_name(name), task, ds, single, info))
         for k in config.ks:
             model = models.Ensemble(mlp, num_components=k)
             for variant, kind, weight in variants(config):
-                out.append(Trial(
-                    name=ensemble_name(name, k, variant), data=ds, fit=fit,
-                    task=engine.Task(model=model, tx=tx, loss_fn=_loss(config, kind, weight)),
-                    info={**base, "kind": kind, "K": k,
-                          "lambda": weight if kind != "codistillation" else None,
-                          "alpha": weight if kind == "codistillation" else None,
-                          "replicas": config.replicas},
-                    measure=measure_components))
+                task = engine.Task(model=model, tx=tx, loss_fn=_loss(config, kind, weight))
+                codistill = kind == "codistillation"
+                info = dict(
+                    base,
+                    kind=kind,
+                    K=k,
+                    **{"lambda": None if codistill else weight},
+                    alpha=weight if codistill else None,
+                    replicas=config.replicas,
+                )
+                name_k = ensemble_name(name, k, variant)
+                out.append(Trial(name_k, task, ds, fit, info, measure=measure_components))
     return out
 
 
@@ -228,14 +256,10 @@ def measure_components(run: engine.Run, ds) -> dict[str, Any]:
     ids = np.flatnonzero(~np.asarray(run.diverged) & np.asarray(metrics.finite_replicas(probs)))
     if len(ids) < 2:
         return {}
-    return {split: metrics.component_stats(
-        run.predict(x, logits=True, components=True)[ids], y)
-            for split, x, y in (("test", ds.x_test, ds.y_test),
-                                ("train", ds.x_train, ds.y_train))}
-
-
-# ---------------------------------------------------------------------------------------------
-# Analysis (pure).
+    return {
+        split: metrics.component_stats(run.predict(x, logits=True, components=True)[ids], y)
+        for split, x, y in (("test", ds.x_test, ds.y_test), ("train", ds.x_train, ds.y_train))
+    }
 
 
 def _group(probs_RxNxC: np.ndarray, k: int) -> np.ndarray:
@@ -247,8 +271,7 @@ def _group(probs_RxNxC: np.ndarray, k: int) -> np.ndarray:
 
 
 def _difference(config, a: Predictions, b: Predictions | np.ndarray, *, paired: bool) -> dict:
-    kw = dict(key=randomness.bootstrap_key(config.seed), num_samples=config.num_samples,
-              level=config.level, over="replicas")
+    kw = bootstrap_kwargs(config, over="replicas")
     if paired:
         out = metrics.difference(a.probs, b.probs, a.labels, mask=a.keep & b.keep, **kw)
     else:
@@ -260,8 +283,7 @@ def analyse(config: AntiDistillationConfig, predictions: Mapping[str, Prediction
     """Per trial ``metrics.compare`` with intervals; the single model's ensemble curve; each
     ensemble's components and its differences against the plain ensemble and the independent
     ensembles of k = K."""
-    kw = dict(key=randomness.bootstrap_key(config.seed), num_samples=config.num_samples,
-              level=config.level, over="replicas")
+    kw = bootstrap_kwargs(config, over="replicas")
     records = {}
     for dataset in config.datasets:
         single = predictions[single_name(dataset)]
@@ -274,8 +296,11 @@ def analyse(config: AntiDistillationConfig, predictions: Mapping[str, Prediction
         if enough:
             curve = metrics.ensemble_curve(single.probs, single.labels, ks=ks, mask=single.keep)
             for row in curve:  # k = 1: the trial's own intervals; k > 1: groups as replicas
-                res = rec["metrics"] if row["k"] == 1 else metrics.compare(
-                    _group(kept, row["k"]), single.labels, **kw)
+                res = (
+                    rec["metrics"]
+                    if row["k"] == 1
+                    else metrics.compare(_group(kept, row["k"]), single.labels, **kw)
+                )
                 row.update({f"{m}_ci": res[f"{m}_ci"] for m in REPORT_METRICS})
             rec["ensemble_curve"] = curve
         for k in config.ks:
@@ -290,7 +315,8 @@ def analyse(config: AntiDistillationConfig, predictions: Mapping[str, Prediction
                 if variant != "plain" and (pred.keep & plain.keep).sum() >= 2:
                     diffs["vs_plain"] = _difference(config, pred, plain, paired=True)
                 if enough:
-                    diffs["vs_independent"] = _difference(config, pred, _group(kept, k),
-                                                          paired=False)
+                    diffs["vs_independent"] = _difference(
+                        config, pred, _group(kept, k), paired=False
+                    )
     order = list(predictions)
     return Analysis(records={name: records[name] for name in order})

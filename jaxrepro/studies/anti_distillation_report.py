@@ -37,9 +37,12 @@ def _curve_row(record: Mapping[str, Any], k: int) -> dict | None:
 
 def _differences(config, records, dataset) -> dict[tuple[int, str], dict[str, Any]]:
     """(K, variant) -> {"vs_plain": ..., "vs_independent": ...}, as the analysis recorded."""
-    return {(k, variant): records[ensemble_name(dataset, k, variant)].get("differences") or {}
-            for k in config.ks for variant, _, _ in variants(config)
-            if records[ensemble_name(dataset, k, variant)].get("metrics") is not None}
+    return {
+        (k, variant): records[ensemble_name(dataset, k, variant)].get("differences") or {}
+        for k in config.ks
+        for variant, _, _ in variants(config)
+        if records[ensemble_name(dataset, k, variant)].get("metrics") is not None
+    }
 
 
 def render(config, analysis, workdir: Path) -> list[str]:
@@ -85,9 +88,14 @@ def render(config, analysis, workdir: Path) -> list[str]:
             for variant, _, _ in variants(config):
                 comp = records[ensemble_name(dataset, k, variant)].get("components")
                 if comp:
-                    points.append({"group": f"{dataset} K={k}", "series": variant,
-                                   "x": comp["train"][f"corr_{config.ad_output}"],
-                                   "y": comp["test"][f"corr_{config.ad_output}"]})
+                    points.append(
+                        {
+                            "group": f"{dataset} K={k}",
+                            "series": variant,
+                            "x": comp["train"][f"corr_{config.ad_output}"],
+                            "y": comp["test"][f"corr_{config.ad_output}"],
+                        }
+                    )
         png = f"{dataset}_lambda.png"
         _lambda_plot(workdir / png, config, records, dataset)
         png_k = f"{dataset}_k.png"
@@ -108,10 +116,12 @@ def render(config, analysis, workdir: Path) -> list[str]:
             "",
         ]
     plots.scatter_intervals(
-        workdir / "component_correlation.png", points,
+        workdir / "component_correlation.png",
+        points,
         xlabel=f"mean correlation of component {config.ad_output}, training set",
         ylabel=f"mean correlation of component {config.ad_output}, test set",
-        title="Do components stay decorrelated on held-out data?")
+        title="Do components stay decorrelated on held-out data?",
+    )
     total = sum(tally[key] for key in ("lower", "higher", "no difference", "undefined"))
     summary.append(
         f"- Overall: of {total} anti-distilled ensembles (dataset x K x lambda), "
@@ -121,31 +131,48 @@ def render(config, analysis, workdir: Path) -> list[str]:
         + (f", {tally['undefined']} undefined" if tally["undefined"] else "")
         + f"; {tally['lower_indep']} are lower than the independent ensembles of k = K (equal "
         f"compute). Criterion: the {pct}% paired bootstrap interval of the difference excludes "
-        "0.")
-    return (["## Findings", ""] + summary + [""] + lines + diff_lines + [
-        "![component correlation](component_correlation.png)",
-        "",
-        "Each point is an ensemble trial: the mean correlation between its components' "
-        f"{config.ad_output} (the penalised output) on the training set (x) and the test set "
-        "(y). Points near the diagonal decorrelate "
-        "as much on held-out data as on training data; points above it are less diverse on "
-        "the test set than training suggests (Jeffares et al. 2023).",
-        "",
-    ])
+        "0."
+    )
+    return (
+        ["## Findings", ""]
+        + summary
+        + [""]
+        + lines
+        + diff_lines
+        + [
+            "![component correlation](component_correlation.png)",
+            "",
+            "Each point is an ensemble trial: the mean correlation between its components' "
+            f"{config.ad_output} (the penalised output) on the training set (x) and the test set "
+            "(y). Points near the diagonal decorrelate "
+            "as much on held-out data as on training data; points above it are less diverse on "
+            "the test set than training suggests (Jeffares et al. 2023).",
+            "",
+        ]
+    )
 
 
 def _dataset_section(config, records, dataset, diffs) -> list[str]:
     single = records[single_name(dataset)]
     out_key = f"corr_{config.ad_output}"
-    header = ["trial", "K", "lambda / alpha"] + list(REPORT_METRICS) + [
-        f"corr {config.ad_output} test / train", "corr centred test", "comp. disagree",
-        "comp. acc"]
-    rows = [["single", 1, "-"] + [with_ci(single.get("metrics"), m) for m in REPORT_METRICS]
-            + ["-"] * 4]
+    header = (
+        ["trial", "K", "lambda / alpha"]
+        + list(REPORT_METRICS)
+        + [
+            f"corr {config.ad_output} test / train",
+            "corr centred test",
+            "comp. disagree",
+            "comp. acc",
+        ]
+    )
+    rows = [
+        ["single", 1, "-"] + [with_ci(single.get("metrics"), m) for m in REPORT_METRICS] + ["-"] * 4
+    ]
     for k in config.ks:
         row = _curve_row(single, k)
-        rows.append([f"k={k} indep.", k, "-"] + [with_ci(row, m) for m in REPORT_METRICS]
-                    + ["-"] * 4)
+        rows.append(
+            [f"k={k} indep.", k, "-"] + [with_ci(row, m) for m in REPORT_METRICS] + ["-"] * 4
+        )
     for k in config.ks:
         for variant, kind, weight in variants(config):
             rec = records[ensemble_name(dataset, k, variant)]
@@ -154,34 +181,54 @@ def _dataset_section(config, records, dataset, diffs) -> list[str]:
             rows.append(
                 [variant, k, num(weight) if kind != "plain" else "0"]
                 + [with_ci(rec.get("metrics"), m) for m in REPORT_METRICS]
-                + [f"{fmt(test.get(out_key))} / {fmt(train.get(out_key))}",
-                   fmt(test.get("corr_centred_logits")), fmt(test.get("disagreement")),
-                   fmt(test.get("component_acc"))])
+                + [
+                    f"{fmt(test.get(out_key))} / {fmt(train.get(out_key))}",
+                    fmt(test.get("corr_centred_logits")),
+                    fmt(test.get("disagreement")),
+                    fmt(test.get("component_acc")),
+                ]
+            )
     n_test = single["info"]["num_test"]
     n_train = single["info"]["num_train"]
-    out = [f"## {dataset} ({n_train} training, {n_test} test examples)", "",
-           markdown_table(header, rows), ""]
+    out = [
+        f"## {dataset} ({n_train} training, {n_test} test examples)",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
     drows = []
     for (k, variant), entry in diffs.items():
         vp, vi = entry.get("vs_plain"), entry.get("vs_independent")
-        drows.append([
-            f"K={k} {variant}",
-            diff_text(vp, "pd_abs") if vp else "-",
-            diff_text(vp, "churn") if vp else "-",
-            diff_text(vp, "acc_mean") if vp else "-",
-            ci_verdict(vp["pd_abs"]["ci"]) if vp else "-",
-            diff_text(vi, "pd_abs") if vi else "-",
-            diff_text(vi, "churn") if vi else "-",
-            ci_verdict(vi["pd_abs"]["ci"]) if vi else "-",
-        ])
+        drows.append(
+            [
+                f"K={k} {variant}",
+                diff_text(vp, "pd_abs") if vp else "-",
+                diff_text(vp, "churn") if vp else "-",
+                diff_text(vp, "acc_mean") if vp else "-",
+                ci_verdict(vp["pd_abs"]["ci"]) if vp else "-",
+                diff_text(vi, "pd_abs") if vi else "-",
+                diff_text(vi, "churn") if vi else "-",
+                ci_verdict(vi["pd_abs"]["ci"]) if vi else "-",
+            ]
+        )
     out += [
         f"Differences on {dataset}: the trial minus the plain ensemble of the same K (paired), "
         "and minus the independent ensembles of k = K (unpaired); 'pd_abs' says whether the "
         "trial's pd_abs is lower, higher or not distinguishable.",
         "",
-        markdown_table(["trial", "d pd_abs vs plain", "d churn vs plain", "d acc vs plain",
-                        "pd_abs vs plain", "d pd_abs vs indep.", "d churn vs indep.",
-                        "pd_abs vs indep."], drows),
+        markdown_table(
+            [
+                "trial",
+                "d pd_abs vs plain",
+                "d churn vs plain",
+                "d acc vs plain",
+                "pd_abs vs plain",
+                "d pd_abs vs indep.",
+                "d churn vs indep.",
+                "pd_abs vs indep.",
+            ],
+            drows,
+        ),
         "",
     ]
     return out
@@ -202,8 +249,11 @@ def _costs(d: Mapping[str, Any]) -> list[str]:
 
 
 def _phrase(verdict: str) -> str:
-    return {"lower": "lower than", "higher": "higher than",
-            "no difference": "not distinguishable from"}.get(verdict, "undefined against")
+    return {
+        "lower": "lower than",
+        "higher": "higher than",
+        "no difference": "not distinguishable from",
+    }.get(verdict, "undefined against")
 
 
 def _summary(config, records, dataset, diffs) -> tuple[list[str], dict[str, int]]:
@@ -213,12 +263,17 @@ def _summary(config, records, dataset, diffs) -> tuple[list[str], dict[str, int]
     for k in config.ks:
         plain = records[ensemble_name(dataset, k, "plain")]
         indep = _curve_row(single, k)
-        ad = {v: e for (kk, v), e in diffs.items()
-              if kk == k and v.startswith("ad-") and "vs_plain" in e}
-        text = (f"- {dataset}, K={k}: pd_abs of the single model "
-                f"{fmt(value(single, 'pd_abs'))}, of independent ensembles of {k} "
-                f"{fmt(indep['pd_abs']) if indep else '-'}, of the plain {k}-component ensemble "
-                f"{fmt(value(plain, 'pd_abs'))}.")
+        ad = {
+            v: e
+            for (kk, v), e in diffs.items()
+            if kk == k and v.startswith("ad-") and "vs_plain" in e
+        }
+        text = (
+            f"- {dataset}, K={k}: pd_abs of the single model "
+            f"{fmt(value(single, 'pd_abs'))}, of independent ensembles of {k} "
+            f"{fmt(indep['pd_abs']) if indep else '-'}, of the plain {k}-component ensemble "
+            f"{fmt(value(plain, 'pd_abs'))}."
+        )
         if ad:
             verdicts = {v: ci_verdict(e["vs_plain"]["pd_abs"]["ci"]) for v, e in ad.items()}
             for v, verdict in verdicts.items():
@@ -230,47 +285,67 @@ def _summary(config, records, dataset, diffs) -> tuple[list[str], dict[str, int]
             if lower:
                 costs = {v: _costs(ad[v]["vs_plain"]) for v in lower}
                 tally["lower_clean"] += sum(not c for c in costs.values())
-                text += (" Anti-distillation reduced pd_abs beyond plain ensembling at "
-                         + ", ".join(v + (f" (but {' and '.join(costs[v])})" if costs[v] else
-                                          " (churn and accuracy no worse)") for v in lower))
+                text += " Anti-distillation reduced pd_abs beyond plain ensembling at " + ", ".join(
+                    v
+                    + (
+                        f" (but {' and '.join(costs[v])})"
+                        if costs[v]
+                        else " (churn and accuracy no worse)"
+                    )
+                    for v in lower
+                )
             else:
-                text += (" Anti-distillation did not reduce pd_abs beyond plain ensembling at any "
-                         "lambda")
+                text += (
+                    " Anti-distillation did not reduce pd_abs beyond plain ensembling at any lambda"
+                )
             if higher:
                 text += f" and increased it at {', '.join(higher)}"
             best = min(ad, key=lambda v: ad[v]["vs_plain"]["pd_abs"]["diff"])
             d, rec = ad[best]["vs_plain"], records[ensemble_name(dataset, k, best)]
-            text += (f". Lowest pd_abs at {best}: {fmt(value(rec, 'pd_abs'))}, minus "
-                     f"plain {diff_text(d, 'pd_abs')}, churn {diff_text(d, 'churn')}, "
-                     f"accuracy {diff_text(d, 'acc_mean')}")
+            text += (
+                f". Lowest pd_abs at {best}: {fmt(value(rec, 'pd_abs'))}, minus "
+                f"plain {diff_text(d, 'pd_abs')}, churn {diff_text(d, 'churn')}, "
+                f"accuracy {diff_text(d, 'acc_mean')}"
+            )
             vi = ad[best].get("vs_independent")
             if vi:
-                text += (f"; {_phrase(ci_verdict(vi['pd_abs']['ci']))} the independent ensembles "
-                         f"of {k} ({diff_text(vi, 'pd_abs')})")
-            strongest = max(ad, key=lambda v: records[ensemble_name(dataset, k, v)]["info"][
-                "lambda"])
-            comp = [(records[ensemble_name(dataset, k, v)].get("components") or {})
-                    for v in ("plain", strongest)]
+                text += (
+                    f"; {_phrase(ci_verdict(vi['pd_abs']['ci']))} the independent ensembles "
+                    f"of {k} ({diff_text(vi, 'pd_abs')})"
+                )
+            strongest = max(
+                ad, key=lambda v: records[ensemble_name(dataset, k, v)]["info"]["lambda"]
+            )
+            comp = [
+                (records[ensemble_name(dataset, k, v)].get("components") or {})
+                for v in ("plain", strongest)
+            ]
             key = f"corr_{config.ad_output}"
             if all(c.get("test") for c in comp):
-                text += (f". Component correlation of the {config.ad_output} (test / train): "
-                         f"plain {fmt(comp[0]['test'][key])} / {fmt(comp[0]['train'][key])}, "
-                         f"{strongest} {fmt(comp[1]['test'][key])} / "
-                         f"{fmt(comp[1]['train'][key])} (centred logits, test: "
-                         f"{fmt(comp[0]['test']['corr_centred_logits'])}, "
-                         f"{fmt(comp[1]['test']['corr_centred_logits'])}); components disagree on "
-                         f"{fmt(comp[0]['test']['disagreement'])} and "
-                         f"{fmt(comp[1]['test']['disagreement'])} of test examples")
+                text += (
+                    f". Component correlation of the {config.ad_output} (test / train): "
+                    f"plain {fmt(comp[0]['test'][key])} / {fmt(comp[0]['train'][key])}, "
+                    f"{strongest} {fmt(comp[1]['test'][key])} / "
+                    f"{fmt(comp[1]['train'][key])} (centred logits, test: "
+                    f"{fmt(comp[0]['test']['corr_centred_logits'])}, "
+                    f"{fmt(comp[1]['test']['corr_centred_logits'])}); components disagree on "
+                    f"{fmt(comp[0]['test']['disagreement'])} and "
+                    f"{fmt(comp[1]['test']['disagreement'])} of test examples"
+                )
         for (kk, v), e in diffs.items():
             if kk == k and v.startswith("codistill-") and "vs_plain" in e:
                 rec = records[ensemble_name(dataset, k, v)]
-                text += (f". Codistillation ({v}): pd_abs {fmt(value(rec, 'pd_abs'))}, "
-                         f"{_phrase(ci_verdict(e['vs_plain']['pd_abs']['ci']))} plain "
-                         f"({diff_text(e['vs_plain'], 'pd_abs')})")
+                text += (
+                    f". Codistillation ({v}): pd_abs {fmt(value(rec, 'pd_abs'))}, "
+                    f"{_phrase(ci_verdict(e['vs_plain']['pd_abs']['ci']))} plain "
+                    f"({diff_text(e['vs_plain'], 'pd_abs')})"
+                )
                 if "vs_independent" in e:
                     vi = e["vs_independent"]
-                    text += (f" and {_phrase(ci_verdict(vi['pd_abs']['ci']))} the independent "
-                             f"ensembles ({diff_text(vi, 'pd_abs')})")
+                    text += (
+                        f" and {_phrase(ci_verdict(vi['pd_abs']['ci']))} the independent "
+                        f"ensembles ({diff_text(vi, 'pd_abs')})"
+                    )
                 text += f", accuracy {fmt(value(rec, 'acc_mean'))}"
         out.append(text + ".")
     return out, tally
@@ -288,9 +363,12 @@ def _value_err(m: Mapping[str, Any] | None, key: str):
 
 def _lambda_plot(path: Path, config, records, dataset) -> Path:
     arms = variants(config)
-    labels = ["0 (plain)" if kind == "plain" else
-              (num(w) if kind == "anti_distillation" else f"codist {num(w)}")
-              for _, kind, w in arms]
+    labels = [
+        "0 (plain)"
+        if kind == "plain"
+        else (num(w) if kind == "anti_distillation" else f"codist {num(w)}")
+        for _, kind, w in arms
+    ]
     fig, axes = plots.figure(len(REPORT_METRICS), width=3.8, height=3.4)
     single = records[single_name(dataset)]
     for ax, metric in zip(axes, REPORT_METRICS, strict=True):
@@ -298,19 +376,28 @@ def _lambda_plot(path: Path, config, records, dataset) -> Path:
             color = f"C{ci_k}"
             xs, ys = [], []
             for x, (variant, kind, _) in enumerate(arms):
-                v, err = _value_err(records[ensemble_name(dataset, k, variant)].get("metrics"),
-                                    metric)
+                v, err = _value_err(
+                    records[ensemble_name(dataset, k, variant)].get("metrics"), metric
+                )
                 off = (ci_k - (len(config.ks) - 1) / 2) * 0.08
-                ax.errorbar([x + off], [v], yerr=err, fmt="o" if kind != "codistillation"
-                            else "s", color=color, capsize=2, markersize=4)
+                ax.errorbar(
+                    [x + off],
+                    [v],
+                    yerr=err,
+                    fmt="o" if kind != "codistillation" else "s",
+                    color=color,
+                    capsize=2,
+                    markersize=4,
+                )
                 if kind != "codistillation":
                     xs.append(x + off)
                     ys.append(v)
             ax.plot(xs, ys, color=color, label=f"K={k}")
             ref = _curve_row(single, k)
             if ref and ref.get(metric) is not None:
-                ax.axhline(ref[metric], color=color, linestyle=":", linewidth=1.2,
-                           label=f"indep. k={k}")
+                ax.axhline(
+                    ref[metric], color=color, linestyle=":", linewidth=1.2, label=f"indep. k={k}"
+                )
                 ci = ref.get(metric + "_ci")
                 if ci and None not in ci:
                     ax.axhspan(ci[0], ci[1], color=color, alpha=0.12, linewidth=0)
@@ -322,8 +409,10 @@ def _lambda_plot(path: Path, config, records, dataset) -> Path:
         ax.set_title(metric)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="x-small")
-    fig.suptitle(f"{dataset}: anti-distilled ensembles against lambda "
-                 f"(R={config.replicas}, {config.ad_output}, {config.ad_penalty})")
+    fig.suptitle(
+        f"{dataset}: anti-distilled ensembles against lambda "
+        f"(R={config.replicas}, {config.ad_output}, {config.ad_penalty})"
+    )
     return plots.save(fig, path)
 
 
@@ -339,15 +428,31 @@ def _k_plot(path: Path, config, records, dataset) -> Path:
         below = [e[0][0] if e else 0.0 for e in errs]
         above = [e[1][0] if e else 0.0 for e in errs]
         if xs:
-            ax.errorbar(xs, ys, yerr=[below, above], color="black", marker="o", capsize=2,
-                        label="indep. ensembles of k")
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=[below, above],
+                color="black",
+                marker="o",
+                capsize=2,
+                label="indep. ensembles of k",
+            )
         for vi, (variant, _, _) in enumerate(arms):
             for k in config.ks:
                 off = 1 + (vi - (len(arms) - 1) / 2) * 0.06
-                v, err = _value_err(records[ensemble_name(dataset, k, variant)].get("metrics"),
-                                    metric)
-                ax.errorbar([k * off], [v], yerr=err, fmt="o", color=f"C{vi}", capsize=2,
-                            markersize=4, label=variant if k == config.ks[0] else None)
+                v, err = _value_err(
+                    records[ensemble_name(dataset, k, variant)].get("metrics"), metric
+                )
+                ax.errorbar(
+                    [k * off],
+                    [v],
+                    yerr=err,
+                    fmt="o",
+                    color=f"C{vi}",
+                    capsize=2,
+                    markersize=4,
+                    label=variant if k == config.ks[0] else None,
+                )
         ax.set_xscale("log", base=2)
         ticks = sorted({1, *config.ks})
         ax.set_xticks(ticks, [str(t) for t in ticks])

@@ -64,8 +64,11 @@ def is_int(v) -> bool:
 
 def is_number(v) -> bool:
     """A finite real number (not a bool)."""
-    return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-            and math.isfinite(v))
+    return (
+        isinstance(v, (int, float, np.integer, np.floating))
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+    )
 
 
 def check_activation(field: str, spec: str) -> None:
@@ -76,8 +79,11 @@ def check_activation(field: str, spec: str) -> None:
 
 
 def check_widths(field: str, widths) -> None:
-    require(len(widths) > 0 and all(is_int(w) and w >= 1 for w in widths), field,
-            f"must be a non-empty list of positive ints, got {list(widths)!r}")
+    require(
+        len(widths) > 0 and all(is_int(w) and w >= 1 for w in widths),
+        field,
+        f"must be a non-empty list of positive ints, got {list(widths)!r}",
+    )
 
 
 def check_unique(field: str, values) -> None:
@@ -95,6 +101,38 @@ def check_sources(field: str, names) -> tuple[str, ...]:
 
 def check_level(field: str, level) -> None:
     require(is_number(level) and 0.0 < level < 1.0, field, f"must be in (0, 1), got {level!r}")
+
+
+def check_int(field: str, value, minimum: int = 1, maximum: int | None = None) -> None:
+    """An int in ``[minimum, maximum]`` (no upper bound when ``maximum`` is None)."""
+    ok = is_int(value) and value >= minimum and (maximum is None or value <= maximum)
+    bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    require(ok, field, f"must be an int {bound}, got {value!r}")
+
+
+def check_number(
+    field: str, value, minimum: float = 0.0, *, below: float | None = None, strict: bool = False
+) -> None:
+    """A finite number ``>= minimum`` (``> minimum`` when ``strict``) and ``< below``."""
+    ok = is_number(value) and (value > minimum if strict else value >= minimum)
+    ok = ok and (below is None or value < below)
+    bound = f"{'>' if strict else '>='} {minimum}" if below is None else f"in [{minimum}, {below})"
+    require(ok, field, f"must be a finite number {bound}, got {value!r}")
+
+
+def check_choice(field: str, value, choices) -> None:
+    require(
+        value in choices, field, f"must be one of {', '.join(map(str, choices))}, got {value!r}"
+    )
+
+
+def check_choices(field: str, values, choices, what: str = "value") -> None:
+    """A non-empty list without duplicates, each of ``choices``."""
+    check_unique(field, values)
+    for v in values:
+        require(
+            v in choices, field, f"unknown {what} {v!r}; choose from {', '.join(map(str, choices))}"
+        )
 
 
 def check_synthetic(make_spec, fields: Mapping[str, str]) -> None:
@@ -125,8 +163,11 @@ SETTINGS: dict[str, tuple[str, ...]] = {
 def check_settings(field: str, names) -> None:
     check_unique(field, names)
     for name in names:
-        require(name in SETTINGS, field,
-                f"unknown randomness setting {name!r}; choose from {', '.join(SETTINGS)}")
+        require(
+            name in SETTINGS,
+            field,
+            f"unknown randomness setting {name!r}; choose from {', '.join(SETTINGS)}",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,17 +194,29 @@ class StudyConfig:
         for name in ("replicas", "epochs", "batch_size"):
             value = getattr(self, name)
             require(is_int(value) and value >= 1, name, f"must be an int >= 1, got {value!r}")
-        require(self.replicas >= 2, "replicas",
-                f"must be >= 2 (the metrics compare pairs of replicas), got {self.replicas}")
+        require(
+            self.replicas >= 2,
+            "replicas",
+            f"must be >= 2 (the metrics compare pairs of replicas), got {self.replicas}",
+        )
         if hasattr(self, "learning_rate"):  # studies with one rate per optimizer check their own
-            require(is_number(self.learning_rate) and self.learning_rate > 0,
-                    "learning_rate", f"must be a positive number, got {self.learning_rate!r}")
+            require(
+                is_number(self.learning_rate) and self.learning_rate > 0,
+                "learning_rate",
+                f"must be a positive number, got {self.learning_rate!r}",
+            )
         for name in ("num_train", "num_test"):
             value = getattr(self, name)
-            require(is_int(value) and value >= 0, name,
-                    f"must be an int >= 0 (0: the whole split), got {value!r}")
-        require(is_int(self.seed) and 0 <= self.seed < 2**32, "seed",
-                f"must be an int in [0, 2**32), got {self.seed!r}")
+            require(
+                is_int(value) and value >= 0,
+                name,
+                f"must be an int >= 0 (0: the whole split), got {value!r}",
+            )
+        require(
+            is_int(self.seed) and 0 <= self.seed < 2**32,
+            "seed",
+            f"must be an int in [0, 2**32), got {self.seed!r}",
+        )
         self.check()
 
     def check(self) -> None:
@@ -171,8 +224,9 @@ class StudyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(self).items()}
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]):
@@ -201,8 +255,14 @@ def subset(ds: data.Dataset, num_train: int, num_test: int) -> data.Dataset:
     if not num_train and not num_test:
         return ds
     n_tr, n_te = num_train or ds.num_train, num_test or ds.num_test
-    return data.Dataset(ds.x_train[:n_tr], ds.y_train[:n_tr], ds.x_test[:n_te],
-                        ds.y_test[:n_te], num_classes=ds.num_classes, name=ds.name)
+    return data.Dataset(
+        ds.x_train[:n_tr],
+        ds.y_train[:n_tr],
+        ds.x_test[:n_te],
+        ds.y_test[:n_te],
+        num_classes=ds.num_classes,
+        name=ds.name,
+    )
 
 
 def binary_subset(ds: data.Dataset, classes: Sequence[int]) -> data.Dataset:
@@ -218,9 +278,14 @@ def binary_subset(ds: data.Dataset, classes: Sequence[int]) -> data.Dataset:
     return data.Dataset(x_tr, y_tr, x_te, y_te, num_classes=2, name=f"{ds.name}_{a}v{b}")
 
 
-def load_dataset(name: str, num_train: int = 0, num_test: int = 0, *,
-                 binary_classes: Sequence[int] = (2, 7),
-                 synthetic_spec: synthetic.Synthetic | None = None) -> data.Dataset:
+def load_dataset(
+    name: str,
+    num_train: int = 0,
+    num_test: int = 0,
+    *,
+    binary_classes: Sequence[int] = (2, 7),
+    synthetic_spec: synthetic.Synthetic | None = None,
+) -> data.Dataset:
     """A study's dataset by name, cut to ``num_train`` / ``num_test`` examples (0: all).
 
     ``mnist1d`` and ``digits`` (``data.load``); ``mnist1d_binary``: the two MNIST-1D classes
@@ -245,12 +310,32 @@ def adam(learning_rate: float):
 
 
 @functools.cache
-def mlp_task(widths: tuple[int, ...], num_classes: int, activation: str, dropout_rate: float,
-             learning_rate: float) -> engine.Task:
+def mlp_task(
+    widths: tuple[int, ...],
+    num_classes: int,
+    activation: str,
+    dropout_rate: float,
+    learning_rate: float,
+) -> engine.Task:
     """An MLP trained with Adam and the default loss (cached: equal arguments, one task)."""
-    model = models.MLP(widths=tuple(widths), num_classes=num_classes, activation=activation,
-                       dropout_rate=dropout_rate)
+    model = models.MLP(
+        widths=tuple(widths),
+        num_classes=num_classes,
+        activation=activation,
+        dropout_rate=dropout_rate,
+    )
     return engine.Task(model=model, tx=adam(learning_rate))
+
+
+def bootstrap_kwargs(config: StudyConfig, **extra) -> dict[str, Any]:
+    """``metrics.compare`` / ``metrics.difference`` arguments of a config's intervals: the
+    study's bootstrap key (``randomness.bootstrap_key(seed)``), ``num_samples`` and ``level``."""
+    return dict(
+        key=randomness.bootstrap_key(config.seed),
+        num_samples=config.num_samples,
+        level=config.level,
+        **extra,
+    )
 
 
 def fit_config(config: StudyConfig, vary, **kwargs) -> engine.FitConfig:
@@ -259,5 +344,11 @@ def fit_config(config: StudyConfig, vary, **kwargs) -> engine.FitConfig:
     vary = tuple(vary)
     perturb = kwargs.pop("perturb_scale", None)
     return engine.FitConfig(
-        replicas=config.replicas, seed=config.seed, vary=vary, batch_size=config.batch_size,
-        epochs=config.epochs, perturb_scale=perturb if "perturb" in vary else None, **kwargs)
+        replicas=config.replicas,
+        seed=config.seed,
+        vary=vary,
+        batch_size=config.batch_size,
+        epochs=config.epochs,
+        perturb_scale=perturb if "perturb" in vary else None,
+        **kwargs,
+    )

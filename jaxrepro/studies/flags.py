@@ -22,8 +22,9 @@ def _field_types(config_cls) -> dict[str, Any]:
     return typing.get_type_hints(config_cls)
 
 
-def define_flags(config_cls: type[StudyConfig], flag_values=None,
-                 module_name: str | None = None) -> None:
+def define_flags(
+    config_cls: type[StudyConfig], flag_values=None, module_name: str | None = None
+) -> None:
     """Defines one absl flag per config field, plus ``--workdir``, ``--quick``,
     ``--checkpoint_every``, ``--keep_checkpoints``, ``--deterministic``, ``--cpu_devices`` and
     the multi-process flags (``--coordinator_address``, ``--num_processes``, ``--process_id``,
@@ -48,27 +49,64 @@ def define_flags(config_cls: type[StudyConfig], flag_values=None,
             flags.DEFINE_string(f.name, default, help_, **kw)
         else:
             flags.DEFINE_list(f.name, [str(v) for v in default], help_, **kw)
-    flags.DEFINE_string("workdir", f"runs/{config_cls.STUDY}",
-                        "directory of the run: config, checkpoints, results, report", **kw)
-    flags.DEFINE_bool("quick", False, "shrink the study to a run of seconds (smoke test); "
-                      "flags given explicitly still apply", **kw)
+    flags.DEFINE_string(
+        "workdir",
+        f"runs/{config_cls.STUDY}",
+        "directory of the run: config, checkpoints, results, report",
+        **kw,
+    )
+    flags.DEFINE_bool(
+        "quick",
+        False,
+        "shrink the study to a run of seconds (smoke test); flags given explicitly still apply",
+        **kw,
+    )
     flags.DEFINE_integer("checkpoint_every", 5, "epochs between checkpoints", **kw)
-    flags.DEFINE_bool("keep_checkpoints", True, "keep each trial's final checkpoint (its trained "
-                      "replicas) once its results are recorded", **kw)
-    flags.DEFINE_bool("deterministic", False, "compile with XLA's GPU deterministic ops (the same "
-                      "command twice gives bitwise the same results on a GPU; CPU and TPU are "
-                      "deterministic without it); recorded in results.json", **kw)
-    flags.DEFINE_integer("cpu_devices", 0, "split each process's CPU into this many JAX devices "
-                         "(0: one per core); the results do not depend on it", **kw)
-    flags.DEFINE_string("coordinator_address", None, "multi-process run: host:port of process 0 "
-                        "(or $JAX_COORDINATOR_ADDRESS); see jaxrepro.distributed", **kw)
-    flags.DEFINE_integer("num_processes", None, "multi-process run: number of processes (or "
-                         "$JAX_NUM_PROCESSES)", **kw)
-    flags.DEFINE_integer("process_id", None, "multi-process run: this process's index (or "
-                         "$JAX_PROCESS_ID)", **kw)
-    flags.DEFINE_bool("distributed", None, "join a multi-process run found by JAX's cluster "
-                      "auto-detection (Slurm, Open MPI, Kubernetes, Cloud TPU); unset: detect, "
-                      "--nodistributed: never", **kw)
+    flags.DEFINE_bool(
+        "keep_checkpoints",
+        True,
+        "keep each trial's final checkpoint (its trained replicas) once its results are recorded",
+        **kw,
+    )
+    flags.DEFINE_bool(
+        "deterministic",
+        False,
+        "compile with XLA's GPU deterministic ops (the same "
+        "command twice gives bitwise the same results on a GPU; CPU and TPU are "
+        "deterministic without it); recorded in results.json",
+        **kw,
+    )
+    flags.DEFINE_integer(
+        "cpu_devices",
+        0,
+        "split each process's CPU into this many JAX devices "
+        "(0: one per core); the results do not depend on it",
+        **kw,
+    )
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "multi-process run: host:port of process 0 "
+        "(or $JAX_COORDINATOR_ADDRESS); see jaxrepro.distributed",
+        **kw,
+    )
+    flags.DEFINE_integer(
+        "num_processes",
+        None,
+        "multi-process run: number of processes (or $JAX_NUM_PROCESSES)",
+        **kw,
+    )
+    flags.DEFINE_integer(
+        "process_id", None, "multi-process run: this process's index (or $JAX_PROCESS_ID)", **kw
+    )
+    flags.DEFINE_bool(
+        "distributed",
+        None,
+        "join a multi-process run found by JAX's cluster "
+        "auto-detection (Slurm, Open MPI, Kubernetes, Cloud TPU); unset: detect, "
+        "--nodistributed: never",
+        **kw,
+    )
 
 
 def config_from_flags(config_cls: type[StudyConfig], flag_values=None) -> StudyConfig:
@@ -92,8 +130,10 @@ def config_from_flags(config_cls: type[StudyConfig], flag_values=None) -> StudyC
             try:
                 value = tuple(item(v.strip()) for v in value)
             except ValueError:
-                raise ConfigError(f.name, f"expected a comma-separated list of "
-                                          f"{item.__name__}, got {','.join(value)!r}") from None
+                raise ConfigError(
+                    f.name,
+                    f"expected a comma-separated list of {item.__name__}, got {','.join(value)!r}",
+                ) from None
         values[f.name] = value
     return config_cls.from_dict(values)
 
@@ -126,15 +166,22 @@ def main(config_cls: type[StudyConfig], argv: Sequence[str], flag_values=None) -
             raise
         # JAX already started in this process (a Python caller chose its devices): they stand.
     try:
-        distributed.initialize(fv["coordinator_address"].value, fv["num_processes"].value,
-                               fv["process_id"].value, auto=fv["distributed"].value)
+        distributed.initialize(
+            fv["coordinator_address"].value,
+            fv["num_processes"].value,
+            fv["process_id"].value,
+            auto=fv["distributed"].value,
+        )
     except ValueError as e:
-        raise app.UsageError(f"--coordinator_address, --num_processes, --process_id: {e}"
-                             ) from None
+        raise app.UsageError(f"--coordinator_address, --num_processes, --process_id: {e}") from None
     try:
-        out = runner.run(config, fv["workdir"].value, checkpoint_every=fv["checkpoint_every"].value,
-                  keep_checkpoints=fv["keep_checkpoints"].value,
-                  deterministic=fv["deterministic"].value)
+        out = runner.run(
+            config,
+            fv["workdir"].value,
+            checkpoint_every=fv["checkpoint_every"].value,
+            keep_checkpoints=fv["keep_checkpoints"].value,
+            deterministic=fv["deterministic"].value,
+        )
     except ConfigError as e:
         raise app.UsageError(e.as_flags()) from None
     if distributed.is_writer():

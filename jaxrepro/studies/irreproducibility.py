@@ -9,7 +9,6 @@ report is ``irreproducibility_report.render``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -18,6 +17,8 @@ from jaxrepro.studies.base import (
     SETTINGS,
     StudyConfig,
     check_activation,
+    check_choice,
+    check_number,
     check_settings,
     check_unique,
     check_widths,
@@ -25,7 +26,6 @@ from jaxrepro.studies.base import (
     flag_field,
     load_dataset,
     mlp_task,
-    require,
 )
 from jaxrepro.studies.runner import Analysis, Trial, record
 from jaxrepro.studies.workdir import Predictions
@@ -66,31 +66,34 @@ class IrreproducibilityConfig(StudyConfig):
     )
 
     def check(self):
-        require(self.dataset in ("mnist1d", "digits"), "dataset",
-                f"must be mnist1d or digits, got {self.dataset!r}")
+        check_choice("dataset", self.dataset, ("mnist1d", "digits"))
         check_unique("activations", self.activations)
         for spec in self.activations:
             check_activation("activations", spec)
         check_settings("settings", self.settings)
         check_widths("widths", self.widths)
-        require(0.0 <= self.dropout_rate < 1.0, "dropout_rate",
-                f"must be in [0, 1), got {self.dropout_rate!r}")
-        require(math.isfinite(self.perturb_scale) and self.perturb_scale >= 0, "perturb_scale",
-                f"must be finite and >= 0, got {self.perturb_scale!r}")
+        check_number("dropout_rate", self.dropout_rate, below=1.0)
+        check_number("perturb_scale", self.perturb_scale)
 
 
 def trials(config: IrreproducibilityConfig) -> list[Trial]:
     ds = load_dataset(config.dataset, config.num_train, config.num_test)
     out = []
     for act in config.activations:
-        task = mlp_task(config.widths, ds.num_classes, act, config.dropout_rate,
-                        config.learning_rate)
+        task = mlp_task(
+            config.widths, ds.num_classes, act, config.dropout_rate, config.learning_rate
+        )
         for setting in config.settings:
             vary = SETTINGS[setting]
-            out.append(Trial(
-                name=f"{act}/{setting}", task=task, data=ds,
-                fit=fit_config(config, vary, perturb_scale=config.perturb_scale),
-                info={"activation": act, "setting": setting, "vary": list(vary)}))
+            out.append(
+                Trial(
+                    name=f"{act}/{setting}",
+                    task=task,
+                    data=ds,
+                    fit=fit_config(config, vary, perturb_scale=config.perturb_scale),
+                    info={"activation": act, "setting": setting, "vary": list(vary)},
+                )
+            )
     return out
 
 

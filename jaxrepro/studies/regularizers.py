@@ -41,13 +41,16 @@ from typing import Any, ClassVar
 from jaxrepro import data, engine, losses, metrics, models, optim, randomness
 from jaxrepro.studies.base import (
     StudyConfig,
+    bootstrap_kwargs,
+    check_choice,
+    check_choices,
+    check_int,
     check_level,
+    check_number,
     check_sources,
     check_unique,
     fit_config,
     flag_field,
-    is_int,
-    is_number,
     load_dataset,
     require,
 )
@@ -59,8 +62,7 @@ TITLE = "Do regularisers improve reproducibility?"
 BASELINE = "none"
 """The arm with no regulariser, trained in every (depth, optimizer) cell."""
 
-REGULARIZERS = ("weight_decay", "dropout", "layernorm", "batchnorm", "residual",
-                "label_smoothing")
+REGULARIZERS = ("weight_decay", "dropout", "layernorm", "batchnorm", "residual", "label_smoothing")
 """The regularisers, each switched on alone against the baseline."""
 
 DATASETS = ("mnist1d", "digits")
@@ -77,8 +79,15 @@ class RegularizersConfig(StudyConfig):
 
     STUDY: ClassVar[str] = "regularizers"
     QUICK: ClassVar[Mapping[str, Any]] = dict(
-        depths=(2,), width=32, regularizers=("dropout", "layernorm"), optimizers=("adam",),
-        replicas=4, epochs=2, num_train=512, num_test=256, num_samples=200,
+        depths=(2,),
+        width=32,
+        regularizers=("dropout", "layernorm"),
+        optimizers=("adam",),
+        replicas=4,
+        epochs=2,
+        num_train=512,
+        num_test=256,
+        num_samples=200,
     )
 
     replicas: int = flag_field(8, "replicas per trial (>= 2)")
@@ -87,56 +96,55 @@ class RegularizersConfig(StudyConfig):
     depths: tuple[int, ...] = flag_field((2, 6, 20), "MLP depths (number of hidden layers)")
     width: int = flag_field(128, "width of every hidden layer")
     regularizers: tuple[str, ...] = flag_field(
-        REGULARIZERS, "regularisers, each tested alone against the baseline (always trained): "
-        + ", ".join(REGULARIZERS))
-    optimizers: tuple[str, ...] = flag_field(optim.OPTIMIZERS, "optimizers: sgd, momentum "
-                                             "(SGD with heavy-ball momentum), adam")
+        REGULARIZERS,
+        "regularisers, each tested alone against the baseline (always trained): "
+        + ", ".join(REGULARIZERS),
+    )
+    optimizers: tuple[str, ...] = flag_field(
+        optim.OPTIMIZERS, "optimizers: sgd, momentum (SGD with heavy-ball momentum), adam"
+    )
     sgd_learning_rate: float = flag_field(0.3, "learning rate of plain SGD")
     momentum_learning_rate: float = flag_field(0.03, "learning rate of SGD with momentum")
     adam_learning_rate: float = flag_field(3e-3, "learning rate of Adam")
     momentum: float = flag_field(0.9, "momentum coefficient of the momentum optimizer")
-    weight_decay: float = flag_field(5e-4, "L2 weight decay of the weight_decay arm (added to "
-                                     "the gradient, as PyTorch's weight_decay)")
+    weight_decay: float = flag_field(
+        5e-4,
+        "L2 weight decay of the weight_decay arm (added to "
+        "the gradient, as PyTorch's weight_decay)",
+    )
     dropout_rate: float = flag_field(0.1, "dropout rate of the dropout arm")
     label_smoothing: float = flag_field(0.1, "epsilon of the label_smoothing arm")
     vary: tuple[str, ...] = flag_field(
-        ("init", "order"), "sources of randomness that differ between replicas: "
-        + ", ".join(randomness.SOURCES) + " or all (empty: the control, identical replicas)")
+        ("init", "order"),
+        "sources of randomness that differ between replicas: "
+        + ", ".join(randomness.SOURCES)
+        + " or all (empty: the control, identical replicas)",
+    )
     num_samples: int = flag_field(1000, "bootstrap samples of the intervals and paired tests")
     level: float = flag_field(0.95, "confidence level of the intervals and the paired tests")
 
     def check(self):
-        for name in ("width", "num_samples"):
-            value = getattr(self, name)
-            require(is_int(value) and value >= 1, name, f"must be an int >= 1, got {value!r}")
-        require(self.dataset in DATASETS, "dataset",
-                f"must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
+        check_int("width", self.width)
+        check_int("num_samples", self.num_samples)
+        check_choice("dataset", self.dataset, DATASETS)
         check_unique("depths", self.depths)
-        require(all(is_int(d) and d >= 1 for d in self.depths), "depths",
-                f"must be positive ints (hidden layers), got {list(self.depths)!r}")
-        check_unique("regularizers", self.regularizers)
-        for name in self.regularizers:
-            require(name != BASELINE, "regularizers",
-                    f"{BASELINE!r} is the baseline, always trained; list only regularisers")
-            require(name in REGULARIZERS, "regularizers",
-                    f"unknown regulariser {name!r}; choose from {', '.join(REGULARIZERS)}")
-        check_unique("optimizers", self.optimizers)
-        for name in self.optimizers:
-            require(name in optim.OPTIMIZERS, "optimizers",
-                    f"unknown optimizer {name!r}; choose from {', '.join(optim.OPTIMIZERS)}")
+        for d in self.depths:
+            check_int("depths", d)  # hidden layers
+        require(
+            BASELINE not in self.regularizers,
+            "regularizers",
+            f"{BASELINE!r} is the baseline, always trained; list only regularisers",
+        )
+        check_choices("regularizers", self.regularizers, REGULARIZERS, "regulariser")
+        check_choices("optimizers", self.optimizers, optim.OPTIMIZERS, "optimizer")
         for name in ("sgd_learning_rate", "momentum_learning_rate", "adam_learning_rate"):
-            value = getattr(self, name)
-            require(is_number(value) and value > 0, name,
-                    f"must be a positive number, got {value!r}")
-        for name, low, high in (("momentum", 0, 1), ("dropout_rate", 0, 1),
-                                ("label_smoothing", 0, 1)):
-            value = getattr(self, name)
-            require(is_number(value) and low <= value < high, name,
-                    f"must be in [{low}, {high}), got {value!r}")
-        require(is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
-                f"must be a finite number >= 0, got {self.weight_decay!r}")
-        require(len(set(self.vary)) == len(self.vary), "vary",
-                f"has duplicates: {list(self.vary)!r}")
+            check_number(name, getattr(self, name), strict=True)
+        for name in ("momentum", "dropout_rate", "label_smoothing"):
+            check_number(name, getattr(self, name), below=1.0)
+        check_number("weight_decay", self.weight_decay)
+        require(
+            len(set(self.vary)) == len(self.vary), "vary", f"has duplicates: {list(self.vary)!r}"
+        )
         check_sources("vary", self.vary)
         check_level("level", self.level)
 
@@ -153,15 +161,18 @@ def trial_name(depth: int, optimizer: str, arm: str) -> str:
     return f"d{depth}/{optimizer}/{arm}"
 
 
-def _task(config: RegularizersConfig, num_classes: int, depth: int, optimizer: str,
-          regularizer: str) -> engine.Task:
+def _task(
+    config: RegularizersConfig, num_classes: int, depth: int, optimizer: str, regularizer: str
+) -> engine.Task:
     """The task of one arm. Equal arguments give equal tasks (the MLP and loss are frozen
     dataclasses, the optimizer is cached), so compiled functions are shared."""
     model = models.MLP(
-        widths=(config.width,) * depth, num_classes=num_classes,
+        widths=(config.width,) * depth,
+        num_classes=num_classes,
         dropout_rate=config.dropout_rate if regularizer == "dropout" else 0.0,
         norm={"layernorm": "layer", "batchnorm": "batch"}.get(regularizer),
-        residual=regularizer == "residual")
+        residual=regularizer == "residual",
+    )
     kwargs = {"momentum": config.momentum} if optimizer == "momentum" else {}
     if regularizer == "weight_decay":
         kwargs["weight_decay"] = config.weight_decay
@@ -172,26 +183,40 @@ def _task(config: RegularizersConfig, num_classes: int, depth: int, optimizer: s
     return engine.Task(model=model, tx=tx, loss_fn=loss)
 
 
-def _trial(config: RegularizersConfig, ds: data.Dataset, depth: int, optimizer: str,
-           regularizer: str) -> Trial:
+def _trial(
+    config: RegularizersConfig, ds: data.Dataset, depth: int, optimizer: str, regularizer: str
+) -> Trial:
     return Trial(
         name=trial_name(depth, optimizer, regularizer),
         task=_task(config, ds.num_classes, depth, optimizer, regularizer),
         data=ds,
         fit=fit_config(config, config.vary),
-        info={"depth": depth, "width": config.width, "optimizer": optimizer,
-              "learning_rate": config.learning_rate_of(optimizer), "regularizer": regularizer,
-              "vary": list(randomness.check_sources(config.vary)),
-              "num_classes": ds.num_classes, "num_test": ds.num_test})
+        info={
+            "depth": depth,
+            "width": config.width,
+            "optimizer": optimizer,
+            "learning_rate": config.learning_rate_of(optimizer),
+            "regularizer": regularizer,
+            "vary": list(randomness.check_sources(config.vary)),
+            "num_classes": ds.num_classes,
+            "num_test": ds.num_test,
+        },
+    )
 
 
 def trials(config: RegularizersConfig) -> list[Trial]:
     ds = load_dataset(config.dataset, config.num_train, config.num_test)
-    require(config.batch_size <= ds.num_train, "batch_size",
-            f"must be at most the {ds.num_train} training examples, got {config.batch_size}")
-    return [_trial(config, ds, depth, optimizer, arm)
-            for depth in config.depths for optimizer in config.optimizers
-            for arm in arms(config)]
+    require(
+        config.batch_size <= ds.num_train,
+        "batch_size",
+        f"must be at most the {ds.num_train} training examples, got {config.batch_size}",
+    )
+    return [
+        _trial(config, ds, depth, optimizer, arm)
+        for depth in config.depths
+        for optimizer in config.optimizers
+        for arm in arms(config)
+    ]
 
 
 def paired(config: RegularizersConfig, arm: Predictions, base: Predictions) -> dict[str, Any]:
@@ -199,14 +224,18 @@ def paired(config: RegularizersConfig, arm: Predictions, base: Predictions) -> d
     replicas finite in both (``excluded``: the others), or None with ``paired_error``."""
     both = arm.keep & base.keep
     if both.sum() < 2:
-        return {"paired": None, "paired_error": f"only {int(both.sum())} replicas stayed "
-                "finite in both this arm and the baseline; the paired test needs 2"}
-    out = metrics.difference(arm.probs, base.probs, arm.labels,
-                             randomness.bootstrap_key(config.seed), paired=True, over="both",
-                             mask=both, num_samples=config.num_samples, level=config.level)
-    out = {"test": "paired two-way bootstrap (replicas and test examples, same draws for both "
-                   "arms); significant when the interval of the difference excludes 0",
-           **{k: v for k, v in out.items() if not isinstance(v, dict) or k in PAIRED_METRICS}}
+        return {
+            "paired": None,
+            "paired_error": f"only {int(both.sum())} replicas stayed "
+            "finite in both this arm and the baseline; the paired test needs 2",
+        }
+    kw = bootstrap_kwargs(config, paired=True, over="both", mask=both)
+    out = metrics.difference(arm.probs, base.probs, arm.labels, **kw)
+    out = {
+        "test": "paired two-way bootstrap (replicas and test examples, same draws for both "
+        "arms); significant when the interval of the difference excludes 0",
+        **{k: v for k, v in out.items() if not isinstance(v, dict) or k in PAIRED_METRICS},
+    }
     out["excluded"] = [int(i) for i in arm.replica_ids[~both]]
     return {"paired": out}
 
@@ -214,8 +243,7 @@ def paired(config: RegularizersConfig, arm: Predictions, base: Predictions) -> d
 def analyse(config: RegularizersConfig, predictions: Mapping[str, Predictions]) -> Analysis:
     """Per trial ``metrics.compare`` with intervals over replicas; per regularised arm the
     paired test against its cell's baseline."""
-    kw = dict(key=randomness.bootstrap_key(config.seed), num_samples=config.num_samples,
-              level=config.level)
+    kw = bootstrap_kwargs(config)
     records = {}
     for name, pred in predictions.items():
         records[name] = record(pred, **kw)

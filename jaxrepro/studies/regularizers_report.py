@@ -81,13 +81,36 @@ def render(config, analysis, workdir: Path) -> list[str]:
                 rec = records[trial_name(depth, optimizer, arm)]
                 m = rec.get("metrics")
                 pd, ch = _paired(rec, "pd_abs"), _paired(rec, "churn")
-                rows.append([optimizer, arm, with_ci(m, "acc_mean"), with_ci(m, "churn"),
-                             with_ci(m, "eta"), fmt(value(rec, "pd_abs")),
-                             _diff_cell(pd), _p_cell(pd), _verdict(pd),
-                             _diff_cell(ch), _p_cell(ch), _verdict(ch)])
-        header = ["optimizer", "regularizer", "acc_mean", "churn", "eta", "pd_abs",
-                  "d pd_abs [CI]", "p", "pd_abs vs base", "d churn [CI]", "p",
-                  "churn vs base"]
+                rows.append(
+                    [
+                        optimizer,
+                        arm,
+                        with_ci(m, "acc_mean"),
+                        with_ci(m, "churn"),
+                        with_ci(m, "eta"),
+                        fmt(value(rec, "pd_abs")),
+                        _diff_cell(pd),
+                        _p_cell(pd),
+                        _verdict(pd),
+                        _diff_cell(ch),
+                        _p_cell(ch),
+                        _verdict(ch),
+                    ]
+                )
+        header = [
+            "optimizer",
+            "regularizer",
+            "acc_mean",
+            "churn",
+            "eta",
+            "pd_abs",
+            "d pd_abs [CI]",
+            "p",
+            "pd_abs vs base",
+            "d churn [CI]",
+            "p",
+            "churn vs base",
+        ]
         lines += [f"## Depth {depth}", "", markdown_table(header, rows), ""]
     _plot_metrics(workdir / "churn_eta.png", config, records)
     _plot_differences(workdir / "pd_difference.png", config, records)
@@ -108,8 +131,7 @@ def render(config, analysis, workdir: Path) -> list[str]:
     return lines
 
 
-def _tally(config, records, reg: str, metric: str, *,
-           learned_only: bool = False):
+def _tally(config, records, reg: str, metric: str, *, learned_only: bool = False):
     """Cells where ``reg`` makes ``metric`` significantly lower / higher than the baseline,
     the count of the others, and every cell's difference; ``learned_only``: only cells where
     both arms learned (mean accuracy above 1.5 times chance)."""
@@ -118,8 +140,12 @@ def _tally(config, records, reg: str, metric: str, *,
         for optimizer in config.optimizers:
             rec = records[trial_name(depth, optimizer, reg)]
             p = _paired(rec, metric)
-            if p is None or (learned_only and not (
-                    _learned(rec) and _learned(records[trial_name(depth, optimizer, BASELINE)]))):
+            if p is None or (
+                learned_only
+                and not (
+                    _learned(rec) and _learned(records[trial_name(depth, optimizer, BASELINE)])
+                )
+            ):
                 continue
             diffs.append(p["diff"])
             if not p["significant"]:
@@ -134,8 +160,10 @@ def _cells(cells: list[str]) -> str:
 
 
 def _findings(config, records) -> list[str]:
-    out = ["- Per regulariser, against its baseline in each (depth, optimizer) cell: 'lower' "
-           "and 'higher' count significant paired differences, n.s. the others."]
+    out = [
+        "- Per regulariser, against its baseline in each (depth, optimizer) cell: 'lower' "
+        "and 'higher' count significant paired differences, n.s. the others."
+    ]
     totals = {m: [0, 0, 0] for m in ("pd_abs", "churn")}  # lower, higher, tested
     for reg in config.regularizers:
         parts = []
@@ -145,53 +173,73 @@ def _findings(config, records) -> list[str]:
                 continue
             t = totals[metric]
             t[0], t[1], t[2] = t[0] + len(lower), t[1] + len(higher), t[2] + len(diffs)
-            parts.append(f"{metric} lower in {len(lower)} of {len(diffs)} cells{_cells(lower)}"
-                         f", higher in {len(higher)}{_cells(higher)}, n.s. in {ns} (mean "
-                         f"difference {np.mean(diffs):+.4f})")
+            parts.append(
+                f"{metric} lower in {len(lower)} of {len(diffs)} cells{_cells(lower)}"
+                f", higher in {len(higher)}{_cells(higher)}, n.s. in {ns} (mean "
+                f"difference {np.mean(diffs):+.4f})"
+            )
         if not parts:
             out.append(f"- {reg}: no paired comparison (too many replicas diverged).")
             continue
         eta = _tally(config, records, reg, "eta")[3]
-        out.append(f"- {reg}: " + "; ".join(parts)
-                   + (f"; mean change of eta {np.mean(eta):+.4f}" if eta else "") + ".")
+        out.append(
+            f"- {reg}: "
+            + "; ".join(parts)
+            + (f"; mean change of eta {np.mean(eta):+.4f}" if eta else "")
+            + "."
+        )
     share = 1 - config.level
     for metric, (lower, higher, tested) in totals.items():
         if not tested:
             continue
-        tallies = [_tally(config, records, r, metric, learned_only=True)
-                   for r in config.regularizers]
+        tallies = [
+            _tally(config, records, r, metric, learned_only=True) for r in config.regularizers
+        ]
         l_low, l_high, l_tested = (sum(len(t[i]) for t in tallies) for i in (0, 1, 3))
         chance = l_tested * share
         if l_low > chance and l_low >= 2 * max(l_high, 1):
-            verdict = ("mostly lower: the regularisers tend to make predictions more "
-                       "reproducible, as the seed repository's hypothesis expects")
+            verdict = (
+                "mostly lower: the regularisers tend to make predictions more "
+                "reproducible, as the seed repository's hypothesis expects"
+            )
         elif l_high > chance and l_high >= 2 * max(l_low, 1):
             verdict = "mostly higher: the regularisers tend to make predictions less reproducible"
         else:
-            verdict = ("mixed: no consistent effect, against the hypothesis that regularisers "
-                       "make predictions more reproducible; the sign depends on the regulariser, "
-                       "the depth and the optimizer")
-        out.append(f"- Overall {metric}: {lower} of {tested} comparisons significantly lower, "
-                   f"{higher} significantly higher; of the {l_tested} where both arms learned, "
-                   f"{l_low} lower and {l_high} higher (chance alone would flag about "
-                   f"{chance:.1f} in total): {verdict}.")
+            verdict = (
+                "mixed: no consistent effect, against the hypothesis that regularisers "
+                "make predictions more reproducible; the sign depends on the regulariser, "
+                "the depth and the optimizer"
+            )
+        out.append(
+            f"- Overall {metric}: {lower} of {tested} comparisons significantly lower, "
+            f"{higher} significantly higher; of the {l_tested} where both arms learned, "
+            f"{l_low} lower and {l_high} higher (chance alone would flag about "
+            f"{chance:.1f} in total): {verdict}."
+        )
     base = []
     for depth in config.depths:
-        churns = [value(records[trial_name(depth, o, BASELINE)], "churn")
-                  for o in config.optimizers]
-        accs = [value(records[trial_name(depth, o, BASELINE)], "acc_mean")
-                for o in config.optimizers]
+        churns = [
+            value(records[trial_name(depth, o, BASELINE)], "churn") for o in config.optimizers
+        ]
+        accs = [
+            value(records[trial_name(depth, o, BASELINE)], "acc_mean") for o in config.optimizers
+        ]
         pairs = zip(config.optimizers, churns, strict=True)
-        base.append(f"depth {depth}: churn " + ", ".join(f"{o} {fmt(c)}" for o, c in pairs)
-                    + " (acc " + ", ".join(fmt(a) for a in accs) + ")")
+        base.append(
+            f"depth {depth}: churn "
+            + ", ".join(f"{o} {fmt(c)}" for o, c in pairs)
+            + " (acc "
+            + ", ".join(fmt(a) for a in accs)
+            + ")"
+        )
     out.append("- Baselines: " + "; ".join(base) + ".")
-    stuck = [name for name, rec in records.items()
-             if rec.get("metrics") and _near_chance(rec)]
+    stuck = [name for name, rec in records.items() if rec.get("metrics") and _near_chance(rec)]
     if stuck:
-        out.append("- Near chance accuracy (mean accuracy below 1.5 times chance: the replicas "
-                   "barely learned, so their churn measures untrained networks; comparisons "
-                   "with them are left out of the 'both arms learned' counts): "
-                   + ", ".join(stuck) + ".")
+        out.append(
+            "- Near chance accuracy (mean accuracy below 1.5 times chance: the replicas "
+            "barely learned, so their churn measures untrained networks; comparisons "
+            "with them are left out of the 'both arms learned' counts): " + ", ".join(stuck) + "."
+        )
     return ["Findings:", ""] + out + [""]
 
 
@@ -209,8 +257,9 @@ def _learned(rec: Mapping[str, Any]) -> bool:
 
 def _plot_metrics(path: Path, config, records) -> Path:
     cols = arms(config)
-    fig, axes = plots.figure(len(config.optimizers), nrows=2,
-                             width=max(4.5, 0.75 * len(cols) + 1.5), height=3.2)
+    fig, axes = plots.figure(
+        len(config.optimizers), nrows=2, width=max(4.5, 0.75 * len(cols) + 1.5), height=3.2
+    )
     width = 0.8 / len(config.depths)
     for col, optimizer in enumerate(config.optimizers):
         for row, metric in enumerate(("churn", "eta")):
@@ -222,9 +271,15 @@ def _plot_metrics(path: Path, config, records) -> Path:
                     if v is None:
                         continue
                     x = j + (i - (len(config.depths) - 1) / 2) * width
-                    ax.bar([x], [v], width=width, color=f"C{i}",
-                           label=f"depth {depth}" if j == 0 else None,
-                           yerr=plots.error_bar(v, m.get(metric + "_ci")), capsize=2)
+                    ax.bar(
+                        [x],
+                        [v],
+                        width=width,
+                        color=f"C{i}",
+                        label=f"depth {depth}" if j == 0 else None,
+                        yerr=plots.error_bar(v, m.get(metric + "_ci")),
+                        capsize=2,
+                    )
             ax.set_xticks(range(len(cols)), list(cols), rotation=35, ha="right")
             ax.set_title(f"{metric} ({optimizer})")
             ax.axhline(0, color="gray", linewidth=0.8)
@@ -233,15 +288,19 @@ def _plot_metrics(path: Path, config, records) -> Path:
                 ax.set_ylabel(metric)
             if row == 0 and col == 0 and len(config.depths) > 1:
                 ax.legend(fontsize="small")
-    fig.suptitle(f"Churn and Effective Test Accuracy per regulariser\n({config.dataset}, "
-                 f"width {config.width}, R={config.replicas})", fontsize="medium")
+    fig.suptitle(
+        f"Churn and Effective Test Accuracy per regulariser\n({config.dataset}, "
+        f"width {config.width}, R={config.replicas})",
+        fontsize="medium",
+    )
     return plots.save(fig, path)
 
 
 def _plot_differences(path: Path, config, records) -> Path:
     regs = list(config.regularizers)
-    fig, axes = plots.figure(len(config.optimizers), nrows=1,
-                             width=max(4.5, 0.75 * len(regs) + 1.5), height=3.6)
+    fig, axes = plots.figure(
+        len(config.optimizers), nrows=1, width=max(4.5, 0.75 * len(regs) + 1.5), height=3.6
+    )
     width = 0.8 / len(config.depths)
     for col, optimizer in enumerate(config.optimizers):
         ax = axes[col]
@@ -251,9 +310,16 @@ def _plot_differences(path: Path, config, records) -> Path:
                 if p is None:
                     continue
                 x = j + (i - (len(config.depths) - 1) / 2) * width
-                ax.errorbar([x], [p["diff"]], yerr=plots.error_bar(p["diff"], p["ci"]), fmt="o",
-                            color=f"C{i}", mfc=f"C{i}" if p["significant"] else "white",
-                            capsize=2, label=f"depth {depth}" if j == 0 else None)
+                ax.errorbar(
+                    [x],
+                    [p["diff"]],
+                    yerr=plots.error_bar(p["diff"], p["ci"]),
+                    fmt="o",
+                    color=f"C{i}",
+                    mfc=f"C{i}" if p["significant"] else "white",
+                    capsize=2,
+                    label=f"depth {depth}" if j == 0 else None,
+                )
         ax.axhline(0, color="gray", linewidth=0.8)
         ax.set_xticks(range(len(regs)), regs, rotation=35, ha="right")
         ax.set_title(optimizer)
@@ -262,7 +328,9 @@ def _plot_differences(path: Path, config, records) -> Path:
             ax.set_ylabel("pd_abs: regularised - baseline")
             if len(config.depths) > 1:
                 ax.legend(fontsize="small")
-    fig.suptitle("Paired difference of pd_abs against the baseline\n(filled: significant, "
-                 f"{int(round(config.level * 100))}% intervals)", fontsize="medium")
+    fig.suptitle(
+        "Paired difference of pd_abs against the baseline\n(filled: significant, "
+        f"{int(round(config.level * 100))}% intervals)",
+        fontsize="medium",
+    )
     return plots.save(fig, path)
-

@@ -29,7 +29,7 @@ def fmt(value, digits: int = 3) -> str:
     value = float(value)
     if not math.isfinite(value):
         return "-"
-    if value == 0 or 10 ** -digits <= abs(value) < 10**5:
+    if value == 0 or 10**-digits <= abs(value) < 10**5:
         return f"{value:.{digits}f}"
     return f"{value:.{digits - 1}e}"
 
@@ -84,11 +84,15 @@ def fmt_seconds(s: float) -> str:
 
 def head(title: str, config, seconds: float) -> list[str]:
     """The first lines of a report: title, config, time."""
-    return [f"# {title}", "",
-            f"Config: `{json.dumps(files.to_json(config.to_dict()), separators=(',', ':'))}`",
-            "",
-            f"Training and evaluation time of the trials: {fmt_seconds(seconds)} (timings.json; "
-            "a resumed trial counts its last session only).", ""]
+    return [
+        f"# {title}",
+        "",
+        f"Config: `{json.dumps(files.to_json(config.to_dict()), separators=(',', ':'))}`",
+        "",
+        f"Training and evaluation time of the trials: {fmt_seconds(seconds)} (timings.json; "
+        "a resumed trial counts its last session only).",
+        "",
+    ]
 
 
 def diverged_note(records: Mapping[str, dict]) -> list[str]:
@@ -96,8 +100,11 @@ def diverged_note(records: Mapping[str, dict]) -> list[str]:
     lines = []
     for name, rec in records.items():
         if rec.get("diverged"):
-            lines.append(f"- {name}: replicas {rec['diverged']} diverged and are excluded"
-                         + (f" ({rec['error']})" if rec.get("error") else "") + ".")
+            lines.append(
+                f"- {name}: replicas {rec['diverged']} diverged and are excluded"
+                + (f" ({rec['error']})" if rec.get("error") else "")
+                + "."
+            )
     return (["## Diverged replicas", ""] + lines + [""]) if lines else []
 
 

@@ -79,9 +79,15 @@ def _units(trial: Trial) -> tuple[float, int]:
     return float(len(trial.fit.replica_ids) * components * steps), trial.fit.epochs
 
 
-def train_trial(trial: Trial, checkpoint_dir: str | os.PathLike, *, checkpoint_every: int = 5,
-                progress: wd.Progress | None = None, index: tuple[int, int] = (1, 1),
-                on_checkpoint: Callable[[str, int], None] | None = None) -> engine.Run:
+def train_trial(
+    trial: Trial,
+    checkpoint_dir: str | os.PathLike,
+    *,
+    checkpoint_every: int = 5,
+    progress: wd.Progress | None = None,
+    index: tuple[int, int] = (1, 1),
+    on_checkpoint: Callable[[str, int], None] | None = None,
+) -> engine.Run:
     """Trains one trial with ``Engine.run``, resuming from its latest checkpoint and saving
     whenever a multiple of ``checkpoint_every`` epochs is reached, and after the last epoch.
     Where the checkpoints fall never changes the result."""
@@ -94,26 +100,32 @@ def train_trial(trial: Trial, checkpoint_dir: str | os.PathLike, *, checkpoint_e
         state, first, history = restored
         if progress is not None:
             progress.skip(per_epoch * first)
-            progress.write(f"config {index[0]}/{index[1]} {trial.name} resumed at epoch "
-                           f"{first}/{epochs}")
+            progress.write(
+                f"config {index[0]}/{index[1]} {trial.name} resumed at epoch {first}/{epochs}"
+            )
     last = [first]
 
     def checkpoints_now(done: int) -> bool:  # also: the callback needs the state only then
         return done // checkpoint_every > last[0] // checkpoint_every or done == epochs
 
-    def after_dispatch(done: int, state: engine.TrainState | None,
-                       hist: dict[str, np.ndarray]):
+    def after_dispatch(done: int, state: engine.TrainState | None, hist: dict[str, np.ndarray]):
         if progress is not None:
-            progress.step(index[0], index[1], trial.name, done, epochs,
-                          per_epoch * (done - last[0]))
+            progress.step(
+                index[0], index[1], trial.name, done, epochs, per_epoch * (done - last[0])
+            )
         if checkpoints_now(done):
             wd.save_checkpoint(checkpoint_dir, done, state, hist)
             if on_checkpoint is not None:
                 on_checkpoint(trial.name, done)
         last[0] = done
 
-    return eng.run(state, first_epoch=first, history=history, callback=after_dispatch,
-                   callback_state=checkpoints_now)
+    return eng.run(
+        state,
+        first_epoch=first,
+        history=history,
+        callback=after_dispatch,
+        callback_state=checkpoints_now,
+    )
 
 
 def predict(trial: Trial, run: engine.Run) -> wd.Predictions:
@@ -123,12 +135,15 @@ def predict(trial: Trial, run: engine.Run) -> wd.Predictions:
     probs_RxNxC = np.asarray(run.predict(trial.data.x_test), np.float32)
     keep = ~np.asarray(run.diverged) & np.asarray(metrics.finite_replicas(probs_RxNxC))
     return wd.Predictions(
-        info=dict(trial.info), probs=probs_RxNxC,
+        info=dict(trial.info),
+        probs=probs_RxNxC,
         labels=np.asarray(trial.data.y_test, np.int32),
-        replica_ids=np.asarray(run.replica_ids), keep=keep,
+        replica_ids=np.asarray(run.replica_ids),
+        keep=keep,
         train_loss=np.asarray(run.history["loss"][:, -1]),
         train_accuracy=np.asarray(run.history["accuracy"][:, -1]),
-        measures=files.to_json(trial.measure(run, trial.data)) if trial.measure else {})
+        measures=files.to_json(trial.measure(run, trial.data)) if trial.measure else {},
+    )
 
 
 def record(pred: wd.Predictions, **compare_kwargs) -> dict[str, Any]:
@@ -143,8 +158,9 @@ def record(pred: wd.Predictions, **compare_kwargs) -> dict[str, Any]:
     out["train_accuracy"] = float(np.mean(pred.train_accuracy[keep])) if keep.any() else np.nan
     if keep.sum() < 2:
         out["metrics"] = None
-        out["error"] = (f"only {int(keep.sum())} of {len(keep)} replicas stayed finite; "
-                        "metrics need 2")
+        out["error"] = (
+            f"only {int(keep.sum())} of {len(keep)} replicas stayed finite; metrics need 2"
+        )
         return out
     out["metrics"] = metrics.compare(pred.probs, pred.labels, mask=keep, **compare_kwargs)
     return out
@@ -154,11 +170,15 @@ def record(pred: wd.Predictions, **compare_kwargs) -> dict[str, Any]:
 # All trials.
 
 
-def train_trials(trials: Sequence[Trial], workdir: str | os.PathLike, *,
-                 checkpoint_every: int = 5, keep_checkpoints: bool = True,
-                 progress: wd.Progress | None = None,
-                 on_checkpoint: Callable[[str, int], None] | None = None
-                 ) -> dict[str, wd.Predictions]:
+def train_trials(
+    trials: Sequence[Trial],
+    workdir: str | os.PathLike,
+    *,
+    checkpoint_every: int = 5,
+    keep_checkpoints: bool = True,
+    progress: wd.Progress | None = None,
+    on_checkpoint: Callable[[str, int], None] | None = None,
+) -> dict[str, wd.Predictions]:
     """Trains every trial without saved predictions in ``workdir`` and saves them.
 
     Returns:
@@ -170,9 +190,11 @@ def train_trials(trials: Sequence[Trial], workdir: str | os.PathLike, *,
     workdir = Path(workdir)
     # Process 0's view of what is finished, on every process (they must train the same trials).
     finished = distributed.from_writer(
-        [t.name for t in trials if wd.predictions_path(workdir, t.name).exists()])
+        [t.name for t in trials if wd.predictions_path(workdir, t.name).exists()]
+    )
     timings = distributed.from_writer(
-        (files.read_json(workdir / "timings.json") or {}).get("seconds", {}))
+        (files.read_json(workdir / "timings.json") or {}).get("seconds", {})
+    )
     out: dict[str, wd.Predictions] = {}
     for k, trial in enumerate(trials, start=1):
         if trial.name in finished:
@@ -184,9 +206,14 @@ def train_trials(trials: Sequence[Trial], workdir: str | os.PathLike, *,
                     progress.skip(units * epochs)
                 continue
         checkpoint_dir = workdir / "checkpoints" / wd.slug(trial.name)
-        run = train_trial(trial, checkpoint_dir, checkpoint_every=checkpoint_every,
-                          progress=progress, index=(k, len(trials)),
-                          on_checkpoint=on_checkpoint)
+        run = train_trial(
+            trial,
+            checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            progress=progress,
+            index=(k, len(trials)),
+            on_checkpoint=on_checkpoint,
+        )
         start = time.perf_counter()
         out[trial.name] = predict(trial, run)
         wd.save_predictions(workdir, trial.name, out[trial.name])
@@ -218,11 +245,18 @@ def report_module(config_or_name: StudyConfig | str):
     return importlib.import_module(f"{name}_report")
 
 
-def run(config: StudyConfig, workdir: str | os.PathLike, *, checkpoint_every: int = 5,
-        keep_checkpoints: bool = True, progress: bool = True,
-        clock: Callable[[], float] = time.monotonic, stream=None,
-        on_checkpoint: Callable[[str, int], None] | None = None,
-        deterministic: bool = False) -> dict[str, Any]:
+def run(
+    config: StudyConfig,
+    workdir: str | os.PathLike,
+    *,
+    checkpoint_every: int = 5,
+    keep_checkpoints: bool = True,
+    progress: bool = True,
+    clock: Callable[[], float] = time.monotonic,
+    stream=None,
+    on_checkpoint: Callable[[str, int], None] | None = None,
+    deterministic: bool = False,
+) -> dict[str, Any]:
     """Runs (or resumes) a study in ``workdir``: trains its trials, analyses their predictions,
     writes results.json, report.md and the plots.
 
@@ -261,26 +295,43 @@ def run(config: StudyConfig, workdir: str | os.PathLike, *, checkpoint_every: in
     distributed.barrier("jaxrepro-workdir-ready")
     trials = study.trials(config)
     if deterministic:
-        trials = [dataclasses.replace(t, fit=dataclasses.replace(t.fit, deterministic=True))
-                  for t in trials]
+        trials = [
+            dataclasses.replace(t, fit=dataclasses.replace(t.fit, deterministic=True))
+            for t in trials
+        ]
     total = sum(units * epochs for units, epochs in map(_units, trials))
-    prog = wd.Progress(total, clock=clock, stream=stream, log_path=workdir / "progress.log",
-                       echo=progress)
-    predictions = train_trials(trials, workdir, checkpoint_every=checkpoint_every,
-                               keep_checkpoints=keep_checkpoints, progress=prog,
-                               on_checkpoint=on_checkpoint)
+    prog = wd.Progress(
+        total, clock=clock, stream=stream, log_path=workdir / "progress.log", echo=progress
+    )
+    predictions = train_trials(
+        trials,
+        workdir,
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints,
+        progress=prog,
+        on_checkpoint=on_checkpoint,
+    )
     analysis = study.analyse(config, predictions)
     records = files.to_json(dict(analysis.records))
     timings = distributed.from_writer(
-        (files.read_json(workdir / "timings.json") or {}).get("seconds", {}))
+        (files.read_json(workdir / "timings.json") or {}).get("seconds", {})
+    )
     seconds = sum(timings.get(t.name, 0.0) for t in trials)
     body = report_module(config).render(config, analysis, workdir)
-    markdown = "\n".join(head(study.TITLE, config, seconds) + body + diverged_note(records)
-                         + versions_note())
+    markdown = "\n".join(
+        head(study.TITLE, config, seconds) + body + diverged_note(records) + versions_note()
+    )
     files.atomic_write_text(workdir / "report.md", markdown)
-    results = files.to_json({"study": config.STUDY, "config": config.to_dict(),
-                             "deterministic": bool(deterministic), "versions": files.versions(),
-                             "complete": True, "results": records})
+    results = files.to_json(
+        {
+            "study": config.STUDY,
+            "config": config.to_dict(),
+            "deterministic": bool(deterministic),
+            "versions": files.versions(),
+            "complete": True,
+            "results": records,
+        }
+    )
     files.atomic_write_json(workdir / "results.json", results)
     prog.write(f"done: {len(trials)} configs, results in {workdir / 'results.json'}")
     return {**results, "report_markdown": markdown, "analysis": analysis}

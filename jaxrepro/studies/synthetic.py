@@ -46,9 +46,18 @@ class SyntheticConfig(StudyConfig):
 
     STUDY: ClassVar[str] = "synthetic"
     QUICK: ClassVar[Mapping[str, Any]] = dict(
-        grid_activations=("relu", "tanh"), grid_sources=("both",), grid_windows=(1, 0),
-        window_vary=("init", "order"), grid_widths=(16,), grid_depths=(1,), width=16,
-        depth_width=16, replicas=4, epochs=2, num_train=256, num_test=128,
+        grid_activations=("relu", "tanh"),
+        grid_sources=("both",),
+        grid_windows=(1, 0),
+        window_vary=("init", "order"),
+        grid_widths=(16,),
+        grid_depths=(1,),
+        width=16,
+        depth_width=16,
+        replicas=4,
+        epochs=2,
+        num_train=256,
+        num_test=128,
     )
 
     replicas: int = flag_field(128, "replicas per trial (>= 2)")
@@ -68,25 +77,44 @@ class SyntheticConfig(StudyConfig):
     width: int = flag_field(64, "hidden width of the base student (one hidden layer)")
     vary: tuple[str, ...] = flag_field(("init", "order"), "sources varied in the base trial")
     grid_activations: tuple[str, ...] = flag_field(
-        ("relu", "smelu(0.1)", "smelu(0.5)", "smelu(1)", "smelu(2)", "gelu", "silu", "softplus",
-         "tanh"), "activation grid")
+        (
+            "relu",
+            "smelu(0.1)",
+            "smelu(0.5)",
+            "smelu(1)",
+            "smelu(2)",
+            "gelu",
+            "silu",
+            "softplus",
+            "tanh",
+        ),
+        "activation grid",
+    )
     grid_sources: tuple[str, ...] = flag_field(
-        ("init", "order", "both"), "randomness-source grid (settings)")
+        ("init", "order", "both"), "randomness-source grid (settings)"
+    )
     grid_windows: tuple[int, ...] = flag_field(
-        (1, 10, 100, 1000, 0), "shuffling-window grid (0: N, a full shuffle)")
+        (1, 10, 100, 1000, 0), "shuffling-window grid (0: N, a full shuffle)"
+    )
     window_vary: tuple[str, ...] = flag_field(("order",), "sources varied in the window grid")
     grid_widths: tuple[int, ...] = flag_field(
-        (4, 16, 64, 256, 1024), "hidden-width grid (one hidden layer)")
+        (4, 16, 64, 256, 1024), "hidden-width grid (one hidden layer)"
+    )
     grid_depths: tuple[int, ...] = flag_field((1, 2, 3, 4), "depth grid (layers of depth_width)")
     depth_width: int = flag_field(64, "width of each hidden layer in the depth grid")
     learning_rate: float = flag_field(3e-3, "Adam learning rate")
 
     def check(self):
-        require(self.num_train >= 1 and self.num_test >= 1, "num_train",
-                "the synthetic study needs num_train >= 1 and num_test >= 1")
+        require(
+            self.num_train >= 1 and self.num_test >= 1,
+            "num_train",
+            "the synthetic study needs num_train >= 1 and num_test >= 1",
+        )
         check_activation("teacher_activation", self.teacher_activation)
-        check_synthetic(self.data_spec, {"hidden": "teacher_hidden", "depth": "teacher_depth",
-                                         "seed": "data_seed"})
+        check_synthetic(
+            self.data_spec,
+            {"hidden": "teacher_hidden", "depth": "teacher_depth", "seed": "data_seed"},
+        )
         check_activation("activation", self.activation)
         check_widths("width", (self.width,))
         check_widths("depth_width", (self.depth_width,))
@@ -97,21 +125,34 @@ class SyntheticConfig(StudyConfig):
         check_sources("vary", self.vary)
         check_sources("window_vary", self.window_vary)
         check_unique("grid_windows", self.grid_windows)
-        require(all(is_int(w) and w >= 0 for w in self.grid_windows), "grid_windows",
-                f"must be ints >= 1 (or 0 for N), got {list(self.grid_windows)!r}")
+        require(
+            all(is_int(w) and w >= 0 for w in self.grid_windows),
+            "grid_windows",
+            f"must be ints >= 1 (or 0 for N), got {list(self.grid_windows)!r}",
+        )
         for name in ("grid_widths", "grid_depths"):
             check_unique(name, getattr(self, name))
             check_widths(name, getattr(self, name))
-        require(self.batch_size <= self.num_train, "batch_size",
-                f"{self.batch_size} is larger than num_train={self.num_train}")
+        require(
+            self.batch_size <= self.num_train,
+            "batch_size",
+            f"{self.batch_size} is larger than num_train={self.num_train}",
+        )
 
     def data_spec(self) -> synthetic.Synthetic:
         """The generator spec of this study's data."""
         return synthetic.Synthetic(
-            dim=self.dim, num_train=self.num_train, num_test=self.num_test,
-            teacher=self.teacher, hidden=self.teacher_hidden, depth=self.teacher_depth,
-            activation=self.teacher_activation, temperature=self.temperature,
-            label_noise=self.label_noise, seed=self.data_seed)
+            dim=self.dim,
+            num_train=self.num_train,
+            num_test=self.num_test,
+            teacher=self.teacher,
+            hidden=self.teacher_hidden,
+            depth=self.teacher_depth,
+            activation=self.teacher_activation,
+            temperature=self.temperature,
+            label_noise=self.label_noise,
+            seed=self.data_seed,
+        )
 
 
 def window_label(window: int, num_train: int) -> str:
@@ -120,8 +161,9 @@ def window_label(window: int, num_train: int) -> str:
 
 def grids(config: SyntheticConfig) -> dict[str, list[tuple[str, dict]]]:
     """grid -> [(label, trial spec)]; a spec is (activation, widths, vary, window)."""
-    base = dict(activation=config.activation, widths=(config.width,), vary=tuple(config.vary),
-                window=0)
+    base = dict(
+        activation=config.activation, widths=(config.width,), vary=tuple(config.vary), window=0
+    )
 
     def spec(**changes):
         s = {**base, **changes}
@@ -132,8 +174,10 @@ def grids(config: SyntheticConfig) -> dict[str, list[tuple[str, dict]]]:
     return {
         "activation": [(a, spec(activation=a)) for a in config.grid_activations],
         "source": [(s, spec(vary=SETTINGS[s])) for s in config.grid_sources],
-        "window": [(window_label(w, n), spec(window=w, vary=tuple(config.window_vary)))
-                   for w in config.grid_windows],
+        "window": [
+            (window_label(w, n), spec(window=w, vary=tuple(config.window_vary)))
+            for w in config.grid_windows
+        ],
         "width": [(str(w), spec(widths=(w,))) for w in config.grid_widths],
         "depth": [(str(d), spec(widths=(config.depth_width,) * d)) for d in config.grid_depths],
     }
@@ -142,8 +186,10 @@ def grids(config: SyntheticConfig) -> dict[str, list[tuple[str, dict]]]:
 def trial_name(spec: Mapping[str, Any], num_train: int) -> str:
     widths = "x".join(str(w) for w in spec["widths"])
     vary = "+".join(spec["vary"]) or "nothing"
-    return (f"{spec['activation']} [{widths}] vary={vary} "
-            f"window={window_label(spec['window'], num_train)}")
+    return (
+        f"{spec['activation']} [{widths}] vary={vary} "
+        f"window={window_label(spec['window'], num_train)}"
+    )
 
 
 def trials(config: SyntheticConfig) -> list[Trial]:
@@ -156,14 +202,20 @@ def trials(config: SyntheticConfig) -> list[Trial]:
                 continue
             seen.add(name)
             window = spec["window"] or None
-            out.append(Trial(
-                name=name,
-                task=mlp_task(spec["widths"], 2, spec["activation"], 0.0, config.learning_rate),
-                data=ds,
-                fit=fit_config(config, spec["vary"], window=window),
-                info={"activation": spec["activation"], "widths": list(spec["widths"]),
-                      "vary": list(spec["vary"]),
-                      "window": window if window is not None else config.num_train}))
+            out.append(
+                Trial(
+                    name=name,
+                    task=mlp_task(spec["widths"], 2, spec["activation"], 0.0, config.learning_rate),
+                    data=ds,
+                    fit=fit_config(config, spec["vary"], window=window),
+                    info={
+                        "activation": spec["activation"],
+                        "widths": list(spec["widths"]),
+                        "vary": list(spec["vary"]),
+                        "window": window if window is not None else config.num_train,
+                    },
+                )
+            )
     return out
 
 

@@ -106,4 +106,3 @@ def _trend(grid: str, labels: Sequence[str], recs: Sequence[Mapping[str, Any]]) 
         f"Here pd_abs goes from {fmt(pairs[0][1])} at {at(pairs[0][0])} to "
         f"{fmt(pairs[-1][1])} at {at(pairs[-1][0])} and {shape}."
     )
-

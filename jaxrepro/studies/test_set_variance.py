@@ -16,13 +16,17 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from jaxrepro import metrics, randomness
+from jaxrepro import metrics
 from jaxrepro.studies.base import (
     SETTINGS,
     StudyConfig,
+    bootstrap_kwargs,
+    check_choice,
+    check_choices,
+    check_int,
     check_level,
+    check_number,
     check_settings,
-    check_unique,
     check_widths,
     fit_config,
     flag_field,
@@ -51,72 +55,89 @@ class TestSetVarianceConfig(StudyConfig):
 
     STUDY: ClassVar[str] = "test_set_variance"
     QUICK: ClassVar[Mapping[str, Any]] = dict(
-        datasets=("digits", "mnist1d_binary"), sources=("all",), replicas=4, epochs=2,
-        widths=(16,), num_train=256, num_test=128, num_samples=50,
+        datasets=("digits", "mnist1d_binary"),
+        sources=("all",),
+        replicas=4,
+        epochs=2,
+        widths=(16,),
+        num_train=256,
+        num_test=128,
+        num_samples=50,
     )
 
     replicas: int = flag_field(128, "replicas per trial (the study needs >= 64; >= 2 allowed)")
     datasets: tuple[str, ...] = flag_field(TSV_DATASETS, "datasets (mnist1d_binary: two classes)")
     sources: tuple[str, ...] = flag_field(
-        ("all", "init", "order", "perturb"), "randomness settings to compare")
+        ("all", "init", "order", "perturb"), "randomness settings to compare"
+    )
     widths: tuple[int, ...] = flag_field((128, 128), "hidden widths of the MLP")
     dropout_rate: float = flag_field(0.0, "dropout rate")
     learning_rate: float = flag_field(3e-3, "Adam learning rate")
     binary_classes: tuple[int, ...] = flag_field(
-        (2, 7), "the two MNIST-1D classes of the binary task")
+        (2, 7), "the two MNIST-1D classes of the binary task"
+    )
     num_samples: int = flag_field(1000, "bootstrap samples for the intervals")
     bootstrap_over: str = flag_field("replicas", "bootstrap resamples replicas or examples")
     level: float = flag_field(0.95, "confidence level of the intervals")
 
     def check(self):
-        check_unique("datasets", self.datasets)
-        for name in self.datasets:
-            require(name in TSV_DATASETS, "datasets",
-                    f"unknown dataset {name!r}; choose from {', '.join(TSV_DATASETS)}")
+        check_choices("datasets", self.datasets, TSV_DATASETS, "dataset")
         check_settings("sources", self.sources)
         check_widths("widths", self.widths)
-        require(0.0 <= self.dropout_rate < 1.0, "dropout_rate",
-                f"must be in [0, 1), got {self.dropout_rate!r}")
+        check_number("dropout_rate", self.dropout_rate, below=1.0)
         c = self.binary_classes
-        require(len(c) == 2 and all(is_int(v) and 0 <= v < 10 for v in c) and c[0] != c[1],
-                "binary_classes", f"must be two different classes in 0..9, got {list(c)!r}")
-        require(is_int(self.num_samples) and self.num_samples >= 1, "num_samples",
-                f"must be an int >= 1, got {self.num_samples!r}")
-        require(self.bootstrap_over in ("replicas", "examples"), "bootstrap_over",
-                f"must be replicas or examples, got {self.bootstrap_over!r}")
+        require(
+            len(c) == 2 and all(is_int(v) and 0 <= v < 10 for v in c) and c[0] != c[1],
+            "binary_classes",
+            f"must be two different classes in 0..9, got {list(c)!r}",
+        )
+        check_int("num_samples", self.num_samples)
+        check_choice("bootstrap_over", self.bootstrap_over, ("replicas", "examples"))
         check_level("level", self.level)
 
 
 def trials(config: TestSetVarianceConfig) -> list[Trial]:
     out = []
     for name in config.datasets:
-        ds = load_dataset(name, config.num_train, config.num_test,
-                          binary_classes=config.binary_classes)
-        task = mlp_task(config.widths, ds.num_classes, "relu", config.dropout_rate,
-                        config.learning_rate)
+        ds = load_dataset(
+            name, config.num_train, config.num_test, binary_classes=config.binary_classes
+        )
+        task = mlp_task(
+            config.widths, ds.num_classes, "relu", config.dropout_rate, config.learning_rate
+        )
         for source in config.sources:
-            out.append(Trial(
-                name=f"{name}/{source}", task=task, data=ds,
-                fit=fit_config(config, SETTINGS[source]),
-                info={"dataset": name, "source": source, "vary": list(SETTINGS[source]),
-                      "num_test": ds.num_test}))
+            out.append(
+                Trial(
+                    name=f"{name}/{source}",
+                    task=task,
+                    data=ds,
+                    fit=fit_config(config, SETTINGS[source]),
+                    info={
+                        "dataset": name,
+                        "source": source,
+                        "vary": list(SETTINGS[source]),
+                        "num_test": ds.num_test,
+                    },
+                )
+            )
     return out
 
 
 def trial_record(config: TestSetVarianceConfig, pred: Predictions) -> dict[str, Any]:
     """A trial's record: ``metrics.compare`` with intervals, ``phat_hist`` (``PHAT_BINS``
     counts of the per-example accuracy over [0, 1]) and ``acc_replicas``."""
-    out = record(pred, key=randomness.bootstrap_key(config.seed),
-                 num_samples=config.num_samples, level=config.level, over=config.bootstrap_over)
+    out = record(pred, **bootstrap_kwargs(config, over=config.bootstrap_over))
     if out["metrics"] is not None:
         kept = pred.probs[pred.keep]
-        counts, _ = np.histogram(np.asarray(metrics.phat(kept, pred.labels)), bins=PHAT_BINS,
-                                 range=(0.0, 1.0))
+        counts, _ = np.histogram(
+            np.asarray(metrics.phat(kept, pred.labels)), bins=PHAT_BINS, range=(0.0, 1.0)
+        )
         out["phat_hist"] = counts.tolist()
         out["acc_replicas"] = np.asarray(metrics.accuracy(kept, pred.labels)).tolist()
     return out
 
 
 def analyse(config: TestSetVarianceConfig, predictions: Mapping[str, Predictions]) -> Analysis:
-    return Analysis(records={name: trial_record(config, pred)
-                             for name, pred in predictions.items()})
+    return Analysis(
+        records={name: trial_record(config, pred) for name, pred in predictions.items()}
+    )

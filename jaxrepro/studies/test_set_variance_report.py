@@ -85,9 +85,7 @@ def render(config, analysis, workdir: Path) -> list[str]:
             row += [with_ci(m, k) for k in ("var_obs", "var_ind", "var_ratio")]
             if binary:
                 row.append(with_ci(m, "var_cal"))
-            share = (
-                metric(rec, "var_obs") / base if base and math.isfinite(base) else math.nan
-            )
+            share = metric(rec, "var_obs") / base if base and math.isfinite(base) else math.nan
             row += [fmt(share, 2), _independence(metric(rec, "var_ratio"), m.get("var_ratio_ci"))]
             rows.append(row)
             if rec.get("phat_hist") is not None:
@@ -179,4 +177,3 @@ def _tsv_sentence(dataset: str, recs: Mapping[str, dict], binary: bool) -> str:
                 f"(ratio {fmt(m['var_obs'] / m['var_cal'], 2)})."
             )
     return text
-

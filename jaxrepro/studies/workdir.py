@@ -36,8 +36,9 @@ from jaxrepro.studies.base import ConfigError, StudyConfig
 from jaxrepro.studies.render import fmt_seconds
 
 
-def prepare_workdir(workdir: str | os.PathLike, config: StudyConfig, *,
-                    deterministic: bool = False) -> Path:
+def prepare_workdir(
+    workdir: str | os.PathLike, config: StudyConfig, *, deterministic: bool = False
+) -> Path:
     """Creates ``workdir`` and its ``config.json``, or checks the one it holds.
 
     Raises:
@@ -47,29 +48,46 @@ def prepare_workdir(workdir: str | os.PathLike, config: StudyConfig, *,
     """
     workdir = Path(workdir)
     path = workdir / "config.json"
-    wanted = {"study": config.STUDY, "config": files.to_json(config.to_dict()),
-              "deterministic": bool(deterministic)}
+    wanted = {
+        "study": config.STUDY,
+        "config": files.to_json(config.to_dict()),
+        "deterministic": bool(deterministic),
+    }
     if path.exists():
         try:
             held = json.loads(path.read_text())
         except (OSError, ValueError) as e:
-            raise ConfigError("workdir",
-                              f"{path} is unreadable ({e}); use another workdir") from None
+            raise ConfigError(
+                "workdir", f"{path} is unreadable ({e}); use another workdir"
+            ) from None
         if held.get("study") != config.STUDY:
-            raise ConfigError("workdir", f"{workdir} holds a {held.get('study')!r} study, not "
-                                         f"{config.STUDY!r}; use another workdir")
+            raise ConfigError(
+                "workdir",
+                f"{workdir} holds a {held.get('study')!r} study, not "
+                f"{config.STUDY!r}; use another workdir",
+            )
         old = held.get("config", {})
-        diff = sorted(k for k in set(old) | set(wanted["config"])
-                      if old.get(k) != wanted["config"].get(k))
+        diff = sorted(
+            k for k in set(old) | set(wanted["config"]) if old.get(k) != wanted["config"].get(k)
+        )
         if diff:
-            detail = "; ".join(f"{k}={json.dumps(old.get(k))} there, "
-                               f"{json.dumps(wanted['config'].get(k))} requested" for k in diff)
-            raise ConfigError(diff, f"workdir {workdir} holds a run with a different config "
-                                    f"({detail}); use another workdir or the same flags")
+            detail = "; ".join(
+                f"{k}={json.dumps(old.get(k))} there, "
+                f"{json.dumps(wanted['config'].get(k))} requested"
+                for k in diff
+            )
+            raise ConfigError(
+                diff,
+                f"workdir {workdir} holds a run with a different config "
+                f"({detail}); use another workdir or the same flags",
+            )
         if bool(held.get("deterministic", False)) != wanted["deterministic"]:
-            raise ConfigError("deterministic", f"workdir {workdir} holds a run with "
-                              f"deterministic={held.get('deterministic', False)}; use another "
-                              "workdir or the same flags")
+            raise ConfigError(
+                "deterministic",
+                f"workdir {workdir} holds a run with "
+                f"deterministic={held.get('deterministic', False)}; use another "
+                "workdir or the same flags",
+            )
         return workdir
     if distributed.is_writer():
         workdir.mkdir(parents=True, exist_ok=True)
@@ -94,8 +112,15 @@ class Progress:
     far. ``clock`` is injectable so tests are exact and instant.
     """
 
-    def __init__(self, total_units: float, *, clock: Callable[[], float] = time.monotonic,
-                 stream=None, log_path: str | os.PathLike | None = None, echo: bool = True):
+    def __init__(
+        self,
+        total_units: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        stream=None,
+        log_path: str | os.PathLike | None = None,
+        echo: bool = True,
+    ):
         self.total, self.done, self.skipped = float(total_units), 0.0, 0.0
         self.clock, self.start = clock, clock()
         self.stream = sys.stderr if stream is None else stream
@@ -116,8 +141,10 @@ class Progress:
     def step(self, k: int, num: int, name: str, epoch: int, epochs: int, units: float) -> str:
         self.done += units
         elapsed = self.clock() - self.start
-        line = (f"config {k}/{num} {name} epoch {epoch}/{epochs} "
-                f"elapsed {fmt_seconds(elapsed)} eta {fmt_seconds(self.eta())}")
+        line = (
+            f"config {k}/{num} {name} epoch {epoch}/{epochs} "
+            f"elapsed {fmt_seconds(elapsed)} eta {fmt_seconds(self.eta())}"
+        )
         self.write(line)
         return line
 
@@ -139,27 +166,36 @@ class Progress:
 def _manager(directory: Path):
     import orbax.checkpoint as ocp
 
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False,
-                                           create=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=1, enable_async_checkpointing=False, create=True
+    )
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
-def save_checkpoint(directory: str | os.PathLike, epoch: int, state: engine.TrainState,
-                    history: Mapping[str, np.ndarray]) -> None:
+def save_checkpoint(
+    directory: str | os.PathLike,
+    epoch: int,
+    state: engine.TrainState,
+    history: Mapping[str, np.ndarray],
+) -> None:
     """Saves the stacked state after ``epoch`` epochs (and the per-epoch history) with orbax;
     only the latest checkpoint is kept. Orbax commits a checkpoint by renaming it into place."""
     import orbax.checkpoint as ocp
 
-    meta = {"epoch": int(epoch), "history": {k: np.asarray(v).tolist() for k, v in
-                                             history.items()}}
+    meta = {"epoch": int(epoch), "history": {k: np.asarray(v).tolist() for k, v in history.items()}}
     with _manager(Path(directory)) as mngr:
-        mngr.save(int(epoch), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        mngr.save(
+            int(epoch),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+        )
         mngr.wait_until_finished()
 
 
-def restore_checkpoint(directory: str | os.PathLike,
-                       like: engine.TrainState | Callable[[], engine.TrainState]):
+def restore_checkpoint(
+    directory: str | os.PathLike, like: engine.TrainState | Callable[[], engine.TrainState]
+):
     """The latest checkpoint as ``(state, epoch, history)``, or None when there is none.
 
     ``like`` (e.g. ``Engine.abstract_state()`` or a fresh ``Engine.init()``, or a function
@@ -181,10 +217,15 @@ def restore_checkpoint(directory: str | os.PathLike,
         if callable(like):
             like = like()
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        out = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    history = {k: np.asarray(v, np.float32).reshape(len(v), -1)
-               for k, v in out.meta["history"].items()}
+        out = mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+            ),
+        )
+    history = {
+        k: np.asarray(v, np.float32).reshape(len(v), -1) for k, v in out.meta["history"].items()
+    }
     return out.state, int(out.meta["epoch"]), history
 
 
@@ -225,11 +266,20 @@ class Predictions:
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        meta = json.dumps({"info": files.to_json(self.info),
-                           "measures": files.to_json(self.measures)}, allow_nan=False)
-        np.savez(buf, probs=self.probs, labels=self.labels, replica_ids=self.replica_ids,
-                 keep=self.keep, train_loss=self.train_loss,
-                 train_accuracy=self.train_accuracy, meta=np.frombuffer(meta.encode(), np.uint8))
+        meta = json.dumps(
+            {"info": files.to_json(self.info), "measures": files.to_json(self.measures)},
+            allow_nan=False,
+        )
+        np.savez(
+            buf,
+            probs=self.probs,
+            labels=self.labels,
+            replica_ids=self.replica_ids,
+            keep=self.keep,
+            train_loss=self.train_loss,
+            train_accuracy=self.train_accuracy,
+            meta=np.frombuffer(meta.encode(), np.uint8),
+        )
         return buf.getvalue()
 
     @classmethod
