@@ -18,9 +18,9 @@ one from the independent ensembles of k = K), the components' correlation on the
 the test set, and plots against lambda and against K. ``--quick`` shrinks it to a smoke run
 (synthetic data only, 4 replicas, K = 2, lambda 1, no codistillation, 2 epochs, MLP [16]).
 
-Expected runtime on a 2-core CPU: about 4 minutes (the same grid with ``--ad_output
-centred_logits`` took 4m01s on a quiet machine, peak RSS 1.4 GB; the default once took 7m46s
-beside another job, before initialisation was shared across losses). Most of it is
+Expected runtime on a 2-core CPU: about 5 minutes (4m58s measured on a quiet machine, the
+analysis of the saved predictions included; the same grid with ``--ad_output centred_logits``
+took 4m01s before the study layer saved predictions, peak RSS 1.4 GB). Most of it is
 compilation: each loss compiles its own training step. ``--quick``: about 25 seconds.
 results.json is byte for byte the same on a rerun.
 
@@ -28,7 +28,7 @@ Expected result (seed 0):
 
 - Joint training with the ensemble loss colludes (Jeffares et al. 2023): on MNIST-1D the plain
   ensembles are less accurate and less reproducible than independently trained ensembles of the
-  same size, even than one model (K=2: acc 0.561, pd_abs 0.318; single model 0.589 / 0.270;
+  same size, even than one model (K=2: acc 0.561, pd_abs 0.317; single model 0.590 / 0.269;
   independent pairs 0.618 / 0.200; K=4: 0.573 / 0.259 against 0.635 / 0.146). On the synthetic
   data the plain ensembles match the accuracy (0.86) but not the PD of independent ones
   (pd_abs 0.069 and 0.056 against 0.049 and 0.035).
@@ -38,7 +38,7 @@ Expected result (seed 0):
   higher by up to 0.025; from lambda 0.1 churn higher and accuracy lower, by up to 0.059 and
   0.044); at lambda 100 pd_abs falls (0.164 for K=2) only because the prediction flattens: churn
   rises to 0.515 and accuracy falls to 0.368. On the synthetic data lambda 10 is the one clean
-  gain: pd_abs 0.045 against 0.069 plain for K=2 (difference -0.0245 [-0.0281, -0.0214], churn and
+  gain: pd_abs 0.045 against 0.069 plain for K=2 (difference -0.0245 [-0.0281, -0.0211], churn and
   accuracy better), lower even than independent pairs (0.049); for K=4 0.048 against 0.056, still
   above independent quadruples (0.035); lambda 100 hurts (pd_abs 0.096 / 0.087). There the logit
   correlation reaches 0 at lambda 0.1 while the correlation of the logits centred per example (what

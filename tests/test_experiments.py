@@ -70,6 +70,23 @@ def test_main_binary_quick_end_to_end(tmp_path):
     assert not [p for p in workdir.rglob("*.tmp")]
 
 
+@pytest.mark.parametrize(
+    "name, flag",
+    [
+        ("synthetic", "--grid_windows"),
+        ("test_set_variance", "--bootstrap_over"),
+        ("anti_distillation", "--lambdas"),
+        ("regularizers", "--regularizers"),
+    ],
+)
+def test_every_binary_starts_and_lists_its_flags(name, flag):
+    # The other binaries' bodies run in-process in their study's tests (study.main); here the
+    # files themselves: they import, define their flags and answer --help.
+    proc = _binary(name, "--help", timeout=120)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]  # absl's --help exits with 1
+    assert flag in proc.stdout and "--workdir" in proc.stdout and "--quick" in proc.stdout
+
+
 def test_main_binary_bad_flag_is_a_usage_error_before_training(tmp_path):
     proc = _binary(
         "irreproducibility",

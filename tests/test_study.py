@@ -279,7 +279,8 @@ def test_diverged_replicas_are_reported_and_excluded(trial, tmp_path):
 
 def test_a_finished_study_reruns_only_the_analysis(tmp_path):
     """A rerun of a finished study trains nothing and rewrites the same bytes; the saved
-    predictions round-trip bitwise."""
+    predictions round-trip bitwise; an unreadable predictions file is made again from the
+    trial's final checkpoint (no training step), to the same results."""
     first = study.run(CFG, tmp_path, progress=False)
     before = (tmp_path / "results.json").read_bytes()
     stream = io.StringIO()
@@ -291,6 +292,11 @@ def test_a_finished_study_reruns_only_the_analysis(tmp_path):
         pred = study.load_predictions(tmp_path, t.name)
         assert pred.probs.dtype == np.float32 and pred.probs.shape == (4, 256, 10)
         assert study.Predictions.from_bytes(pred.to_bytes()).probs.tobytes() == pred.probs.tobytes()
+    study.predictions_path(tmp_path, ALL).write_bytes(b"not an npz")
+    stream = io.StringIO()
+    study.run(CFG, tmp_path, stream=stream)
+    assert f"{ALL} resumed at epoch 3/3" in stream.getvalue()
+    assert (tmp_path / "results.json").read_bytes() == before
 
 
 def test_import_jaxrepro_imports_no_study_plotting_or_checkpoint_code():

@@ -4,8 +4,6 @@ component statistics."""
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -24,22 +22,11 @@ QUICK_TRIALS = ["synthetic/single", "synthetic/ensemble-K2/plain", "synthetic/en
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    """The binary with --quick, run once as a subprocess: (workdir, completed process)."""
+def quick_run(tmp_path_factory, binary_body):
+    """The binary's --quick run, in this process (later tests share its compilations;
+    tests/test_experiments.py runs the binary files themselves): (workdir, output)."""
     workdir = tmp_path_factory.mktemp("ad") / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "experiments" / "anti_distillation.py"),
-            "--quick",
-            f"--workdir={workdir}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = binary_body(AntiDistillationConfig, ["--quick", f"--workdir={workdir}"])
     return workdir, proc
 
 

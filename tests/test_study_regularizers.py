@@ -5,8 +5,6 @@ inputs whose answer is known."""
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -25,21 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # End to end.
 
 
-def _binary(*args):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "regularizers.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-
-
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    """The binary's --quick run (shared: it is the slow part of this file)."""
+def quick_run(tmp_path_factory, binary_body):
+    """The binary's --quick run, in this process (shared: it is the slow part of this file;
+    tests/test_experiments.py runs the binary files themselves)."""
     workdir = tmp_path_factory.mktemp("regularizers") / "quick"
-    return workdir, _binary("--quick", f"--workdir={workdir}")
+    return workdir, binary_body(RegularizersConfig, ["--quick", f"--workdir={workdir}"])
 
 
 def test_binary_quick_end_to_end(quick_run):
@@ -82,8 +71,8 @@ def test_binary_quick_end_to_end(quick_run):
         assert f"({png})" in report
 
 
-def test_interrupted_run_retrains_to_the_same_bytes(quick_run, tmp_path):
-    # An interruption after the baseline and dropout arms: a new process trains the layernorm
+def test_interrupted_run_retrains_to_the_same_bytes(quick_run, tmp_path, binary_body):
+    # An interruption after the baseline and dropout arms: a rerun trains the layernorm
     # arm again from scratch (the baseline's predictions are read back from the workdir, not
     # retrained); results.json comes out byte for byte as in the uninterrupted run.
     workdir, proc = quick_run
@@ -94,7 +83,7 @@ def test_interrupted_run_retrains_to_the_same_bytes(quick_run, tmp_path):
     (resumed / "results.json").unlink()
     study.predictions_path(resumed, "d2/adam/layernorm").unlink()
     shutil.rmtree(resumed / "checkpoints" / study.slug("d2/adam/layernorm"))
-    again = _binary("--quick", f"--workdir={resumed}")
+    again = binary_body(RegularizersConfig, ["--quick", f"--workdir={resumed}"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert "config 3/3 d2/adam/layernorm epoch 1/2" in again.stderr
     assert "d2/adam/none" not in again.stderr  # the baseline is not trained again
@@ -287,3 +276,34 @@ def test_paired_bootstrap_rejects_bad_inputs(kwargs, match):
         a[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match=match):
         paired_bootstrap(a, b, np.zeros(10, int), **kwargs)
+
+
+def test_analysis_pairs_each_arm_with_its_baseline():
+    """The pure analysis on hand-made predictions: the baseline has no paired test; a
+    regularised arm whose replicas agree more is significantly lower; a replica that diverged
+    in an arm is left out of that arm's comparison, in both arms."""
+    config = RegularizersConfig.quick()
+    info = {t.name: t.info for t in reg.trials(config)}
+    labels = np.random.default_rng(1).integers(0, 4, 200)
+    base = _probs(0, 8, 200)
+    closer = (0.5 * base + 0.5 * base.mean(axis=0, keepdims=True)).astype(np.float32)
+    other = _probs(2, 8, 200).copy()
+    other[3] = np.nan
+
+    def pred(name, probs):
+        keep = np.isfinite(probs).all(axis=(1, 2))
+        zeros = np.zeros(8, np.float32)
+        return study.Predictions(info[name], probs, labels, np.arange(8), keep, zeros, zeros)
+
+    names = ["d2/adam/none", "d2/adam/dropout", "d2/adam/layernorm"]
+    preds = {n: pred(n, p) for n, p in zip(names, (base, closer, other), strict=True)}
+    records = reg.analyse(config, preds).records
+    assert list(records) == names and "paired" not in records["d2/adam/none"]
+    lower = records["d2/adam/dropout"]["paired"]
+    assert lower["pd_abs"]["significant"] and lower["pd_abs"]["diff"] < 0
+    assert lower["excluded"] == [] and lower["over"] == "both"
+    masked = records["d2/adam/layernorm"]
+    assert masked["diverged"] == [3] and masked["metrics"]["num_replicas"] == 7
+    assert masked["paired"]["excluded"] == [3] and masked["paired"]["num_replicas"] == [7, 7]
+    ref = metrics.compare(base, labels, mask=np.arange(8) != 3)
+    assert masked["paired"]["pd_abs"]["b"] == pytest.approx(ref["pd_abs"], abs=1e-6)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from jaxrepro import data, distributed, engine, files, metrics
@@ -197,14 +198,20 @@ def train_trials(
     )
     out: dict[str, wd.Predictions] = {}
     for k, trial in enumerate(trials, start=1):
-        if trial.name in finished:
-            pred = wd.load_predictions(workdir, trial.name)
-            if pred is not None:
-                out[trial.name] = dataclasses.replace(pred, info=dict(trial.info))
-                if progress is not None:
-                    units, epochs = _units(trial)
-                    progress.skip(units * epochs)
-                continue
+        pred = wd.load_predictions(workdir, trial.name) if trial.name in finished else None
+        # Process 0 decides (an unreadable file is trained again, by every process alike).
+        if distributed.from_writer(pred is not None):
+            if pred is None:
+                raise RuntimeError(
+                    f"process {jax.process_index()} cannot read "
+                    f"{wd.predictions_path(workdir, trial.name)}, which process 0 reads: the "
+                    "workdir must be on storage every process reads (as orbax requires)"
+                )
+            out[trial.name] = dataclasses.replace(pred, info=dict(trial.info))
+            if progress is not None:
+                units, epochs = _units(trial)
+                progress.skip(units * epochs)
+            continue
         checkpoint_dir = workdir / "checkpoints" / wd.slug(trial.name)
         run = train_trial(
             trial,
