@@ -249,11 +249,10 @@ def trials(config: AntiDistillationConfig) -> list[Trial]:
     return out
 
 
-def measure_components(run: engine.Run, ds) -> dict[str, Any]:
+def measure_components(run: engine.Run, ds, keep: np.ndarray) -> dict[str, Any]:
     """What an ensemble trial measures on its trained replicas: ``metrics.component_stats`` of
-    the replicas that stayed finite, on the test and training set."""
-    probs = run.predict(ds.x_test)
-    ids = np.flatnonzero(~np.asarray(run.diverged) & np.asarray(metrics.finite_replicas(probs)))
+    the replicas that stayed finite (``keep``), on the test and training set."""
+    ids = np.flatnonzero(keep)
     if len(ids) < 2:
         return {}
     return {
@@ -293,13 +292,14 @@ def analyse(config: AntiDistillationConfig, predictions: Mapping[str, Prediction
         enough = rec["metrics"] is not None and len(kept) // max(ks) >= 2
         if rec["metrics"] is not None and not enough:
             rec["error"] = "too few finite replicas for ensembles of every k"
+        groups = {k: _group(kept, k) for k in ks[1:]} if enough else {}
         if enough:
             curve = metrics.ensemble_curve(single.probs, single.labels, ks=ks, mask=single.keep)
             for row in curve:  # k = 1: the trial's own intervals; k > 1: groups as replicas
                 res = (
                     rec["metrics"]
                     if row["k"] == 1
-                    else metrics.compare(_group(kept, row["k"]), single.labels, **kw)
+                    else metrics.compare(groups[row["k"]], single.labels, **kw)
                 )
                 row.update({f"{m}_ci": res[f"{m}_ci"] for m in REPORT_METRICS})
             rec["ensemble_curve"] = curve
@@ -315,8 +315,6 @@ def analyse(config: AntiDistillationConfig, predictions: Mapping[str, Prediction
                 if variant != "plain" and (pred.keep & plain.keep).sum() >= 2:
                     diffs["vs_plain"] = _difference(config, pred, plain, paired=True)
                 if enough:
-                    diffs["vs_independent"] = _difference(
-                        config, pred, _group(kept, k), paired=False
-                    )
+                    diffs["vs_independent"] = _difference(config, pred, groups[k], paired=False)
     order = list(predictions)
     return Analysis(records={name: records[name] for name in order})

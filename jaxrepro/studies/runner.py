@@ -48,9 +48,10 @@ class Trial:
       data: the dataset.
       fit: how the replicas are trained.
       info: the trial's coordinates in the study's grids (JSON-ready), stored with its record.
-      measure: optional ``(run, data) -> dict`` of JSON-ready values measured on the trained
-        replicas beyond their test predictions (saved with them; e.g. statistics of an
-        ensemble's components on the training set).
+      measure: optional ``(run, data, keep) -> dict`` of JSON-ready values measured on the
+        trained replicas beyond their test predictions (``keep``: bool ``[R]``, the replicas
+        that stayed finite; saved with the predictions), e.g. statistics of an ensemble's
+        components on the training set.
     """
 
     name: str
@@ -58,7 +59,7 @@ class Trial:
     data: data.Dataset
     fit: engine.FitConfig
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    measure: Callable[[engine.Run, data.Dataset], dict] | None = None
+    measure: Callable[[engine.Run, data.Dataset, np.ndarray], dict] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +144,7 @@ def predict(trial: Trial, run: engine.Run) -> wd.Predictions:
         keep=keep,
         train_loss=np.asarray(run.history["loss"][:, -1]),
         train_accuracy=np.asarray(run.history["accuracy"][:, -1]),
-        measures=files.to_json(trial.measure(run, trial.data)) if trial.measure else {},
+        measures=files.to_json(trial.measure(run, trial.data, keep)) if trial.measure else {},
     )
 
 
@@ -179,8 +180,12 @@ def train_trials(
     keep_checkpoints: bool = True,
     progress: wd.Progress | None = None,
     on_checkpoint: Callable[[str, int], None] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, wd.Predictions]:
     """Trains every trial without saved predictions in ``workdir`` and saves them.
+
+    ``timings`` (trial name -> seconds, default: workdir/timings.json as process 0 reads it)
+    gets each trained trial's wall time and is written back to timings.json.
 
     Returns:
       ``{trial name: Predictions}`` in trial order (loaded for trials finished earlier).
@@ -193,9 +198,8 @@ def train_trials(
     finished = distributed.from_writer(
         [t.name for t in trials if wd.predictions_path(workdir, t.name).exists()]
     )
-    timings = distributed.from_writer(
-        (files.read_json(workdir / "timings.json") or {}).get("seconds", {})
-    )
+    if timings is None:
+        timings = read_timings(workdir)
     out: dict[str, wd.Predictions] = {}
     for k, trial in enumerate(trials, start=1):
         pred = wd.load_predictions(workdir, trial.name) if trial.name in finished else None
@@ -229,6 +233,12 @@ def train_trials(
         if not keep_checkpoints and distributed.is_writer():
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return out
+
+
+def read_timings(workdir: str | os.PathLike) -> dict[str, float]:
+    """Trial name -> seconds from workdir/timings.json, as process 0 reads it."""
+    held = files.read_json(Path(workdir) / "timings.json") or {}
+    return distributed.from_writer(held.get("seconds", {}))
 
 
 def study_module(config_or_name: StudyConfig | str):
@@ -310,6 +320,7 @@ def run(
     prog = wd.Progress(
         total, clock=clock, stream=stream, log_path=workdir / "progress.log", echo=progress
     )
+    timings = read_timings(workdir)
     predictions = train_trials(
         trials,
         workdir,
@@ -317,12 +328,10 @@ def run(
         keep_checkpoints=keep_checkpoints,
         progress=prog,
         on_checkpoint=on_checkpoint,
+        timings=timings,
     )
     analysis = study.analyse(config, predictions)
     records = files.to_json(dict(analysis.records))
-    timings = distributed.from_writer(
-        (files.read_json(workdir / "timings.json") or {}).get("seconds", {})
-    )
     seconds = sum(timings.get(t.name, 0.0) for t in trials)
     body = report_module(config).render(config, analysis, workdir)
     markdown = "\n".join(

@@ -25,6 +25,7 @@ import os
 import re
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -304,5 +305,5 @@ def load_predictions(workdir: str | os.PathLike, name: str) -> Predictions | Non
     path = predictions_path(workdir, name)
     try:
         return Predictions.from_bytes(path.read_bytes())
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
