@@ -119,7 +119,7 @@ class FitConfig:
     Attributes:
       replicas: a count R (replicas 0..R-1) or explicit replica indices; replica ``r`` is the
         same model whichever other replicas train beside it.
-      seed: the root seed.
+      seed: the root seed, an integer in ``[0, 2**32)``.
       vary: sources whose key differs per replica (others are fixed): any of
         ``randomness.SOURCES``, or ``"all"``.
       batch_size: examples per step per replica.
@@ -158,6 +158,7 @@ class FitConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "vary", randomness.check_sources(self.vary, what="vary"))
+        object.__setattr__(self, "seed", randomness.check_seed(self.seed))
         if isinstance(self.replicas, (int, np.integer)):
             if self.replicas < 1:
                 raise ValueError(f"replicas must be >= 1, got {self.replicas}")
@@ -755,9 +756,7 @@ def _train_epochs_R(
 @functools.partial(jax.jit, static_argnames=("batch_size", "num_train"))
 def _batches_R(ids_R, seed, varied_V, num_train, window, epoch, *, batch_size):
     base_N = randomness.base_order(seed, num_train)
-    keys_R = randomness.replica_keys(
-        seed, "order", ids_R, varied=varied_V[randomness.SOURCE_IDS["order"]]
-    )
+    keys_R = jax.vmap(lambda r: _keys_for(seed, r, varied_V).order)(ids_R)
     return jax.vmap(lambda k: epoch_batches(k, epoch, base_N, window, batch_size))(keys_R)
 
 

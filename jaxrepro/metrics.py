@@ -1149,22 +1149,46 @@ def bootstrap(
 
     ``over="replicas"`` resamples replicas (groups, with ``ensemble_size``) with replacement:
     the uncertainty due to having trained only R replicas. ``over="examples"`` resamples test
-    examples: the uncertainty due to the finite test set. Sample i is drawn from
-    ``fold_in(key, i)``, so results do not depend on batching.
+    examples: the uncertainty due to the finite test set.
 
-    Duplicates are handled as follows (project's choices):
+    Draws: sample i (0 <= i < ``num_samples``) is drawn from ``fold_in(key, i)`` only, so
+    results do not depend on batching. Its multiplicities are
+    ``jnp.bincount(jax.random.randint(jax.random.fold_in(key, i), (M,), 0, M), length=M)``
+    (``randint``'s default integer dtype): M uniform draws with replacement among the M = G
+    replicas (groups of ``ensemble_size``, after ``mask``, in their original order) or among
+    the M = N examples.
+
+    Each sample evaluates every metric of :func:`compare` on the resampled data; duplicates are
+    handled as follows (project's choices):
 
     * Replicas: a replica drawn m times gets multiplicity m, and pairwise metrics average over
       pairs of *distinct* original replicas weighted by m_r m_s, so copies of one replica never
-      form a spurious zero-difference pair. ``var_obs`` uses the matching pairwise form of the
-      ddof=1 variance and ``var_ind`` the same pairs, so their ratio keeps its meaning.
-      ``js_ensemble`` (not pairwise) is rescaled by (1 - 1/G) / (1 - sum m^2 / (sum m)^2), the
-      ratio of the second-order diversity factors, because a sample with duplicates is an
-      ensemble of fewer distinct members. Samples in which one replica was drawn every time
-      define no pair and are left out of the pairwise intervals.
-    * Examples: an example drawn m times would enter ``var_obs`` with m^2 copies of its own
-      variance instead of m (inflating it by about ``var_ind``); those self-products are
-      removed, and a resulting negative variance is clipped to 0.
+      form a spurious zero-difference pair: a pairwise metric is sum_{r<s} m_r m_s t_rs / P
+      with P = sum_{r<s} m_r m_s and t_rs the pair's mean over examples (``kl_pairwise``:
+      (KL(r||s) + KL(s||r)) / 2; ``pd_rel``: per example, the weighted pair mean divided by
+      the weighted replica mean sum_r m_r p_r / sum_r m_r). Per-replica means are weighted
+      too: ``acc_mean`` = sum_r m_r acc_r / sum_r m_r. ``var_obs`` uses the matching pairwise
+      form of the ddof=1 variance, sum_{r<s} m_r m_s (acc_r - acc_s)^2 / (2 P), and
+      ``var_ind`` the same pairs, sum_{r<s} m_r m_s mean_n (correct_rn - correct_sn)^2 /
+      (2 N P), so their ratio keeps its meaning. ``js_ensemble`` (not pairwise: the divergence
+      of the ensemble in which replica r has weight m_r / sum m) is rescaled by
+      (1 - 1/G) / (1 - sum m^2 / (sum m)^2), the ratio of the second-order diversity factors,
+      because a sample with duplicates is an ensemble of fewer distinct members. Samples in
+      which one replica was drawn every time define no pair and are left out of the pairwise
+      intervals.
+    * Examples: an example drawn v_n times counts v_n times in every mean over examples
+      (sum_n v_n t_n / N, replica accuracies included). It would enter ``var_obs`` with v_n^2
+      copies of its own variance instead of v_n (inflating it by about ``var_ind``); those
+      self-products are removed, var_obs = sum_{r<s} [(sum_n v_n d_rsn)^2 - sum_n v_n (v_n - 1)
+      d_rsn^2] / (N^2 G (G - 1)) with d_rsn = correct_rn - correct_sn, and a resulting
+      negative variance is clipped to 0.
+
+    ``acc_std``, ``eta``, ``var_ratio`` and ``var_cal`` follow from a sample's values as in
+    :func:`compare`. Interval: [lo, hi] are the 100 (1 - level) / 2 and 100 (1 + level) / 2
+    percentiles of a metric's finite sample values, linearly interpolated between order
+    statistics (``np.percentile``'s default method); non-finite values (no pair, or
+    ``var_ratio`` with ``var_ind`` = 0) are left out, and [nan, nan] is returned when none is
+    finite. No standard error is reported.
 
     Cost: the replica bootstrap makes one pass over the data and evaluates all samples on each
     block (a few matrix products and a scan over sorted replicas per sample); the example
@@ -1365,7 +1389,8 @@ def difference(
     evaluates every metric of :func:`compare` on both arms, with the conventions of
     :func:`bootstrap` (distinct pairs of original replicas weighted by w_r w_s, the
     ``js_ensemble`` rescale, duplicate examples' self-products removed from ``var_obs``), and
-    the interval is the percentile interval of the per-sample differences a_i - b_i.
+    the interval is the percentile interval of the per-sample differences a_i - b_i (the
+    percentiles and interpolation of :func:`bootstrap`).
 
     * ``paired=True``: the arms share replica keys (replica r of a is paired with replica r of
       b), so each sample gives both arms the same replica multiplicities w, and common
@@ -1383,16 +1408,18 @@ def difference(
     The two-way bootstrap of a crossed replicas x examples design is conservative: it
     overestimates the variance (McCullagh 2000), so its intervals err on the wide side.
 
-    Draws (sample i depends only on (key, i), never on batching): replica multiplicities of
-    arm a are those of ``bootstrap(probs_a, labels, key, over="replicas")``, shared by arm b
-    when paired and drawn from ``fold_in(key, 0x80000001)`` otherwise; example multiplicities
-    are those of ``bootstrap(..., over="examples")`` for ``over="examples"`` and drawn from
-    ``fold_in(key, 0x80000002)`` for ``over="both"``. Samples are evaluated in fixed batches
-    (256 replica draws, 64 example draws), so a sample's values do not depend on
-    ``num_samples`` either. Arm a's samples, hence its own intervals, are bitwise those of
-    ``compare(probs_a, labels, key=key, over=over)`` over examples, and over replicas from
-    256 samples on (below, :func:`bootstrap` evaluates its samples in one smaller batch, which
-    may round differently in the last float32 bit).
+    Draws (sample i depends only on (key, i), never on batching; each stream follows the law
+    of :func:`bootstrap` with its own key k: sample i is the bincount of
+    ``randint(fold_in(k, i), (M,), 0, M)``): replica multiplicities of arm a are those of
+    ``bootstrap(probs_a, labels, key, over="replicas")`` (k = ``key``, M = G_a), shared by arm
+    b when paired and drawn with k = ``fold_in(key, 0x80000001)``, M = G_b otherwise; example
+    multiplicities (M = N) are those of ``bootstrap(..., over="examples")`` (k = ``key``) for
+    ``over="examples"`` and drawn with k = ``fold_in(key, 0x80000002)`` for ``over="both"``.
+    Samples are evaluated in fixed batches (256 replica draws, 64 example draws), so a
+    sample's values do not depend on ``num_samples`` either. Arm a's samples, hence its own
+    intervals, are bitwise those of ``compare(probs_a, labels, key=key, over=over)`` over
+    examples, and over replicas from 256 samples on (below, :func:`bootstrap` evaluates its
+    samples in one smaller batch, which may round differently in the last float32 bit).
 
     Cost: two passes over the data (one per arm) as :func:`bootstrap`; ``over="both"`` also
     holds the ``[num_samples, N]`` example multiplicities in memory (O(S x N)).

@@ -18,6 +18,11 @@ Synopsis::
 Every model maps a batch to float32 logits ``[B, num_classes]`` and is called as
 ``model(x, *, train)``. Dropout draws from the rng stream ``"dropout"``; BatchNorm keeps running
 statistics (momentum 0.9) in the ``"batch_stats"`` collection and uses them when ``train=False``.
+Both norms are Flax's with its defaults, over the last (feature / channel) axis with a learned
+``scale`` and ``bias``: LayerNorm ``(x - mean) / sqrt(var + 1e-6) * scale + bias`` per example
+(and position); BatchNorm in eval mode ``(x - mean) / sqrt(var + 1e-5) * scale + bias`` with the
+running ``mean`` and ``var``. Dropout is Flax's: each element is kept with probability
+``1 - rate`` and then divided by ``1 - rate`` (identity when ``train=False``).
 Fields are validated at construction, so a bad activation spec or width fails where the model is
 built, not later inside ``init``. Kernels use Flax's default initialisers (LeCun normal for
 kernels, zeros for biases); one replica differs from another only through the keys it is given.
@@ -42,9 +47,12 @@ class PatchConv(nn.Module):
     """A strided "SAME" convolution computed as patches times one matrix (im2col).
 
     Same parameters (``kernel [*window, C_in, C_out]``, ``bias [C_out]``), initialisers and
-    output as ``nn.Conv(features, window, strides, padding="SAME")``, to float rounding. The
-    patches are built from ``prod(window)`` static strided slices, so the backward pass is
-    pads and adds, and the whole layer is one matrix product. On CPU, XLA's native convolution
+    output as ``nn.Conv(features, window, strides, padding="SAME")``, to float rounding: a
+    cross-correlation (the kernel is not flipped) with XLA's "SAME" padding, an output length
+    ``out = ceil(n / s)`` per spatial axis and ``max((out - 1) * s + k - n, 0)`` zeros in all,
+    the smaller half (``total // 2``) before and the rest after. The patches are built from
+    ``prod(window)`` static strided slices, so the backward pass is pads and adds, and the
+    whole layer is one matrix product. On CPU, XLA's native convolution
     of these small layers is slower by an order of magnitude or more (the CPU measurements are
     in BUILD_NOTES.md).
     """
@@ -154,7 +162,8 @@ def _head(h_BxD: jax.Array, num_classes: int, heads: int) -> jax.Array:
     """The output layer ``head``: logits ``[B, C]``, or ``[heads, B, C]`` for several heads.
 
     Several heads are one Dense layer of ``heads * C`` outputs (each head's kernel columns are
-    initialised as a lone head's would be: the same fan-in).
+    initialised as a lone head's would be: the same fan-in); head ``k``'s logits are output
+    columns ``k * C`` to ``(k + 1) * C - 1``.
     """
     if heads == 1:
         return nn.Dense(num_classes, name="head")(h_BxD)
@@ -236,9 +245,10 @@ class CNN1D(nn.Module):
     """1-D convolutional classifier for sequences such as MNIST-1D.
 
     Each layer is ``Conv(kernel_size, stride 2, SAME) -> [norm] -> activation -> [dropout]``, so
-    the length halves per layer (40 -> 20 -> 10 -> 5 for MNIST-1D); the features are then
-    flattened (position matters in MNIST-1D) and a Dense layer gives the logits. Strided
-    convolutions rather than pooling keep the network small, fast and free of max-pool kinks.
+    the length halves per layer (40 -> 20 -> 10 -> 5 for MNIST-1D); the features ``[B, L', C]``
+    are then flattened row-major, position by position with the channels innermost (position
+    matters in MNIST-1D), and a Dense layer gives the logits. Strided convolutions rather than
+    pooling keep the network small, fast and free of max-pool kinks.
 
     Example:
         >>> model = CNN1D(num_classes=10)
@@ -292,8 +302,9 @@ class CNN2D(nn.Module):
     """2-D convolutional classifier for small images (e.g. 8x8 digits, 28x28 MNIST).
 
     Each conv layer is ``Conv(kernel_size x kernel_size, stride 2, SAME) -> [norm] -> activation
-    -> [dropout]`` (spatial size halves per layer); then flatten, a hidden
-    ``Dense(dense) -> [norm] -> activation -> [dropout]`` and a Dense layer to the logits.
+    -> [dropout]`` (spatial size halves per layer); then flatten ``[B, H', W', C]`` row-major
+    (channels innermost), a hidden ``Dense(dense) -> [norm] -> activation -> [dropout]`` and a
+    Dense layer to the logits.
 
     Example:
         >>> model = CNN2D(num_classes=10)
@@ -356,11 +367,14 @@ class Ensemble(nn.Module):
 
     Separate towers (the default): K independent copies of ``model``, each with its own
     parameters (and BatchNorm statistics, and dropout masks), computed together with
-    ``nn.vmap`` (one batched matrix product per layer). Component k's initial parameters come
-    from the replica's ``init`` key split K ways (Flax's ``split_rngs``), so components differ
-    through their initialisation like independently trained models. With
+    ``nn.vmap`` (one batched matrix product per layer): the variables are ``model``'s, under
+    the name ``"model"``, each with a leading axis K, and component k's are slice ``[k]``.
+    Component k's initial parameters come from the replica's ``init`` key split K ways (Flax's
+    ``split_rngs``), so components differ through their initialisation like independently
+    trained models. With
     ``shared_body=True``: one body and K output heads (``model.heads = K``); the components then
-    differ only in their heads.
+    differ only in their heads (the variables are those of ``model.clone(heads=K)`` under the
+    name ``"body"``).
 
     The ensemble's prediction is the mean of the components' probabilities
     (``losses.ensemble_log_probs``); ``engine.Run.predict`` returns it, or every component with

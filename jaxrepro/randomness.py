@@ -45,6 +45,7 @@ from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 SOURCES: tuple[str, ...] = ("init", "order", "dropout", "augment", "perturb")
@@ -86,8 +87,33 @@ def check_sources(names: Iterable[str], *, what: str = "vary") -> tuple[str, ...
     return tuple(s for s in SOURCES if s in set(out))
 
 
+SEED_LIMIT = 2**32
+"""Seeds are integers in ``[0, 2**32)``: the root key's data is ``(0, seed)``."""
+
+
+def check_seed(seed, *, what: str = "seed") -> int:
+    """``seed`` as a Python int, after checking that it is an integer in ``[0, 2**32)``.
+
+    NumPy integers are accepted; bool, float and str are refused (``1.5`` would otherwise be
+    truncated to 1 and ``True`` taken as 1).
+
+    Raises:
+      ValueError: naming the seed and the range.
+    """
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"{what} must be an integer in [0, 2**32), got {seed!r}")
+    if not 0 <= int(seed) < SEED_LIMIT:
+        raise ValueError(f"{what} must be an integer in [0, 2**32), got {seed}")
+    return int(seed)
+
+
 def root_key(seed) -> jax.Array:
-    """The root key of a run: threefry2x32 regardless of the global default."""
+    """The root key of a run: threefry2x32 regardless of the global default.
+
+    ``seed``: an integer in ``[0, 2**32)`` (checked, unless traced), taken as ``uint32``; the
+    key's data is ``(0, seed)``."""
+    if not isinstance(seed, jax.Array):  # a traced or device seed is the caller's uint32
+        seed = np.uint32(check_seed(seed))
     return jax.random.key(seed, impl=PRNG_IMPL)
 
 

@@ -11,10 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import optax
 import pytest
 from absl import app, flags
 
-from jaxrepro import metrics, plots, study
+from jaxrepro import data, engine, metrics, models, plots, study
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD_KEYS = {"info", "diverged", "train_loss", "train_accuracy", "metrics"}
@@ -41,10 +43,13 @@ def _check_results(workdir: Path, study_name: str, *, binary: bool = False) -> d
         m = record["metrics"]
         keys = set(metrics.METRIC_KEYS) | ({"var_cal"} if binary else set())
         assert keys <= set(m), (name, keys - set(m))
-        control = record["info"].get("setting") == "nothing"
+        # Identical replicas (the control, or window 1 with only the order varied): no
+        # variance predicted, so no ratio (0 / 0).
+        identical = m["var_ind"] == 0.0
+        assert identical == (record["info"].get("setting") == "nothing" or m["pd_abs"] == 0.0)
         for key in keys:
-            if control and key == "var_ratio":
-                assert m[key] is None  # 0 / 0: identical replicas
+            if identical and key == "var_ratio":
+                assert m[key] is None
             else:
                 assert isinstance(m[key], float) and math.isfinite(m[key]), (name, key, m[key])
         assert m["num_replicas"] == results["config"]["replicas"]
@@ -53,6 +58,7 @@ def _check_results(workdir: Path, study_name: str, *, binary: bool = False) -> d
     return results
 
 
+@pytest.mark.slow
 def test_main_binary_quick_end_to_end(tmp_path):
     workdir = tmp_path / "irr"
     proc = _binary("irreproducibility", "--quick", f"--workdir={workdir}")
@@ -68,8 +74,45 @@ def test_main_binary_quick_end_to_end(tmp_path):
     assert plots.is_png(workdir / "churn.png")
     assert any((workdir / "checkpoints").iterdir())
     assert not [p for p in workdir.rglob("*.tmp")]
+    # One record recomputed here from the documented recipe, without the study code: the
+    # config's MLP with Adam on the first num_train / num_test MNIST-1D examples, every source
+    # varied, compared on the test split.
+    cfg = results["config"]
+    full = data.load("mnist1d")
+    ds = data.Dataset(
+        full.x_train[: cfg["num_train"]],
+        full.y_train[: cfg["num_train"]],
+        full.x_test[: cfg["num_test"]],
+        full.y_test[: cfg["num_test"]],
+        num_classes=10,
+    )
+    model = models.MLP(
+        widths=tuple(cfg["widths"]),
+        num_classes=10,
+        activation="relu",
+        dropout_rate=cfg["dropout_rate"],
+    )
+    run = engine.fit(
+        model,
+        optax.adam(cfg["learning_rate"]),
+        ds,
+        replicas=cfg["replicas"],
+        seed=cfg["seed"],
+        vary="all",
+        batch_size=cfg["batch_size"],
+        epochs=cfg["epochs"],
+        perturb_scale=cfg["perturb_scale"],
+        strategy="map",
+    )
+    want = metrics.compare(run.predict(ds.x_test), ds.y_test)
+    for key in metrics.METRIC_KEYS:
+        assert varied[key] == pytest.approx(want[key], rel=1e-7, abs=1e-12), key
+    assert results["results"]["relu/all"]["train_loss"] == pytest.approx(
+        float(np.mean(run.history["loss"][:, -1])), rel=1e-6
+    )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, flag",
     [
@@ -87,6 +130,7 @@ def test_every_binary_starts_and_lists_its_flags(name, flag):
     assert flag in proc.stdout and "--workdir" in proc.stdout and "--quick" in proc.stdout
 
 
+@pytest.mark.slow
 def test_main_binary_bad_flag_is_a_usage_error_before_training(tmp_path):
     proc = _binary(
         "irreproducibility",
@@ -129,13 +173,25 @@ def test_workdir_holding_another_config_is_a_usage_error(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["config.json"]
 
 
-def test_synthetic_study_quick(tmp_path):
-    config = study.SyntheticConfig.quick()
-    out = study.run(config, tmp_path, progress=False)
+@pytest.mark.slow
+def test_synthetic_binary_quick(tmp_path, binary_body):
+    proc = binary_body(study.SyntheticConfig, ["--quick", f"--workdir={tmp_path}"])
     results = _check_results(tmp_path, "synthetic", binary=True)
-    assert out["results"] == results["results"]
-    # Trials shared by several grids are trained once: the base student appears once.
-    assert len(results["results"]) == 3
+    assert "| shuffling window w |" in proc.stdout
+    # Trials shared by several grids are trained once: the base student appears once, and the
+    # window grid (order varied alone) adds w = 1 and w = N.
+    assert len(results["results"]) == 4
+    by_window = {
+        r["info"]["window"]: r["metrics"]
+        for r in results["results"].values()
+        if r["info"]["vary"] == ["order"]
+    }
+    # The documented row: window 1 with only the order varied gives identical replicas, so
+    # every difference is exactly 0; the full shuffle (w = N) does not.
+    assert set(by_window) == {1, results["config"]["num_train"]}
+    for key in ("pd_abs", "pd_rel", "pd_l2", "churn"):
+        assert by_window[1][key] == 0.0, key
+        assert by_window[results["config"]["num_train"]][key] > 0.0, key
     report = (tmp_path / "report.md").read_text()
     for grid in ("activation", "source", "window", "width", "depth"):
         assert plots.is_png(tmp_path / f"synthetic_{grid}.png"), grid
@@ -143,9 +199,10 @@ def test_synthetic_study_quick(tmp_path):
     assert "| shuffling window w | pd_abs | pd_rel | churn |" in report
 
 
-def test_test_set_variance_study_quick(tmp_path):
+@pytest.mark.slow
+def test_test_set_variance_binary_quick(tmp_path, binary_body):
     config = study.TestSetVarianceConfig.quick()
-    study.run(config, tmp_path, progress=False)
+    binary_body(study.TestSetVarianceConfig, ["--quick", f"--workdir={tmp_path}"])
     results = _check_results(tmp_path, "test_set_variance")
     binary = results["results"]["mnist1d_binary/all"]["metrics"]
     assert math.isfinite(binary["var_cal"]) and binary["var_cal"] > 0

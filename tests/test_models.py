@@ -354,17 +354,22 @@ def test_patch_convolution_equals_xla_convolution(make, x_shape):
     """PatchConv (im2col by strided slices) has nn.Conv's parameters, init and outputs."""
     x = jax.random.normal(jax.random.key(1), x_shape)
     patches, xla = make("patches"), make("xla")
-    v_patches = patches.init({"params": jax.random.key(0)}, x, train=False)
-    v_xla = xla.init({"params": jax.random.key(0)}, x, train=False)
+    # Each model's init, output and gradient in one jitted function (eagerly, the patches'
+    # many slices would each be dispatched and compiled on their own).
+    loss = lambda m: lambda v: jnp.sum(jnp.square(m.apply(v, x, train=False)))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def everything(m):
+        v = m.init({"params": jax.random.key(0)}, x, train=False)
+        return v, m.apply(v, x, train=False), jax.grad(loss(m))(v)
+
+    v_patches, out_p, g_p = everything(patches)
+    v_xla, out_x, g_x = everything(xla)
     assert jax.tree.structure(v_patches) == jax.tree.structure(v_xla)
     for a, b in zip(jax.tree.leaves(v_patches), jax.tree.leaves(v_xla), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # same init, bitwise
-    out_p = patches.apply(v_patches, x, train=False)
-    out_x = xla.apply(v_xla, x, train=False)
     np.testing.assert_allclose(np.asarray(out_p), np.asarray(out_x), atol=1e-5)
     # Gradients agree too.
-    loss = lambda m: lambda v: jnp.sum(jnp.square(m.apply(v, x, train=False)))
-    g_p, g_x = jax.grad(loss(patches))(v_patches), jax.grad(loss(xla))(v_xla)
     for a, b in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_x), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 

@@ -196,6 +196,7 @@ def test_markdown_table_and_cells():
 # --- checkpoints, resume, divergence ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_is_bitwise(trial, tmp_path):
     eng = engine.Engine(trial.task, trial.data, trial.fit)
     state, metrics = eng.train(eng.init(), 0, 1)
@@ -220,6 +221,7 @@ def _interrupt_at(name, epoch):
     return hook
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_bitwise_the_same_results(tmp_path):
     whole = study.run(CFG, tmp_path / "whole", checkpoint_every=1, progress=False)
     first = irreproducibility.trials(CFG)[0].name
@@ -251,6 +253,7 @@ def test_interrupted_run_resumes_to_bitwise_the_same_results(tmp_path):
     assert "| relu | all |" in (parts / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_diverged_replicas_are_reported_and_excluded(trial, tmp_path):
     run = study.train_trial(dataclasses.replace(trial), tmp_path, checkpoint_every=10)
     nan_at = lambda a, rows: a.at[rows].set(np.nan)  # noqa: E731
@@ -277,6 +280,7 @@ def test_diverged_replicas_are_reported_and_excluded(trial, tmp_path):
     assert "diverged" in "\n".join(render.diverged_note(records))
 
 
+@pytest.mark.slow
 def test_a_finished_study_reruns_only_the_analysis(tmp_path):
     """A rerun of a finished study trains nothing and rewrites the same bytes; the saved
     predictions round-trip bitwise; an unreadable predictions file is made again from the
@@ -299,6 +303,7 @@ def test_a_finished_study_reruns_only_the_analysis(tmp_path):
     assert (tmp_path / "results.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_import_jaxrepro_imports_no_study_plotting_or_checkpoint_code():
     code = (
         "import sys, jaxrepro, jaxrepro.engine, jaxrepro.metrics; "

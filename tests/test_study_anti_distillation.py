@@ -30,6 +30,7 @@ def quick_run(tmp_path_factory, binary_body):
     return workdir, proc
 
 
+@pytest.mark.slow
 def test_binary_quick_end_to_end(quick_run):
     workdir, proc = quick_run
     results = json.loads((workdir / "results.json").read_text())
@@ -84,6 +85,7 @@ def test_binary_quick_end_to_end(quick_run):
     assert not [p for p in workdir.rglob("*.tmp")]
 
 
+@pytest.mark.slow
 def test_report_is_deterministic_and_reads_back(quick_run, tmp_path):
     """The report recomputed from results.json gives the same markdown (the intervals of
     differences are seeded); a rerun in the same workdir trains nothing and keeps
@@ -103,6 +105,7 @@ def test_report_is_deterministic_and_reads_back(quick_run, tmp_path):
     assert again == json.loads(before)["results"]
 
 
+@pytest.mark.slow
 def test_report_with_codistillation_and_more_lambdas(quick_run, tmp_path):
     """The analysis and report's codistillation and multi-lambda paths, on the quick run's saved
     predictions (no training): a codistilled trial and a second lambda whose predictions are

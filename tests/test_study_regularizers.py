@@ -31,6 +31,7 @@ def quick_run(tmp_path_factory, binary_body):
     return workdir, binary_body(RegularizersConfig, ["--quick", f"--workdir={workdir}"])
 
 
+@pytest.mark.slow
 def test_binary_quick_end_to_end(quick_run):
     workdir, proc = quick_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -71,6 +72,7 @@ def test_binary_quick_end_to_end(quick_run):
         assert f"({png})" in report
 
 
+@pytest.mark.slow
 def test_interrupted_run_retrains_to_the_same_bytes(quick_run, tmp_path, binary_body):
     # An interruption after the baseline and dropout arms: a rerun trains the layernorm
     # arm again from scratch (the baseline's predictions are read back from the workdir, not
