@@ -2,7 +2,8 @@
 
 It imports neither ``jaxrepro.engine`` nor ``jaxrepro.randomness`` (nor anything else of
 jaxrepro): plain JAX, optax and NumPy, trained one replica at a time in a Python loop over
-steps (each step one jitted function; the data order, batches and keys are made on the host). Every fact it uses is stated in BUILD_NOTES.md, section "The training contract", and
+steps (each step one jitted function; the data order, batches and keys are made on the
+host). Every fact it uses is stated in BUILD_NOTES.md, section "The training contract", and
 the numbered comments below point to its items. ``tests/test_reference.py`` checks that
 replica r of ``jaxrepro.fit`` equals this trainer's replica r.
 
