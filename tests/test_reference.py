@@ -5,10 +5,11 @@
 ``jaxrepro.fit`` must equal it, with a shuffling window, dropout, augmentation and ``perturb``
 on, and BatchNorm statistics in a second case.
 
-How close "equal" is: the initial parameters are bitwise equal, and within one unit in the last
-place with a perturbation (XLA contracts ``w + (eps * rms) * z`` into a fused multiply-add or
-not depending on the program around it). The trained parameters are held to 1e-6 (absolute,
-after two epochs). On the machines measured they are bitwise equal (BUILD_NOTES); the bound
+How close "equal" is: the initial parameters are held to one unit in the last place (bitwise
+on the machine measured, except with a perturbation: XLA contracts ``w + (eps * rms) * z`` into
+a fused multiply-add or not depending on the program around it). The trained parameters are
+held to 1e-6 (absolute, after two epochs). On the machine measured they are bitwise equal
+except after that 1-ulp start (3e-8; BUILD_NOTES); the bound
 leaves room for a CPU whose compiler rounds the reference's stand-alone step and the engine's
 scanned step differently (a few 1e-8, measured when the loss saw [B, C] instead of [1, B, C]),
 while every wrong fact tried moves them by more than 1e-3
@@ -153,13 +154,14 @@ def test_initial_parameters_equal_the_reference(ds, name):
         )
         assert _max_ulps(_at(state.params, i), params) <= 1, (name, r)
         assert _max_diff(_at(state.batch_stats, i), batch_stats) == 0.0
-        # Without the perturbation, the same bits.
+        # Without the perturbation: the same bits on the machines measured (BUILD_NOTES);
+        # held to the same 1 ulp, since the initialiser is compiled inside another program.
         unperturbed = ref.initial_params(
             case["model"], ds.x_train, replica=r, seed=kw["seed"], vary=("init",)
         )[0]
         no_perturb = dataclasses.replace(config, vary=("init",), perturb_scale=None)
         plain = engine.Engine(engine.Task(case["model"], TX), ds, no_perturb).init()
-        assert _max_diff(_at(plain.params, i), unperturbed) == 0.0
+        assert _max_ulps(_at(plain.params, i), unperturbed) <= 1
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
