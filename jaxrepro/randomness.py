@@ -91,7 +91,7 @@ SEED_LIMIT = 2**32
 """Seeds are integers in ``[0, 2**32)``: the root key's data is ``(0, seed)``."""
 
 
-def check_seed(seed, *, what: str = "seed") -> int:
+def check_seed(seed) -> int:
     """``seed`` as a Python int, after checking that it is an integer in ``[0, 2**32)``.
 
     NumPy integers are accepted; bool, float and str are refused (``1.5`` would otherwise be
@@ -101,9 +101,9 @@ def check_seed(seed, *, what: str = "seed") -> int:
       ValueError: naming the seed and the range.
     """
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"{what} must be an integer in [0, 2**32), got {seed!r}")
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     if not 0 <= int(seed) < SEED_LIMIT:
-        raise ValueError(f"{what} must be an integer in [0, 2**32), got {seed}")
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed}")
     return int(seed)
 
 

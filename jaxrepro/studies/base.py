@@ -213,7 +213,7 @@ class StudyConfig:
                 f"must be an int >= 0 (0: the whole split), got {value!r}",
             )
         require(
-            is_int(self.seed) and 0 <= self.seed < 2**32,
+            is_int(self.seed) and 0 <= self.seed < randomness.SEED_LIMIT,
             "seed",
             f"must be an int in [0, 2**32), got {self.seed!r}",
         )
