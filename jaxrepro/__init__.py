@@ -39,6 +39,7 @@ from jaxrepro import (
     metrics,
     models,
     optim,
+    portable,
     randomness,
     synthetic,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "metrics",
     "models",
     "optim",
+    "portable",
     "plots",
     "randomness",
     "studies",

@@ -55,7 +55,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrepro import distributed, losses, models, randomness
+from jaxrepro import distributed, losses, models, portable, randomness
 
 Array = jax.Array
 PyTree = Any
@@ -142,6 +142,11 @@ class FitConfig:
         (``xla_gpu_deterministic_ops``: no atomics in reductions and scatters, deterministic
         algorithms only), so the same command twice gives bitwise the same result on a GPU.
         CPU and TPU runs are deterministic without it; there it changes nothing.
+      portable: compute in portable mode (``jaxrepro.portable``): the same bits on any x86-64
+        CPU, by pinning what XLA's CPU backend may use. A setting of the process, read when
+        JAX starts: switched on here when this is the process's first computation, else it
+        must already be on (``jaxrepro.portable.enable()`` right after import), or a
+        RuntimeError says so. The CPU backend only; results record the machine either way.
     """
 
     replicas: int | tuple[int, ...] = 8
@@ -155,6 +160,7 @@ class FitConfig:
     epochs_per_call: int = 1
     devices: int | None = None
     deterministic: bool = False
+    portable: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "vary", randomness.check_sources(self.vary, what="vary"))
@@ -183,6 +189,8 @@ class FitConfig:
         parse_strategy(self.strategy)
         if not isinstance(self.deterministic, (bool, np.bool_)):
             raise ValueError(f"deterministic must be True or False, got {self.deterministic!r}")
+        if not isinstance(self.portable, (bool, np.bool_)):
+            raise ValueError(f"portable must be True or False, got {self.portable!r}")
 
     @property
     def replica_ids(self) -> np.ndarray:
@@ -846,6 +854,8 @@ class Engine:
     def __init__(
         self, task: Task, data, config: FitConfig, *, hparams: Mapping[str, Any] | None = None
     ):
+        if config.portable:
+            portable.require()  # before anything starts JAX's backend
         _check_data(data)
         self.task, self.data, self.config = task, data, config
         self.replica_ids = config.replica_ids

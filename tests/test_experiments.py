@@ -16,7 +16,7 @@ import optax
 import pytest
 from absl import app, flags
 
-from jaxrepro import data, engine, metrics, models, plots, study
+from jaxrepro import data, engine, metrics, models, plots, portable, study
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD_KEYS = {"info", "diverged", "train_loss", "train_accuracy", "metrics"}
@@ -53,8 +53,16 @@ def _check_results(workdir: Path, study_name: str, *, binary: bool = False) -> d
             else:
                 assert isinstance(m[key], float) and math.isfinite(m[key]), (name, key, m[key])
         assert m["num_replicas"] == results["config"]["replicas"]
-    assert (workdir / "report.md").read_text().startswith("# ")
+    report = (workdir / "report.md").read_text()
+    assert report.startswith("# ")
     assert (workdir / "progress.log").read_text().count("epoch") > 0
+    # What the numbers were computed with: the mode asked for and the machine. Every caller
+    # runs a binary, which computes in portable mode by default (on x86-64).
+    assert results["portable"] is portable.is_x86_64()
+    machine = results["machine"]
+    assert machine["portable"] is portable.active() and machine["backend"] == "cpu"
+    assert machine["xla_flags"] == os.environ.get("XLA_FLAGS", "")
+    assert portable.describe(machine) in report
     return results
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jaxrepro import portable
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "multiprocess_worker.py"
 LIMIT_S = 420
@@ -42,6 +44,9 @@ def _env() -> dict:
         env.pop(name, None)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONWARNINGS"] = "ignore"
+    if portable.active():  # the processes compute in the session's mode
+        env["XLA_FLAGS"] = portable.merged_xla_flags(None)
+        env.update(portable.ENV)
     return env
 
 
@@ -130,6 +135,7 @@ def test_main_job_binary_as_two_processes_writes_the_same_results(single, tmp_pa
         "--cpu_devices=2",
         f"--coordinator_address={address}",
         "--num_processes=2",
+        "--portable" if portable.active() else "--noportable",  # the session's mode
     ]
     _run_all([cmd + [f"--process_id={i}"] for i in range(2)], tmp_path / "logs")
     assert (workdir / "results.json").read_bytes() == (

@@ -135,6 +135,18 @@ def test_workdir_with_another_config_is_refused_naming_the_fields(tmp_path):
         study.prepare_workdir(tmp_path, config, deterministic=True)
     assert e.value.fields == ("deterministic",)
     assert json.loads((tmp_path / "config.json").read_text())["deterministic"] is False
+    # Nor a run in portable mode in the host's mode, nor the reverse; a workdir written
+    # before portable mode existed (no key) counts as host mode.
+    with pytest.raises(study.ConfigError, match="portable=False") as e:
+        study.prepare_workdir(tmp_path, config, portable=True)
+    assert e.value.fields == ("portable",) and "--portable" in e.value.as_flags()
+    held = json.loads((tmp_path / "config.json").read_text())
+    assert held["portable"] is False
+    del held["portable"]
+    (tmp_path / "config.json").write_text(json.dumps(held))
+    study.prepare_workdir(tmp_path, config)
+    with pytest.raises(study.ConfigError, match="portable"):
+        study.prepare_workdir(tmp_path, config, portable=True)
 
 
 # --- files and progress -------------------------------------------------------------------

@@ -13,7 +13,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from jaxrepro import distributed, engine
+from jaxrepro import distributed, engine, portable
 from jaxrepro.studies import runner
 from jaxrepro.studies.base import ConfigError, StudyConfig, field_help
 
@@ -26,7 +26,8 @@ def define_flags(
     config_cls: type[StudyConfig], flag_values=None, module_name: str | None = None
 ) -> None:
     """Defines one absl flag per config field, plus ``--workdir``, ``--quick``,
-    ``--checkpoint_every``, ``--keep_checkpoints``, ``--deterministic``, ``--cpu_devices`` and
+    ``--checkpoint_every``, ``--keep_checkpoints``, ``--deterministic``, ``--portable``,
+    ``--cpu_devices`` and
     the multi-process flags (``--coordinator_address``, ``--num_processes``, ``--process_id``,
     ``--distributed``). Field defaults are the flag defaults;
     list fields take commas. The flags are registered as the main module's (``module_name``,
@@ -74,6 +75,15 @@ def define_flags(
         "compile with XLA's GPU deterministic ops (the same "
         "command twice gives bitwise the same results on a GPU; CPU and TPU are "
         "deterministic without it); recorded in results.json",
+        **kw,
+    )
+    flags.DEFINE_bool(
+        "portable",
+        True,
+        "compute in portable mode (jaxrepro.portable: XLA's CPU instruction set capped at AVX, "
+        "no fused multiply-add, no run-time kernel dispatch), so the results are bitwise the "
+        "same on any x86-64 CPU; --noportable uses everything the host has (faster or not, "
+        "see BUILD_NOTES.md); recorded in results.json with the machine",
         **kw,
     )
     flags.DEFINE_integer(
@@ -159,6 +169,16 @@ def main(config_cls: type[StudyConfig], argv: Sequence[str], flag_values=None) -
         config = config_from_flags(config_cls, fv)
     except ConfigError as e:
         raise app.UsageError(e.as_flags()) from None
+    want_portable = bool(fv["portable"].value)
+    if want_portable and not portable.is_x86_64():
+        if fv["portable"].present:
+            raise app.UsageError("--portable: defined for x86-64 CPUs only; pass --noportable")
+        want_portable = False  # the default, where it has no meaning: the host's own mode
+    if want_portable:
+        try:
+            portable.require()  # before JAX starts (use_cpu_devices below does not start it)
+        except RuntimeError as e:
+            raise app.UsageError(f"--portable: {e}; or pass --noportable") from None
     try:
         engine.use_cpu_devices(fv["cpu_devices"].value or None)  # 0: one per core
     except RuntimeError:
@@ -181,6 +201,7 @@ def main(config_cls: type[StudyConfig], argv: Sequence[str], flag_values=None) -
             checkpoint_every=fv["checkpoint_every"].value,
             keep_checkpoints=fv["keep_checkpoints"].value,
             deterministic=fv["deterministic"].value,
+            portable=want_portable,
         )
     except ConfigError as e:
         raise app.UsageError(e.as_flags()) from None

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from jaxrepro import data, distributed, engine, files, metrics
+from jaxrepro import portable as portable_mode
 from jaxrepro.studies import workdir as wd
 from jaxrepro.studies.base import ConfigError, StudyConfig
 from jaxrepro.studies.render import diverged_note, head, versions_note
@@ -273,6 +274,7 @@ def run(
     stream=None,
     on_checkpoint: Callable[[str, int], None] | None = None,
     deterministic: bool = False,
+    portable: bool = False,
 ) -> dict[str, Any]:
     """Runs (or resumes) a study in ``workdir``: trains its trials, analyses their predictions,
     writes results.json, report.md and the plots.
@@ -291,6 +293,10 @@ def run(
         (tests use it to interrupt a run).
       deterministic: train every trial with ``FitConfig(deterministic=True)`` (XLA's GPU
         deterministic ops); recorded in config.json and results.json.
+      portable: train and analyse in portable mode (``jaxrepro.portable``: bitwise the same
+        results on any x86-64 CPU); switched on here if JAX has not started yet, else it must
+        be on already (RuntimeError). Recorded in config.json and results.json, which also
+        records the ``machine`` (``portable.machine()``: CPU, features, XLA flags) either way.
 
     In a run of several processes (``jaxrepro.distributed``) every process calls ``run`` with
     the same arguments; each trains its block of replicas, all compute the same results, and
@@ -298,22 +304,31 @@ def run(
     workdir must be on storage every process reads, as orbax requires.
 
     Returns:
-      The content of results.json (``study``, ``config``, ``deterministic``, ``versions``,
-      ``complete``, ``results``: ``{trial: record}``) plus ``report_markdown``, the text of
-      report.md, and ``analysis``, the study's ``Analysis``.
+      The content of results.json (``study``, ``config``, ``deterministic``, ``portable``,
+      ``machine``, ``versions``, ``complete``, ``results``: ``{trial: record}``) plus
+      ``report_markdown``, the text of report.md, and ``analysis``, the study's ``Analysis``.
 
     Raises:
       ConfigError: the workdir holds another config (nothing is trained).
     """
     if checkpoint_every < 1:
         raise ConfigError("checkpoint_every", f"must be >= 1, got {checkpoint_every}")
+    if portable:
+        portable_mode.require()  # before anything below starts JAX
     study = study_module(config)
-    workdir = wd.prepare_workdir(workdir, config, deterministic=deterministic)
+    workdir = wd.prepare_workdir(workdir, config, deterministic=deterministic, portable=portable)
     distributed.barrier("jaxrepro-workdir-ready")
     trials = study.trials(config)
-    if deterministic:
+    if deterministic or portable:
         trials = [
-            dataclasses.replace(t, fit=dataclasses.replace(t.fit, deterministic=True))
+            dataclasses.replace(
+                t,
+                fit=dataclasses.replace(
+                    t.fit,
+                    deterministic=t.fit.deterministic or deterministic,
+                    portable=t.fit.portable or portable,
+                ),
+            )
             for t in trials
         ]
     total = sum(units * epochs for units, epochs in map(_units, trials))
@@ -334,8 +349,13 @@ def run(
     records = files.to_json(dict(analysis.records))
     seconds = sum(timings.get(t.name, 0.0) for t in trials)
     body = report_module(config).render(config, analysis, workdir)
+    machine = portable_mode.machine()
     markdown = "\n".join(
-        head(study.TITLE, config, seconds) + body + diverged_note(records) + versions_note()
+        head(study.TITLE, config, seconds)
+        + body
+        + diverged_note(records)
+        + versions_note()
+        + [portable_mode.describe(machine), ""]
     )
     files.atomic_write_text(workdir / "report.md", markdown)
     results = files.to_json(
@@ -343,6 +363,8 @@ def run(
             "study": config.STUDY,
             "config": config.to_dict(),
             "deterministic": bool(deterministic),
+            "portable": bool(portable),
+            "machine": machine,
             "versions": files.versions(),
             "complete": True,
             "results": records,

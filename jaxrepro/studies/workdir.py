@@ -38,14 +38,18 @@ from jaxrepro.studies.render import fmt_seconds
 
 
 def prepare_workdir(
-    workdir: str | os.PathLike, config: StudyConfig, *, deterministic: bool = False
+    workdir: str | os.PathLike,
+    config: StudyConfig,
+    *,
+    deterministic: bool = False,
+    portable: bool = False,
 ) -> Path:
     """Creates ``workdir`` and its ``config.json``, or checks the one it holds.
 
     Raises:
       ConfigError: the workdir holds another study or a config that differs (or was run with
-        another ``deterministic`` setting); ``fields`` names the differing fields, so nothing
-        is trained into a mismatched run.
+        another ``deterministic`` or ``portable`` setting); ``fields`` names the differing
+        fields, so nothing is trained into a mismatched run.
     """
     workdir = Path(workdir)
     path = workdir / "config.json"
@@ -53,6 +57,7 @@ def prepare_workdir(
         "study": config.STUDY,
         "config": files.to_json(config.to_dict()),
         "deterministic": bool(deterministic),
+        "portable": bool(portable),
     }
     if path.exists():
         try:
@@ -82,13 +87,13 @@ def prepare_workdir(
                 f"workdir {workdir} holds a run with a different config "
                 f"({detail}); use another workdir or the same flags",
             )
-        if bool(held.get("deterministic", False)) != wanted["deterministic"]:
-            raise ConfigError(
-                "deterministic",
-                f"workdir {workdir} holds a run with "
-                f"deterministic={held.get('deterministic', False)}; use another "
-                "workdir or the same flags",
-            )
+        for key in ("deterministic", "portable"):
+            if bool(held.get(key, False)) != wanted[key]:
+                raise ConfigError(
+                    key,
+                    f"workdir {workdir} holds a run with {key}={bool(held.get(key, False))}; "
+                    "use another workdir or the same flags",
+                )
         return workdir
     if distributed.is_writer():
         workdir.mkdir(parents=True, exist_ok=True)
