@@ -81,6 +81,7 @@ def main(argv):
     if "study" in modes or "resume" in modes:
         config = study.IrreproducibilityConfig.quick()
         workdir = f"{out_dir}/study"
+        mode_kw = {"portable": jaxrepro.portable.active()}  # the test session's mode
 
         class Interrupt(Exception):
             pass
@@ -92,12 +93,17 @@ def main(argv):
         if "resume" in modes:
             try:
                 study.run(
-                    config, workdir, checkpoint_every=1, progress=False, on_checkpoint=interrupt
+                    config,
+                    workdir,
+                    checkpoint_every=1,
+                    progress=False,
+                    on_checkpoint=interrupt,
+                    **mode_kw,
                 )
                 raise AssertionError("the run was not interrupted")
             except Interrupt:
                 pass
-        study.run(config, workdir, checkpoint_every=1, progress=False)
+        study.run(config, workdir, checkpoint_every=1, progress=False, **mode_kw)
     for m in modes:
         np.savez(f"{out_dir}/{m}-{pid}.npz", **out)
     print("WORKER DONE", mode, pid, flush=True)
