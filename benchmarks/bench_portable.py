@@ -48,7 +48,7 @@ def child(args) -> dict:
         for r in args.replicas:
             runs = []
 
-            def fit(r=r):
+            def fit(r=r, w=w, ds=ds, model=model, tx=tx, runs=runs):
                 run = engine.fit(
                     model,
                     tx,
@@ -107,8 +107,10 @@ def main():
             assert got.pop("portable") == (mode == "portable"), mode
             results[mode].append(got)
             print(f"{mode} child done", file=sys.stderr)
-    print("| workload | R | host s | portable s | portable / host | compile host / portable s "
-          "| same bits as host | portable runs agree |")
+    print(
+        "| workload | R | host s | portable s | portable / host | compile host / portable s "
+        "| same bits as host | portable runs agree |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     rows = {}
     for key in results["host"][0]:
