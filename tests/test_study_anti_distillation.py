@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from absl import app, flags
 
-from jaxrepro import losses, metrics, plots, study
+from jaxrepro import files, losses, metrics, plots, randomness, study
 from jaxrepro.studies import anti_distillation as ad
 from jaxrepro.studies import anti_distillation_report as report
-from jaxrepro.studies import render
+from jaxrepro.studies import render, stats
 from jaxrepro.studies.anti_distillation import AntiDistillationConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +38,8 @@ def test_binary_quick_end_to_end(quick_run):
     assert results["study"] == "anti_distillation" and results["complete"] is True
     assert results["config"] == config.to_dict()
     assert list(results["results"]) == QUICK_TRIALS
+    config = AntiDistillationConfig.from_dict(results["config"])
+    assert results["summary"] == files.to_json(ad.summarise(config, results["results"]))
     for name, rec in results["results"].items():
         assert rec["diverged"] == [], name
         m = rec["metrics"]
@@ -72,9 +74,21 @@ def test_binary_quick_end_to_end(quick_run):
         assert d["b"] == pytest.approx(plain["metrics"][key], abs=1e-6)
         assert d["ci"][0] <= d["ci"][1]
     assert not any("pairs" in rec for rec in results["results"].values())
+    # Holm: vs_plain is a family of one (p_holm = p); vs_independent one of two (plain, ad-1).
+    for key in ("acc_mean", "churn", "pd_abs", "pd_rel"):
+        assert diffs["vs_plain"][key]["p_holm"] == diffs["vs_plain"][key]["p_value"]
+        lo, hi = sorted(
+            (plain["differences"]["vs_independent"][key], diffs["vs_independent"][key]),
+            key=lambda e: e["p_value"],
+        )
+        assert lo["p_holm"] == pytest.approx(min(1.0, 2 * lo["p_value"]), rel=1e-12)
+        assert hi["p_holm"] == pytest.approx(min(1.0, max(2 * lo["p_value"], hi["p_value"])))
     report = (workdir / "report.md").read_text()
     assert report.startswith("# Anti-distillation")
     assert "## Findings" in report and "Overall:" in report and "bootstrap" in report
+    # One (dataset, K) group: a pooled difference but no interval, hence no overall verdict.
+    assert "in 1 (dataset, K) groups" in report
+    assert "no interval (groups: 1; it needs 6): no verdict" in report
     assert "| trial | K | lambda / alpha | acc_mean | churn | pd_abs | pd_rel |" in report
     assert "| trial | K | lambda / alpha | acc_mean" in proc.stdout
     pngs = ["synthetic_lambda.png", "synthetic_k.png", "component_correlation.png"]
@@ -96,7 +110,7 @@ def test_report_is_deterministic_and_reads_back(quick_run, tmp_path):
     analysis = study.Analysis(records=json.loads(before)["results"])
     first = report.render(config, analysis, tmp_path)
     assert report.render(config, analysis, tmp_path) == first
-    out = study.run(config, workdir, progress=False)
+    out = study.run(config, workdir, progress=False, portable=True)  # as the binary ran
     assert (workdir / "results.json").read_bytes() == before
     assert "\n".join(first) in out["report_markdown"]
     # The analysis alone, from the saved predictions, gives the same records.
@@ -126,9 +140,15 @@ def test_report_with_codistillation_and_more_lambdas(quick_run, tmp_path):
     analysis = ad.analyse(config, preds)
     lines = "\n".join(report.render(config, analysis, tmp_path))
     assert "Codistillation (codistill-0.5): pd_abs" in lines
-    assert "not distinguishable from plain (0.0000 [0.0000, 0.0000])" in lines
+    assert "not distinguishable from plain (0.0000 [0.0000, 0.0000], p Holm 1.000)" in lines
     assert "| K=2 ad-2 | 0.0000 [0.0000, 0.0000] |" in lines
-    assert "Overall: of 2 anti-distilled ensembles" in lines
+    assert "Overall: 2 anti-distilled ensembles (dataset x K x lambda) in 1" in lines
+    # Holm families: ad-1, ad-2 and codistill-0.5 against plain; those and plain against the
+    # independent ensembles.
+    entries = [r["differences"] for r in analysis.records.values() if "differences" in r]
+    assert sum("vs_plain" in e for e in entries) == 3
+    assert sum("vs_independent" in e for e in entries) == 4
+    assert "Holm-adjusted over the 3 comparisons against plain ensembles" in lines
     assert plots.is_png(tmp_path / "synthetic_lambda.png")
 
 
@@ -298,6 +318,82 @@ def test_analysis_pairs_replicas_and_skips_diverged_ones():
     # The independent ensembles of k = 2: 4 groups of the single model's 8 replicas, unpaired.
     assert rec["differences"]["vs_independent"]["num_replicas"] == [3, 4]
     assert [row["k"] for row in records["synthetic/single"]["ensemble_curve"]] == [1, 2]
+
+
+def _ad_records(config, diffs, p_holm):
+    """Records with just what ``summarise`` reads: every ensemble trial's ``differences``
+    (pd_abs gets ``diffs[name]``, the other metrics 0), with Holm-adjusted p-values."""
+    records = {}
+    for dataset in config.datasets:
+        records[ad.single_name(dataset)] = {"info": {}}
+        for k in config.ks:
+            for variant, kind, _ in ad.variants(config):
+                name = ad.ensemble_name(dataset, k, variant)
+                sides = ("vs_independent",) if kind == "plain" else ad.COMPARISONS
+                records[name] = {
+                    "differences": {
+                        side: {
+                            m: {
+                                "diff": diffs.get(name, 0.0) if m == "pd_abs" else 0.0,
+                                "p_value": 0.5,
+                                "p_holm": p_holm.get(name, 1.0) if m == "pd_abs" else 1.0,
+                            }
+                            for m in ad.REPORT_METRICS
+                        }
+                        for side in sides
+                    }
+                }
+    return records
+
+
+def test_overall_verdict_rests_on_the_pooled_interval():
+    """Six (dataset, K) groups of two lambdas: the pooled difference against the plain
+    ensemble, with groups resampled whole, decides the overall line; a last-bit change that
+    moves one trial across the Holm threshold changes a count, not the verdict."""
+    config = AntiDistillationConfig.quick(
+        datasets=("mnist1d", "synthetic"), ks=(2, 4, 8), lambdas=(0.1, 1.0)
+    )
+    names, groups = [], []
+    for dataset in config.datasets:
+        for k in config.ks:
+            for variant in ("ad-0.1", "ad-1"):
+                names.append(ad.ensemble_name(dataset, k, variant))
+                groups.append(f"{dataset}/K{k}")
+    values = [
+        -0.01,
+        -0.02,
+        -0.015,
+        -0.005,
+        -0.02,
+        0.002,
+        -0.01,
+        -0.012,
+        -0.03,
+        -0.01,
+        -0.008,
+        0.001,
+    ]
+    diffs = dict(zip(names, values, strict=True))
+    edge = names[3]
+    before = ad.summarise(config, _ad_records(config, diffs, {edge: 0.049}))
+    nudged = dict(diffs, **{edge: float(np.nextafter(diffs[edge], 0.0))})
+    after = ad.summarise(config, _ad_records(config, nudged, {edge: 0.051}))
+    key = randomness.bootstrap_key(config.seed, stats.POOLED_STREAM)
+    want = stats.pooled_difference(
+        values, groups, key, num_samples=config.num_samples, level=config.level
+    )
+    assert {k: before["vs_plain"]["pd_abs"][k] for k in want} == want
+    assert want["num_clusters"] == 6 and want["ci"][1] < 0
+    assert before["vs_plain"]["pd_abs"]["verdicts"]["lower"] == 1
+    assert after["vs_plain"]["pd_abs"]["verdicts"]["lower"] == 0
+    assert before["family"] == {"vs_plain": 12, "vs_independent": 18}
+    lines = [report._overall(config, s) for s in (before, after)]
+    text = render.pooled_text(want, unit="groups")
+    assert f"pd_abs minus the plain ensemble of the same K: {text}" in lines[0]
+    assert text.endswith(": lower")
+    assert lines[0].split(". Criterion")[0] == lines[1].split(". Criterion")[0]
+    assert "After Holm's correction, 1 have a pd_abs lower" in lines[0]
+    assert "After Holm's correction, 0 have a pd_abs lower" in lines[1]
 
 
 def test_component_stats():

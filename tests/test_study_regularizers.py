@@ -2,6 +2,8 @@
 config validation, the arms' tasks, and the paired two-way test (``metrics.difference``) on
 inputs whose answer is known."""
 
+import dataclasses
+import itertools
 import json
 import math
 import shutil
@@ -12,8 +14,9 @@ import numpy as np
 import pytest
 from absl import app, flags
 
-from jaxrepro import engine, losses, metrics, optim, plots, study
+from jaxrepro import engine, files, losses, metrics, optim, plots, randomness, study
 from jaxrepro.studies import regularizers as reg
+from jaxrepro.studies import regularizers_report, render, stats
 from jaxrepro.studies.regularizers import RegularizersConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +43,10 @@ def test_binary_quick_end_to_end(quick_run):
     assert json.loads((workdir / "config.json").read_text())["config"] == results["config"]
     records = results["results"]
     assert list(records) == ["d2/adam/none", "d2/adam/dropout", "d2/adam/layernorm"]
+    # The verdict numbers are in results.json, and are what summarise gives from the records.
+    config = reg.RegularizersConfig.from_dict(results["config"])
+    assert results["summary"] == files.to_json(reg.summarise(config, records))
+    assert set(results["summary"]) >= {"overall"}
     base = records["d2/adam/none"]
     assert "paired" not in base
     for name, rec in records.items():
@@ -62,11 +69,19 @@ def test_binary_quick_end_to_end(quick_run):
             assert p["b"] == pytest.approx(base["metrics"][key], abs=1e-6), (name, key)
             assert p["ci"][0] <= p["ci"][1] and 0 < p["p_value"] <= 1
             assert p["significant"] == (p["ci"][0] > 0 or p["ci"][1] < 0)
+            assert p["p_value"] <= p["p_holm"] <= 1
+        assert set(rec["wilcoxon"]) == {"test", "pd_abs", "churn"}
+    for name, rec in records.items():  # the source repository's test of every arm
+        w = rec["source_wilcoxon"]
+        assert w["n"] == 6 and 0 < w["p_value"] <= w["p_holm"] <= 1, name
     assert "| optimizer | regularizer | acc_mean | churn | eta |" in proc.stdout
     assert "config 3/3 d2/adam/layernorm epoch 2/2" in proc.stderr
     report = (workdir / "report.md").read_text()
     assert report.startswith("# Do regularisers improve reproducibility?")
     assert "paired two-way bootstrap" in report and "Findings:" in report
+    # One (depth, optimizer) cell: a pooled difference but no interval, hence no verdict.
+    assert "(cells: 1; it needs 6): no verdict" in report
+    assert "Wilcoxon pd_abs: W, p / p Holm" in report
     for png in ("churn_eta.png", "pd_difference.png"):
         assert plots.is_png(workdir / png), png
         assert f"({png})" in report
@@ -90,6 +105,62 @@ def test_interrupted_run_retrains_to_the_same_bytes(quick_run, tmp_path, binary_
     assert "config 3/3 d2/adam/layernorm epoch 1/2" in again.stderr
     assert "d2/adam/none" not in again.stderr  # the baseline is not trained again
     assert (resumed / "results.json").read_bytes() == first
+
+
+@pytest.mark.slow
+def test_wilcoxon_and_holm_recomputed_from_saved_predictions(quick_run):
+    """The per-cell Wilcoxon test and the Holm-adjusted p-values of results.json, recomputed
+    from the run's saved predictions with scipy and explicit pair loops."""
+    from scipy import stats as sps
+
+    workdir, proc = quick_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads((workdir / "results.json").read_text())["results"]
+    report = (workdir / "report.md").read_text()
+    config = RegularizersConfig.quick()
+    preds = {t.name: study.load_predictions(workdir, t.name) for t in reg.trials(config)}
+    base = preds["d2/adam/none"]
+    for name in ("d2/adam/dropout", "d2/adam/layernorm"):
+        arm, w = preds[name], records[name]["wilcoxon"]
+        both = arm.keep & base.keep
+        for metric, term in (("pd_abs", _pair_tv), ("churn", _pair_disagree)):
+            a, b = term(arm.probs[both]), term(base.probs[both])
+            ref = sps.wilcoxon(a, b)
+            assert w[metric]["p_value"] == pytest.approx(ref.pvalue, rel=1e-4), (name, metric)
+            assert w[metric]["statistic"] == pytest.approx(ref.statistic, abs=1), (name, metric)
+            assert w[metric]["median_diff"] == pytest.approx(np.median(a - b), abs=1e-6)
+        row = next(
+            line for line in report.splitlines() if line.startswith(f"| adam | {name[8:]} |")
+        )
+        assert f"{w['pd_abs']['statistic']:g}, {render.fmt(w['pd_abs']['p_value'], 3)}" in row
+    for name, rec in records.items():  # ex_mlp.py's test: wilcoxon(pairwise churns)
+        keep = preds[name].keep
+        yhat = preds[name].probs[keep].argmax(-1)
+        churns = [np.mean(yhat[r] != yhat[s]) for r, s in itertools.combinations(range(4), 2)]
+        assert rec["source_wilcoxon"]["p_value"] == pytest.approx(sps.wilcoxon(churns).pvalue)
+    # Holm over the two comparisons of each family, by hand: the smaller p doubled, the larger
+    # p raised to that (capped at 1).
+    for family in [("paired", m) for m in reg.PAIRED_METRICS] + [("wilcoxon", "pd_abs")]:
+        lo, hi = sorted(
+            (records[n][family[0]][family[1]] for n in ("d2/adam/dropout", "d2/adam/layernorm")),
+            key=lambda e: e["p_value"],
+        )
+        assert lo["p_holm"] == pytest.approx(min(1.0, 2 * lo["p_value"]), rel=1e-12), family
+        want = min(1.0, max(2 * lo["p_value"], hi["p_value"]))
+        assert hi["p_holm"] == pytest.approx(want, rel=1e-12), family
+
+
+def _pair_tv(probs):
+    """Per example, the mean over replica pairs of the total variation (float64 pair loop)."""
+    p = np.asarray(probs, np.float64)
+    pairs = itertools.combinations(range(len(p)), 2)
+    return np.mean([0.5 * np.abs(p[r] - p[s]).sum(-1) for r, s in pairs], axis=0)
+
+
+def _pair_disagree(probs):
+    yhat = np.asarray(probs).argmax(-1)
+    pairs = itertools.combinations(range(len(yhat)), 2)
+    return np.mean([yhat[r] != yhat[s] for r, s in pairs], axis=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,3 +380,136 @@ def test_analysis_pairs_each_arm_with_its_baseline():
     assert masked["paired"]["excluded"] == [3] and masked["paired"]["num_replicas"] == [7, 7]
     ref = metrics.compare(base, labels, mask=np.arange(8) != 3)
     assert masked["paired"]["pd_abs"]["b"] == pytest.approx(ref["pd_abs"], abs=1e-6)
+    # The per-example Wilcoxon test over the replicas finite in both arms: the arm whose
+    # replicas agree more is lower on (nearly) every example; the unrelated arm is not.
+    from scipy import stats as sps
+
+    keep = np.arange(8) != 3
+    w = masked["wilcoxon"]["pd_abs"]
+    ref = sps.wilcoxon(_pair_tv(other[keep]), _pair_tv(base[keep]))
+    assert w["p_value"] == pytest.approx(ref.pvalue, rel=1e-4) and w["n"] == 200
+    closer_w = records["d2/adam/dropout"]["wilcoxon"]["pd_abs"]
+    assert closer_w["median_diff"] < 0 and closer_w["p_value"] < 1e-20
+    # Holm over the two comparisons (hand formula), and the baseline's source test.
+    p = sorted(records[n]["paired"]["pd_abs"]["p_value"] for n in names[1:])
+    holm = sorted(records[n]["paired"]["pd_abs"]["p_holm"] for n in names[1:])
+    assert holm == pytest.approx([min(1, 2 * p[0]), min(1, max(2 * p[0], p[1]))], rel=1e-12)
+    assert records["d2/adam/none"]["source_wilcoxon"]["n"] == 28
+    assert masked["source_wilcoxon"]["n"] == 21  # pairs of the 7 finite replicas
+
+
+# ---------------------------------------------------------------------------------------------
+# Verdicts from pooled differences (hand-made records: no training, no bootstrap of predictions).
+
+GRID = dict(
+    depths=(2, 4, 6), optimizers=("sgd", "momentum", "adam"), regularizers=("dropout", "layernorm")
+)
+
+
+def _records(config, diffs, p_holm, acc=None):
+    """Records as results.json holds them, with the given paired differences (the same for
+    every metric) and Holm-adjusted p-values per regularised trial; ``acc`` overrides a
+    trial's mean accuracy (default 0.8, 10 classes)."""
+    acc = acc or {}
+    out = {}
+    for depth in config.depths:
+        for optimizer in config.optimizers:
+            for arm in reg.arms(config):
+                name = reg.trial_name(depth, optimizer, arm)
+                a = acc.get(name, 0.8)
+                values = {"acc_mean": a, "churn": 0.1, "eta": a - 0.1, "pd_abs": 0.05}
+                m = {**values, **{f"{k}_ci": [v - 0.01, v + 0.01] for k, v in values.items()}}
+                info = dict(depth=depth, optimizer=optimizer, regularizer=arm, num_classes=10)
+                rec = {
+                    "info": {**info, "num_test": 100},
+                    "diverged": [],
+                    "metrics": m,
+                    "source_wilcoxon": {"statistic": 0.0, "p_value": 1e-5, "p_holm": 1e-4},
+                }
+                if arm != reg.BASELINE:
+                    d = diffs[name]
+                    entry = {"diff": d, "ci": [d - 0.002, d + 0.002], "p_value": 0.5}
+                    rec["paired"] = {
+                        k: {**entry, "p_holm": p_holm.get(name, 1.0)} for k in reg.PAIRED_METRICS
+                    }
+                    w = {"statistic": 10.0, "p_value": 0.5, "p_holm": 1.0}
+                    rec["wilcoxon"] = {"pd_abs": w, "churn": w}
+                out[name] = rec
+    return out
+
+
+def _section_row(lines, depth, start):
+    """The first table row of the '## Depth d' section that starts with ``start``."""
+    i = lines.index(f"## Depth {depth}")
+    return next(x for x in lines[i:] if x.startswith(start))
+
+
+def test_verdicts_rest_on_the_pooled_interval_not_on_counts(tmp_path):
+    """The issue's case: the regularised - baseline differences of nine cells, one cell moving
+    by a last bit across the Holm threshold. The count of significant cells changes; the
+    pooled differences, their intervals and the verdict words do not."""
+    config = RegularizersConfig.quick(**GRID)
+    cells = [f"d{d}/{o}" for d in config.depths for o in config.optimizers]
+    dropout = [-0.004, -0.006, 0.001, -0.003, -0.005, -0.002, 0.002, -0.004, -0.001]
+    layernorm = [0.004, -0.006, 0.001, -0.003, 0.005, -0.002, 0.002, -0.004, 0.003]
+    diffs = {f"{c}/dropout": x for c, x in zip(cells, dropout, strict=True)}
+    diffs |= {f"{c}/layernorm": x for c, x in zip(cells, layernorm, strict=True)}
+    acc = {"d6/adam/layernorm": 0.1}  # did not learn: left out of the pooled differences
+    edge = "d4/sgd/dropout"
+    before = _records(config, diffs, {edge: 0.0499, "d2/sgd/dropout": 0.001}, acc)
+    nudged = dict(diffs, **{edge: float(np.nextafter(diffs[edge], 0.0))})
+    after = _records(config, nudged, {edge: 0.0501, "d2/sgd/dropout": 0.001}, acc)
+
+    s = reg.summarise(config, before)
+    key = randomness.bootstrap_key(config.seed, stats.POOLED_STREAM)
+    kw = dict(num_samples=config.num_samples, level=config.level)
+    want = stats.pooled_difference(dropout, cells, key, **kw)
+    assert want["ci"][1] < 0  # the nine dropout cells: lower
+    assert s["regularizers"]["dropout"]["pd_abs"] == {
+        **want,
+        "lower": ["d2/sgd", "d4/sgd"],
+        "higher": [],
+    }
+    want_ln = stats.pooled_difference(layernorm[:8], cells[:8], key, **kw)
+    assert s["regularizers"]["layernorm"]["churn"] == {**want_ln, "lower": [], "higher": []}
+    assert want_ln["num_comparisons"] == 8 and want_ln["ci"][0] < 0 < want_ln["ci"][1]
+    want_all = stats.pooled_difference(dropout + layernorm[:8], cells + cells[:8], key, **kw)
+    assert s["overall"]["pd_abs"] == want_all and want_all["num_clusters"] == 9
+    assert s["left_out"] == ["d6/adam/layernorm"] and s["family"] == 18
+
+    lines = [
+        "\n".join(regularizers_report.render(config, study.Analysis(records=r), tmp_path))
+        for r in (before, after)
+    ]
+    lines = [t.splitlines() for t in lines]
+    drop = [next(x for x in ls if x.startswith("- dropout")) for ls in lines]
+    pd_text = render.pooled_text(want, unit="cells")
+    assert f"pd_abs {pd_text}; Holm: lower in d2/sgd, d4/sgd; churn" in drop[0]
+    assert f"pd_abs {pd_text}; Holm: lower in d2/sgd; churn" in drop[1]  # the count moved,
+    verdicts = [[x for x in ls if x.startswith(("- Overall", "- layernorm"))] for ls in lines]
+    assert verdicts[0] == verdicts[1]  # the verdicts did not
+    assert f"churn {render.pooled_text(want_ln, unit='cells')}" in verdicts[0][0]
+    assert "interval holds 0, no consistent effect" in verdicts[0][0]
+    overall = verdicts[0][1]
+    assert overall.startswith("- Overall pd_abs, all regularisers (17 comparisons in 9 cells")
+    assert render.pooled_text(want_all, unit="cells") in overall
+    # The per-cell flags follow p_holm: d4/sgd/dropout is 'lower' before, 'n.s.' after.
+    flags_ = [_section_row(ls, 4, "| sgd | dropout |").split(" | ")[8] for ls in lines]
+    assert flags_ == ["lower", "n.s."]
+
+
+def test_holm_out_of_reach_is_named():
+    # 18 comparisons at 95% need p <= 0.05 / 18; 200 bootstrap samples give p >= 2 / 201.
+    config = RegularizersConfig.quick(**GRID)
+    names = [
+        reg.trial_name(d, o, r)
+        for d in config.depths
+        for o in config.optimizers
+        for r in config.regularizers
+    ]
+    records = _records(config, dict.fromkeys(names, -0.001), {})
+    note = regularizers_report._floor_note(reg.summarise(config, records))
+    assert "so over 18 comparisons no cell can be significant after Holm" in note
+    assert f"num_samples >= {math.ceil(2 * 18 / 0.05 - 1)} would allow it" in note
+    enough = dataclasses.replace(config, num_samples=800)  # 2 / 801 <= 0.05 / 18
+    assert regularizers_report._floor_note(reg.summarise(enough, records)) == ""

@@ -16,9 +16,21 @@ K (paired: replica r of both shares its keys) and the independent ensembles of k
 the test set (``metrics.component_stats``): a penalty that decorrelates only on the training
 data (Jeffares et al. 2023) shows a test correlation well above the training one.
 
+**Many comparisons.** Each difference's two-sided bootstrap p-value gets Holm's correction
+(``stats.holm``, the project's choice) within its family: all ``vs_plain`` comparisons of a
+metric (every anti-distilled and codistilled trial), and all ``vs_independent`` comparisons of a
+metric; ``p_holm`` sits beside ``p_value``, and the report calls a difference lower or higher
+when ``p_holm`` <= 1 - ``level``. **The overall verdict** rests on a pooled effect, not on a
+count of significant trials (``summarise``, from the records alone): the mean difference of the
+anti-distilled trials (every dataset, K and lambda) against the plain ensemble, and against the
+independent ensembles, with a cluster-bootstrap interval (``stats.pooled_difference``) whose
+clusters are the (dataset, K) pairs, since the lambdas of one pair share its plain ensemble and
+its independent ensembles. With fewer (dataset, K) pairs than ``stats.min_clusters`` there is no
+interval and no overall verdict.
+
 References:
   Shamir & Coviello, arXiv 2010.09923; Anil et al. 2018, arXiv 1804.03235; Jeffares et al.
-  2023; methods.md sections 6 and 7.
+  2023; methods.md sections 6 and 7; Holm 1979.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from jaxrepro import engine, losses, metrics, models, optim, randomness, synthetic
+from jaxrepro.studies import stats
 from jaxrepro.studies.base import (
     StudyConfig,
     bootstrap_kwargs,
@@ -60,6 +73,9 @@ sizes of MNIST-1D's split)."""
 
 REPORT_METRICS = ("acc_mean", "churn", "pd_abs", "pd_rel")
 """The metrics of the tables, plots and differences."""
+
+COMPARISONS = ("vs_plain", "vs_independent")
+"""The differences an ensemble trial records (each its own Holm family per metric)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,5 +332,65 @@ def analyse(config: AntiDistillationConfig, predictions: Mapping[str, Prediction
                     diffs["vs_plain"] = _difference(config, pred, plain, paired=True)
                 if enough:
                     diffs["vs_independent"] = _difference(config, pred, groups[k], paired=False)
+    for side in COMPARISONS:
+        entries = [
+            r["differences"][side] for r in records.values() if side in r.get("differences", {})
+        ]
+        for metric in REPORT_METRICS:
+            adjusted = stats.holm([e[metric]["p_value"] for e in entries])
+            for entry, p in zip(entries, adjusted, strict=True):
+                entry[metric]["p_holm"] = float(p)
     order = list(predictions)
     return Analysis(records={name: records[name] for name in order})
+
+
+def summarise(config: AntiDistillationConfig, records: Mapping[str, Mapping[str, Any]]) -> dict:
+    """The overall verdict's numbers, from the records alone (as saved in results.json).
+
+    For each of ``COMPARISONS`` and each metric of ``REPORT_METRICS``, over the anti-distilled
+    trials (every dataset, K and lambda) that have that difference: ``stats.pooled_difference``
+    of their differences with (dataset, K) clusters, and the count of each Holm verdict
+    (``stats.holm_verdict``: lower, higher, no difference, undefined). ``lower_clean``: trials
+    whose pd_abs is lower than the plain ensemble's while their churn is not higher and their
+    accuracy not lower (after Holm). Draws: ``fold_in(bootstrap_key(seed),
+    stats.POOLED_STREAM)``. Also ``alpha`` (1 - level), ``min_clusters``, ``min_p`` (the
+    smallest bootstrap p-value, 2 / (num_samples + 1)) and ``family`` (the Holm family size of
+    each comparison)."""
+    alpha = 1 - config.level
+    key = randomness.bootstrap_key(config.seed, stats.POOLED_STREAM)
+    kw = dict(num_samples=config.num_samples, level=config.level)
+    out: dict[str, Any] = {}
+    for side in COMPARISONS:
+        entries, clusters = [], []
+        for dataset in config.datasets:
+            for k in config.ks:
+                for variant, kind, _ in variants(config):
+                    diff = records[ensemble_name(dataset, k, variant)].get("differences") or {}
+                    if kind == "anti_distillation" and side in diff:
+                        entries.append(diff[side])
+                        clusters.append(f"{dataset}/K{k}")
+        out[side] = {}
+        for metric in REPORT_METRICS:
+            pooled = stats.pooled_difference(
+                [e[metric]["diff"] for e in entries], clusters, key, **kw
+            )
+            counts = dict.fromkeys(("lower", "higher", "no difference", "undefined"), 0)
+            for e in entries:
+                counts[stats.holm_verdict(e[metric], alpha)] += 1
+            out[side][metric] = {**pooled, "verdicts": counts}
+        out[side]["lower_clean"] = sum(
+            stats.holm_verdict(e["pd_abs"], alpha) == "lower"
+            and stats.holm_verdict(e["churn"], alpha) != "higher"
+            and stats.holm_verdict(e["acc_mean"], alpha) != "lower"
+            for e in entries
+        )
+    out["family"] = {
+        side: sum(side in (r.get("differences") or {}) for r in records.values())
+        for side in COMPARISONS
+    }
+    out.update(
+        alpha=alpha,
+        min_clusters=stats.min_clusters(config.level),
+        min_p=2 / (config.num_samples + 1),
+    )
+    return out

@@ -1,7 +1,8 @@
 """The anti-distillation study's report: per dataset a table of every trial with intervals,
 a table of differences (against the plain ensemble, paired; against the independent ensembles,
-unpaired) with verdicts, computed findings, and plots against lambda, against the ensemble size
-and of the components' correlation."""
+unpaired) with verdicts after Holm's correction, computed findings whose overall verdict
+follows from a pooled difference and its interval (``anti_distillation.summarise``), and plots
+against lambda, against the ensemble size and of the components' correlation."""
 
 from __future__ import annotations
 
@@ -16,16 +17,18 @@ from jaxrepro.studies.anti_distillation import (
     ensemble_name,
     num,
     single_name,
+    summarise,
     variants,
 )
 from jaxrepro.studies.render import (
     diff_text,
     fmt,
     markdown_table,
+    pooled_text,
     with_ci,
 )
 from jaxrepro.studies.render import metric as value
-from jaxrepro.studies.render import verdict as ci_verdict
+from jaxrepro.studies.stats import holm_verdict
 
 
 def _curve_row(record: Mapping[str, Any], k: int) -> dict | None:
@@ -47,6 +50,8 @@ def _differences(config, records, dataset) -> dict[tuple[int, str], dict[str, An
 
 def render(config, analysis, workdir: Path) -> list[str]:
     records = analysis.records
+    overview = summarise(config, records)
+    alpha = overview["alpha"]
     pct = int(round(config.level * 100))
     lines = [
         f"Each row trains replicas of a {config.activation} MLP component "
@@ -69,21 +74,21 @@ def render(config, analysis, workdir: Path) -> list[str]:
         "on a test example; comp. acc: the mean test accuracy of one component alone.",
         "",
         f"Test: the difference of a metric between two trials with its {pct}% bootstrap "
-        "interval; anti-distilled against plain ensemble of the same K is paired (replica r of "
-        "both trials shares its initial keys and data order; replicas are resampled together), "
-        "against the independent ensembles of k = K unpaired. A difference counts when its "
-        f"interval excludes 0 (each interval alone at {pct}%; no correction for the "
-        f"{len(config.lambdas) * len(config.ks) * len(config.datasets)} comparisons).",
+        "interval and two-sided bootstrap p-value; anti-distilled against plain ensemble of "
+        "the same K is paired (replica r of both trials shares its initial keys and data "
+        "order; replicas are resampled together), against the independent ensembles of k = K "
+        "unpaired. A difference is lower or higher when its p-value, Holm-adjusted over the "
+        f"{overview['family']['vs_plain']} comparisons against plain ensembles (and, "
+        f"separately, the {overview['family']['vs_independent']} against independent "
+        f"ensembles) of that metric, is at most {fmt(overview['alpha'], 2)}."
+        + _floor_note(config, overview),
         "",
     ]
     summary, diff_lines, points = [], [], []
-    tally = dict.fromkeys(_TALLY, 0)
     for dataset in config.datasets:
         diffs = _differences(config, records, dataset)
-        lines += _dataset_section(config, records, dataset, diffs)
-        sentences, counts = _summary(config, records, dataset, diffs)
-        summary += sentences
-        tally = {key: tally[key] + counts[key] for key in tally}
+        lines += _dataset_section(config, records, dataset, diffs, alpha)
+        summary += _summary(config, records, dataset, diffs, alpha)
         for k in config.ks:
             for variant, _, _ in variants(config):
                 comp = records[ensemble_name(dataset, k, variant)].get("components")
@@ -122,17 +127,7 @@ def render(config, analysis, workdir: Path) -> list[str]:
         ylabel=f"mean correlation of component {config.ad_output}, test set",
         title="Do components stay decorrelated on held-out data?",
     )
-    total = sum(tally[key] for key in ("lower", "higher", "no difference", "undefined"))
-    summary.append(
-        f"- Overall: of {total} anti-distilled ensembles (dataset x K x lambda), "
-        f"{tally['lower']} have a pd_abs lower than the plain ensemble of the same K "
-        f"({tally['lower_clean']} of them with churn not higher and accuracy not lower), "
-        f"{tally['higher']} higher, {tally['no difference']} not distinguishable"
-        + (f", {tally['undefined']} undefined" if tally["undefined"] else "")
-        + f"; {tally['lower_indep']} are lower than the independent ensembles of k = K (equal "
-        f"compute). Criterion: the {pct}% paired bootstrap interval of the difference excludes "
-        "0."
-    )
+    summary.append(_overall(config, overview))
     return (
         ["## Findings", ""]
         + summary
@@ -152,7 +147,7 @@ def render(config, analysis, workdir: Path) -> list[str]:
     )
 
 
-def _dataset_section(config, records, dataset, diffs) -> list[str]:
+def _dataset_section(config, records, dataset, diffs, alpha) -> list[str]:
     single = records[single_name(dataset)]
     out_key = f"corr_{config.ad_output}"
     header = (
@@ -205,16 +200,19 @@ def _dataset_section(config, records, dataset, diffs) -> list[str]:
                 diff_text(vp, "pd_abs") if vp else "-",
                 diff_text(vp, "churn") if vp else "-",
                 diff_text(vp, "acc_mean") if vp else "-",
-                ci_verdict(vp["pd_abs"]["ci"]) if vp else "-",
+                _p_text(vp, "pd_abs"),
+                holm_verdict(vp["pd_abs"], alpha) if vp else "-",
                 diff_text(vi, "pd_abs") if vi else "-",
                 diff_text(vi, "churn") if vi else "-",
-                ci_verdict(vi["pd_abs"]["ci"]) if vi else "-",
+                _p_text(vi, "pd_abs"),
+                holm_verdict(vi["pd_abs"], alpha) if vi else "-",
             ]
         )
     out += [
         f"Differences on {dataset}: the trial minus the plain ensemble of the same K (paired), "
-        "and minus the independent ensembles of k = K (unpaired); 'pd_abs' says whether the "
-        "trial's pd_abs is lower, higher or not distinguishable.",
+        "and minus the independent ensembles of k = K (unpaired); p / p Holm: the pd_abs "
+        "difference's bootstrap p-value, raw and Holm-adjusted; 'pd_abs' says whether the "
+        "trial's pd_abs is lower, higher or not distinguishable after Holm's correction.",
         "",
         markdown_table(
             [
@@ -222,9 +220,11 @@ def _dataset_section(config, records, dataset, diffs) -> list[str]:
                 "d pd_abs vs plain",
                 "d churn vs plain",
                 "d acc vs plain",
+                "p / p Holm",
                 "pd_abs vs plain",
                 "d pd_abs vs indep.",
                 "d churn vs indep.",
+                "p / p Holm",
                 "pd_abs vs indep.",
             ],
             drows,
@@ -234,16 +234,72 @@ def _dataset_section(config, records, dataset, diffs) -> list[str]:
     return out
 
 
-_TALLY = ("lower", "higher", "no difference", "undefined", "lower_indep", "lower_clean")
+def _p_text(d: Mapping[str, Any] | None, key: str) -> str:
+    """``p / p Holm`` of the metric ``key`` of a difference."""
+    if not d or not d.get(key):
+        return "-"
+    return f"{fmt(d[key]['p_value'], 3)} / {fmt(d[key].get('p_holm'), 3)}"
 
 
-def _costs(d: Mapping[str, Any]) -> list[str]:
-    """What a pd_abs reduction cost, from a ``difference``: higher churn, lower accuracy (a
-    flatter, less accurate prediction also has a smaller pd_abs)."""
+def _diff_p(d: Mapping[str, Any], key: str) -> str:
+    """``diff [lo, hi], p Holm p``: a difference with its Holm-adjusted p-value, which decides
+    the words around it."""
+    return f"{diff_text(d, key)}, p Holm {fmt(d[key].get('p_holm'), 3)}"
+
+
+def _floor_note(config, overview: Mapping[str, Any]) -> str:
+    """A sentence when the bootstrap p-values are too coarse for Holm's correction to flag any
+    comparison of the larger family."""
+    alpha, min_p = overview["alpha"], overview["min_p"]
+    k = max(overview["family"].values())
+    if k == 0 or min_p * k <= alpha:
+        return ""
+    return (
+        f" With {config.num_samples} bootstrap samples the smallest p-value is "
+        f"{fmt(min_p, 4)}, so in a family of {k} comparisons Holm's correction can flag none "
+        f"(it needs p <= {fmt(alpha / k, 5)}; num_samples >= {math.ceil(2 * k / alpha - 1)} "
+        "would allow it)."
+    )
+
+
+def _overall(config, overview: Mapping[str, Any]) -> str:
+    """The overall line: pooled differences of the anti-distilled trials with their intervals
+    (the verdict), and the counts of Holm verdicts."""
+    plain, indep = overview["vs_plain"], overview["vs_independent"]
+    counts = plain["pd_abs"]["verdicts"]
+    total = sum(counts.values())
+    pct = int(round(config.level * 100))
+    text = (
+        f"- Overall: {total} anti-distilled ensembles (dataset x K x lambda) in "
+        f"{plain['pd_abs']['num_clusters']} (dataset, K) groups. pd_abs minus the plain "
+        f"ensemble of the same K: {pooled_text(plain['pd_abs'], unit='groups')}"
+    )
+    if indep["pd_abs"]["num_comparisons"]:
+        text += (
+            "; minus the independent ensembles of k = K (equal compute): "
+            f"{pooled_text(indep['pd_abs'], unit='groups')}"
+        )
+    text += (
+        f". Criterion: the {pct}% cluster-bootstrap interval (groups resampled whole, expanded "
+        "percentile interval) of the mean difference over the anti-distilled ensembles "
+        f"excludes 0 (at least {overview['min_clusters']} groups). After Holm's correction, "
+        f"{counts['lower']} have a pd_abs lower than the plain ensemble "
+        f"({plain['lower_clean']} of them with churn not higher and accuracy not lower), "
+        f"{counts['higher']} higher, {counts['no difference']} not distinguishable"
+        + (f", {counts['undefined']} undefined" if counts["undefined"] else "")
+        + f"; {indep['pd_abs']['verdicts']['lower']} are lower than the independent ensembles"
+        " (these counts do not decide the verdict)."
+    )
+    return text
+
+
+def _costs(d: Mapping[str, Any], alpha: float) -> list[str]:
+    """What a pd_abs reduction cost, from a ``difference`` (after Holm): higher churn, lower
+    accuracy (a flatter, less accurate prediction also has a smaller pd_abs)."""
     out = []
-    if ci_verdict(d["churn"]["ci"]) == "higher":
+    if holm_verdict(d["churn"], alpha) == "higher":
         out.append("higher churn")
-    if ci_verdict(d["acc_mean"]["ci"]) == "lower":
+    if holm_verdict(d["acc_mean"], alpha) == "lower":
         out.append("lower accuracy")
     return out
 
@@ -256,9 +312,9 @@ def _phrase(verdict: str) -> str:
     }.get(verdict, "undefined against")
 
 
-def _summary(config, records, dataset, diffs) -> tuple[list[str], dict[str, int]]:
-    """Findings sentences of one dataset, and the tally of the anti-distillation verdicts."""
-    out, tally = [], dict.fromkeys(_TALLY, 0)
+def _summary(config, records, dataset, diffs, alpha) -> list[str]:
+    """Findings sentences of one dataset (verdicts after Holm's correction)."""
+    out = []
     single = records[single_name(dataset)]
     for k in config.ks:
         plain = records[ensemble_name(dataset, k, "plain")]
@@ -275,16 +331,11 @@ def _summary(config, records, dataset, diffs) -> tuple[list[str], dict[str, int]
             f"{fmt(value(plain, 'pd_abs'))}."
         )
         if ad:
-            verdicts = {v: ci_verdict(e["vs_plain"]["pd_abs"]["ci"]) for v, e in ad.items()}
-            for v, verdict in verdicts.items():
-                tally[verdict] += 1
-                vi = ad[v].get("vs_independent")
-                tally["lower_indep"] += bool(vi and ci_verdict(vi["pd_abs"]["ci"]) == "lower")
+            verdicts = {v: holm_verdict(e["vs_plain"]["pd_abs"], alpha) for v, e in ad.items()}
             lower = [v for v, x in verdicts.items() if x == "lower"]
             higher = [v for v, x in verdicts.items() if x == "higher"]
             if lower:
-                costs = {v: _costs(ad[v]["vs_plain"]) for v in lower}
-                tally["lower_clean"] += sum(not c for c in costs.values())
+                costs = {v: _costs(ad[v]["vs_plain"], alpha) for v in lower}
                 text += " Anti-distillation reduced pd_abs beyond plain ensembling at " + ", ".join(
                     v
                     + (
@@ -304,14 +355,14 @@ def _summary(config, records, dataset, diffs) -> tuple[list[str], dict[str, int]
             d, rec = ad[best]["vs_plain"], records[ensemble_name(dataset, k, best)]
             text += (
                 f". Lowest pd_abs at {best}: {fmt(value(rec, 'pd_abs'))}, minus "
-                f"plain {diff_text(d, 'pd_abs')}, churn {diff_text(d, 'churn')}, "
-                f"accuracy {diff_text(d, 'acc_mean')}"
+                f"plain {_diff_p(d, 'pd_abs')}, churn {_diff_p(d, 'churn')}, "
+                f"accuracy {_diff_p(d, 'acc_mean')}"
             )
             vi = ad[best].get("vs_independent")
             if vi:
                 text += (
-                    f"; {_phrase(ci_verdict(vi['pd_abs']['ci']))} the independent ensembles "
-                    f"of {k} ({diff_text(vi, 'pd_abs')})"
+                    f"; {_phrase(holm_verdict(vi['pd_abs'], alpha))} the independent ensembles "
+                    f"of {k} ({_diff_p(vi, 'pd_abs')})"
                 )
             strongest = max(
                 ad, key=lambda v: records[ensemble_name(dataset, k, v)]["info"]["lambda"]
@@ -337,18 +388,18 @@ def _summary(config, records, dataset, diffs) -> tuple[list[str], dict[str, int]
                 rec = records[ensemble_name(dataset, k, v)]
                 text += (
                     f". Codistillation ({v}): pd_abs {fmt(value(rec, 'pd_abs'))}, "
-                    f"{_phrase(ci_verdict(e['vs_plain']['pd_abs']['ci']))} plain "
-                    f"({diff_text(e['vs_plain'], 'pd_abs')})"
+                    f"{_phrase(holm_verdict(e['vs_plain']['pd_abs'], alpha))} plain "
+                    f"({_diff_p(e['vs_plain'], 'pd_abs')})"
                 )
                 if "vs_independent" in e:
                     vi = e["vs_independent"]
                     text += (
-                        f" and {_phrase(ci_verdict(vi['pd_abs']['ci']))} the independent "
-                        f"ensembles ({diff_text(vi, 'pd_abs')})"
+                        f" and {_phrase(holm_verdict(vi['pd_abs'], alpha))} the independent "
+                        f"ensembles ({_diff_p(vi, 'pd_abs')})"
                     )
                 text += f", accuracy {fmt(value(rec, 'acc_mean'))}"
         out.append(text + ".")
-    return out, tally
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""The regulariser study's report: per depth a table of every arm with its paired test
-against the baseline, computed findings, churn and eta per arm, and the paired differences."""
+"""The regulariser study's report: findings whose verdicts follow from pooled differences and
+their intervals (``regularizers.summarise``), then per depth a table of every arm with its
+paired tests against the baseline (Holm-adjusted), churn and eta per arm, and the paired
+differences."""
 
 from __future__ import annotations
 
@@ -10,9 +12,16 @@ from typing import Any
 import numpy as np
 
 from jaxrepro import plots, randomness
-from jaxrepro.studies.regularizers import BASELINE, arms, trial_name
-from jaxrepro.studies.render import fmt, markdown_table, verdict, with_ci
+from jaxrepro.studies.regularizers import (
+    BASELINE,
+    arms,
+    learned,
+    summarise,
+    trial_name,
+)
+from jaxrepro.studies.render import fmt, markdown_table, pooled_text, verdict, with_ci
 from jaxrepro.studies.render import metric as value
+from jaxrepro.studies.stats import holm_verdict
 
 
 def _paired(rec: Mapping[str, Any], metric: str) -> Mapping[str, Any] | None:
@@ -20,11 +29,11 @@ def _paired(rec: Mapping[str, Any], metric: str) -> Mapping[str, Any] | None:
     return None if not p else p.get(metric)
 
 
-def _verdict(p: Mapping[str, Any] | None) -> str:
-    """lower / higher (the interval of the difference excludes 0) or n.s."""
+def _verdict(p: Mapping[str, Any] | None, alpha: float) -> str:
+    """lower / higher (significant after Holm) or n.s."""
     if p is None:
         return "-"
-    return {"no difference": "n.s."}.get(verdict(p["ci"]), verdict(p["ci"]))
+    return {"no difference": "n.s."}.get(holm_verdict(p, alpha), holm_verdict(p, alpha))
 
 
 def _diff_cell(p: Mapping[str, Any] | None) -> str:
@@ -34,11 +43,22 @@ def _diff_cell(p: Mapping[str, Any] | None) -> str:
 
 
 def _p_cell(p: Mapping[str, Any] | None) -> str:
-    return "-" if p is None else fmt(p["p_value"], 3)
+    """``raw / Holm-adjusted`` p-value."""
+    return "-" if p is None else f"{fmt(p['p_value'], 3)} / {fmt(p.get('p_holm'), 3)}"
+
+
+def _wilcoxon_cell(rec: Mapping[str, Any], metric: str) -> str:
+    """``W, p raw / Holm`` of the per-example Wilcoxon test."""
+    w = (rec.get("wilcoxon") or {}).get(metric)
+    if not w:
+        return "-"
+    return f"{w['statistic']:g}, {fmt(w['p_value'], 3)} / {fmt(w.get('p_holm'), 3)}"
 
 
 def render(config, analysis, workdir: Path) -> list[str]:
     records = analysis.records
+    summary = summarise(config, records)
+    alpha = summary["alpha"]
     pct = int(round(config.level * 100))
     vary = ", ".join(randomness.check_sources(config.vary)) or "nothing (control)"
     n_test = next(iter(records.values()))["info"]["num_test"]
@@ -66,14 +86,18 @@ def render(config, analysis, workdir: Path) -> list[str]:
         "Paired test: for each regulariser, the difference regularised - baseline (same depth, "
         "same optimizer) of pd_abs and churn, by a paired two-way bootstrap that resamples the "
         "replicas and the test examples with the same draws for both arms "
-        f"({config.num_samples} samples); a difference is significant when its {pct}% "
-        "interval excludes 0 ('lower' = more reproducible than the baseline). p is the "
-        "two-sided bootstrap p-value. No correction for multiple comparisons: with K tests, "
-        f"about {100 - pct}% of K would be flagged by chance alone if no regulariser had an "
-        "effect.",
+        f"({config.num_samples} samples), with its {pct}% interval and two-sided bootstrap "
+        "p-value ('lower' = more reproducible than the baseline). p: raw / Holm-adjusted over "
+        f"all {summary['family']} comparisons of a metric; a cell is 'lower' or 'higher' when "
+        f"its Holm-adjusted p is at most {fmt(summary['alpha'], 2)}."
+        + _floor_note(summary)
+        + " Wilcoxon: the signed-rank test (W, p raw / Holm) of the per-example pd_abs or "
+        "churn (mean over replica pairs), regularised against baseline, paired by test "
+        "example; it conditions on the trained replicas (only the test examples are "
+        "random), so it understates the run-to-run uncertainty and does not decide verdicts.",
         "",
     ]
-    lines += _findings(config, records)
+    lines += _findings(config, records, summary)
     for depth in config.depths:
         rows = []
         for optimizer in config.optimizers:
@@ -91,10 +115,12 @@ def render(config, analysis, workdir: Path) -> list[str]:
                         fmt(value(rec, "pd_abs")),
                         _diff_cell(pd),
                         _p_cell(pd),
-                        _verdict(pd),
+                        _verdict(pd, alpha),
+                        _wilcoxon_cell(rec, "pd_abs"),
                         _diff_cell(ch),
                         _p_cell(ch),
-                        _verdict(ch),
+                        _verdict(ch, alpha),
+                        _wilcoxon_cell(rec, "churn"),
                     ]
                 )
         header = [
@@ -105,15 +131,17 @@ def render(config, analysis, workdir: Path) -> list[str]:
             "eta",
             "pd_abs",
             "d pd_abs [CI]",
-            "p",
+            "p / p Holm",
             "pd_abs vs base",
+            "Wilcoxon pd_abs: W, p / p Holm",
             "d churn [CI]",
-            "p",
+            "p / p Holm",
             "churn vs base",
+            "Wilcoxon churn: W, p / p Holm",
         ]
         lines += [f"## Depth {depth}", "", markdown_table(header, rows), ""]
     _plot_metrics(workdir / "churn_eta.png", config, records)
-    _plot_differences(workdir / "pd_difference.png", config, records)
+    _plot_differences(workdir / "pd_difference.png", config, records, alpha)
     lines += [
         "![churn and eta per regulariser](churn_eta.png)",
         "",
@@ -124,98 +152,81 @@ def render(config, analysis, workdir: Path) -> list[str]:
         "",
         "pd_difference.png: the paired difference of pd_abs (regularised - baseline) with its "
         f"{pct}% interval, one panel per optimizer, points per depth; filled markers are "
-        "significant, hollow ones are not. Below 0: the regulariser made the replicas agree "
-        "more.",
+        "significant after Holm's correction, hollow ones are not. Below 0: the regulariser "
+        "made the replicas agree more.",
         "",
     ]
     return lines
 
 
-def _tally(config, records, reg: str, metric: str, *, learned_only: bool = False):
-    """Cells where ``reg`` makes ``metric`` significantly lower / higher than the baseline,
-    the count of the others, and every cell's difference; ``learned_only``: only cells where
-    both arms learned (mean accuracy above 1.5 times chance)."""
-    lower, higher, ns, diffs = [], [], 0, []
-    for depth in config.depths:
-        for optimizer in config.optimizers:
-            rec = records[trial_name(depth, optimizer, reg)]
-            p = _paired(rec, metric)
-            if p is None or (
-                learned_only
-                and not (
-                    _learned(rec) and _learned(records[trial_name(depth, optimizer, BASELINE)])
-                )
-            ):
-                continue
-            diffs.append(p["diff"])
-            if not p["significant"]:
-                ns += 1
-            else:
-                (lower if p["diff"] < 0 else higher).append(f"d{depth}/{optimizer}")
-    return lower, higher, ns, diffs
+def _floor_note(summary: Mapping[str, Any]) -> str:
+    """A sentence when no cell can be significant after Holm: the smallest bootstrap p-value
+    times the family size exceeds alpha."""
+    k, alpha, min_p = summary["family"], summary["alpha"], summary["min_p"]
+    if k == 0 or min_p * k <= alpha:
+        return ""
+    need = int(np.ceil(2 * k / alpha - 1))
+    return (
+        f" With these bootstrap samples the smallest p-value is {fmt(min_p, 4)}, so over {k} "
+        f"comparisons no cell can be significant after Holm (it needs p <= "
+        f"{fmt(alpha / k, 5)}; num_samples >= {need} would allow it)."
+    )
 
 
-def _cells(cells: list[str]) -> str:
-    return f" ({', '.join(cells)})" if cells else ""
+def _holm_cells(entry: Mapping[str, Any]) -> str:
+    """``; Holm: lower in a, b; higher in c``: the cells significant after Holm."""
+    parts = [f"{side} in {', '.join(entry[side])}" for side in ("lower", "higher") if entry[side]]
+    return "; Holm: " + "; ".join(parts) if parts else ""
 
 
-def _findings(config, records) -> list[str]:
+_OVERALL = {
+    "lower": " (the regularisers tend to make predictions more reproducible, as the seed "
+    "repository's hypothesis expects)",
+    "higher": " (the regularisers tend to make predictions less reproducible, against the "
+    "seed repository's hypothesis)",
+    "no difference": " (not the more reproducible predictions the seed repository's "
+    "hypothesis expects)",
+    "undefined": "",
+}
+
+
+def _findings(config, records, summary) -> list[str]:
+    pct = int(round(config.level * 100))
     out = [
-        "- Per regulariser, against its baseline in each (depth, optimizer) cell: 'lower' "
-        "and 'higher' count significant paired differences, n.s. the others."
+        "- Verdicts: per regulariser, the pooled difference (regularised - baseline, mean over "
+        f"the (depth, optimizer) cells where both arms learned) with its {pct}% "
+        f"cluster-bootstrap interval over cells ({config.num_samples} samples, expanded "
+        "percentile interval): 'lower' / 'higher' when the interval excludes 0, 'no "
+        "consistent effect' when it holds 0, no verdict with fewer than "
+        f"{summary['min_clusters']} cells. 'Holm:' names the cells whose paired test is "
+        "significant after Holm's correction; they do not decide the verdict."
     ]
-    totals = {m: [0, 0, 0] for m in ("pd_abs", "churn")}  # lower, higher, tested
     for reg in config.regularizers:
-        parts = []
-        for metric in ("pd_abs", "churn"):
-            lower, higher, ns, diffs = _tally(config, records, reg, metric)
-            if not diffs:
-                continue
-            t = totals[metric]
-            t[0], t[1], t[2] = t[0] + len(lower), t[1] + len(higher), t[2] + len(diffs)
-            parts.append(
-                f"{metric} lower in {len(lower)} of {len(diffs)} cells{_cells(lower)}"
-                f", higher in {len(higher)}{_cells(higher)}, n.s. in {ns} (mean "
-                f"difference {np.mean(diffs):+.4f})"
-            )
-        if not parts:
-            out.append(f"- {reg}: no paired comparison (too many replicas diverged).")
+        pooled = summary["regularizers"][reg]
+        if not pooled["pd_abs"]["num_comparisons"]:
+            out.append(f"- {reg}: no comparison where both arms learned.")
             continue
-        eta = _tally(config, records, reg, "eta")[3]
-        out.append(
-            f"- {reg}: "
-            + "; ".join(parts)
-            + (f"; mean change of eta {np.mean(eta):+.4f}" if eta else "")
-            + "."
-        )
-    share = 1 - config.level
-    for metric, (lower, higher, tested) in totals.items():
-        if not tested:
-            continue
-        tallies = [
-            _tally(config, records, r, metric, learned_only=True) for r in config.regularizers
+        parts = [
+            f"{metric} {pooled_text(pooled[metric], unit='cells')}{_holm_cells(pooled[metric])}"
+            for metric in ("pd_abs", "churn")
         ]
-        l_low, l_high, l_tested = (sum(len(t[i]) for t in tallies) for i in (0, 1, 3))
-        chance = l_tested * share
-        if l_low > chance and l_low >= 2 * max(l_high, 1):
-            verdict = (
-                "mostly lower: the regularisers tend to make predictions more "
-                "reproducible, as the seed repository's hypothesis expects"
-            )
-        elif l_high > chance and l_high >= 2 * max(l_low, 1):
-            verdict = "mostly higher: the regularisers tend to make predictions less reproducible"
-        else:
-            verdict = (
-                "mixed: no consistent effect, against the hypothesis that regularisers "
-                "make predictions more reproducible; the sign depends on the regulariser, "
-                "the depth and the optimizer"
-            )
+        eta = pooled["eta"]
+        eta_ci = "" if verdict(eta["ci"]) == "undefined" else " " + fmt(eta["ci"], 4)
         out.append(
-            f"- Overall {metric}: {lower} of {tested} comparisons significantly lower, "
-            f"{higher} significantly higher; of the {l_tested} where both arms learned, "
-            f"{l_low} lower and {l_high} higher (chance alone would flag about "
-            f"{chance:.1f} in total): {verdict}."
+            f"- {reg} (cells where both arms learned: {pooled['pd_abs']['num_comparisons']}): "
+            + "; ".join(parts)
+            + f"; pooled eta difference {fmt(eta['diff'], 4)}{eta_ci}."
         )
+    for metric in ("pd_abs", "churn"):
+        pooled = summary["overall"][metric]
+        if not pooled["num_comparisons"]:
+            continue
+        out.append(
+            f"- Overall {metric}, all regularisers ({pooled['num_comparisons']} comparisons "
+            f"in {pooled['num_clusters']} cells, cells resampled whole): "
+            f"{pooled_text(pooled, unit='cells')}{_OVERALL[verdict(pooled['ci'])]}."
+        )
+    out += _source_lines(config, records, summary)
     base = []
     for depth in config.depths:
         churns = [
@@ -233,22 +244,31 @@ def _findings(config, records) -> list[str]:
             + ")"
         )
     out.append("- Baselines: " + "; ".join(base) + ".")
-    stuck = [name for name, rec in records.items() if rec.get("metrics") and _near_chance(rec)]
+    stuck = [name for name, rec in records.items() if rec.get("metrics") and not learned(rec)]
     if stuck:
         out.append(
             "- Near chance accuracy (mean accuracy below 1.5 times chance: the replicas "
             "barely learned, so their churn measures untrained networks; comparisons "
-            "with them are left out of the 'both arms learned' counts): " + ", ".join(stuck) + "."
+            "with them are left out of the pooled differences): " + ", ".join(stuck) + "."
         )
     return ["Findings:", ""] + out + [""]
 
 
-def _near_chance(rec: Mapping[str, Any]) -> bool:
-    return rec["metrics"]["acc_mean"] < 1.5 / rec["info"]["num_classes"]
-
-
-def _learned(rec: Mapping[str, Any]) -> bool:
-    return bool(rec.get("metrics")) and not _near_chance(rec)
+def _source_lines(config, records, summary) -> list[str]:
+    """The source repository's own test, summarised over the arms."""
+    tests = [r["source_wilcoxon"] for r in records.values() if r.get("source_wilcoxon")]
+    if not tests:
+        return []
+    alpha = summary["alpha"]
+    below = sum(t.get("p_holm") is not None and t["p_holm"] <= alpha for t in tests)
+    worst = max((t["p_value"] for t in tests if t["p_value"] is not None), default=None)
+    return [
+        "- The source repository's own test (ex_mlp.py: Wilcoxon signed-rank of the R(R-1)/2 "
+        "pairwise churns of an arm's R finite replicas against median 0): Holm-adjusted p <= "
+        f"{fmt(alpha, 2)} in {below} of {len(tests)} arms (largest raw p {fmt(worst, 4)}). "
+        "It shows that replicas disagree, not whether a regulariser changes how much; its "
+        "pairs share replicas, so its p-values are optimistic."
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +316,7 @@ def _plot_metrics(path: Path, config, records) -> Path:
     return plots.save(fig, path)
 
 
-def _plot_differences(path: Path, config, records) -> Path:
+def _plot_differences(path: Path, config, records, alpha: float) -> Path:
     regs = list(config.regularizers)
     fig, axes = plots.figure(
         len(config.optimizers), nrows=1, width=max(4.5, 0.75 * len(regs) + 1.5), height=3.6
@@ -316,7 +336,7 @@ def _plot_differences(path: Path, config, records) -> Path:
                     yerr=plots.error_bar(p["diff"], p["ci"]),
                     fmt="o",
                     color=f"C{i}",
-                    mfc=f"C{i}" if p["significant"] else "white",
+                    mfc=f"C{i}" if holm_verdict(p, alpha) in ("lower", "higher") else "white",
                     capsize=2,
                     label=f"depth {depth}" if j == 0 else None,
                 )
@@ -329,7 +349,7 @@ def _plot_differences(path: Path, config, records) -> Path:
             if len(config.depths) > 1:
                 ax.legend(fontsize="small")
     fig.suptitle(
-        "Paired difference of pd_abs against the baseline\n(filled: significant, "
+        "Paired difference of pd_abs against the baseline\n(filled: significant after Holm, "
         f"{int(round(config.level * 100))}% intervals)",
         fontsize="medium",
     )

@@ -64,6 +64,32 @@ def verdict(ci: Sequence[float | None] | None) -> str:
     return "lower" if hi < 0 else "higher" if lo > 0 else "no difference"
 
 
+def pooled_text(p: Mapping[str, Any], digits: int = 4, unit: str = "clusters") -> str:
+    """A pooled difference (``stats.pooled_difference``) and what its interval says: below 0
+    ``lower``, above 0 ``higher``, holding 0 ``no consistent effect``; without an interval
+    (too few clusters, or no finite value) no verdict. ``unit`` names the clusters.
+
+    Example:
+      >>> pooled_text({"diff": -0.004, "ci": [-0.007, -0.001]})
+      'pooled difference -0.0040 [-0.0070, -0.0010]: lower'
+      >>> pooled_text({"diff": 0.001, "ci": [-0.002, 0.004]})
+      'pooled difference +0.0010 [-0.0020, 0.0040]: interval holds 0, no consistent effect'
+      >>> pooled_text({"diff": -0.004, "ci": [None, None], "num_clusters": 2, "min_clusters": 6})
+      'pooled difference -0.0040, no interval (clusters: 2; it needs 6): no verdict'
+    """
+    d = p.get("diff")
+    head = "pooled difference " + ("-" if d is None or not math.isfinite(d) else f"{d:+.{digits}f}")
+    v = verdict(p.get("ci"))
+    if v == "undefined":
+        n, need = p.get("num_clusters"), p.get("min_clusters")
+        why = f" ({unit}: {n}; it needs {need})" if n is not None and need and n < need else ""
+        return f"{head}, no interval{why}: no verdict"
+    ci = fmt(p["ci"], digits)
+    if v == "no difference":
+        return f"{head} {ci}: interval holds 0, no consistent effect"
+    return f"{head} {ci}: {v}"
+
+
 def diff_text(d: Mapping[str, Any] | None, key: str, digits: int = 4) -> str:
     """``diff [lo, hi]`` of the metric ``key`` of a ``metrics.difference`` result."""
     if not d or not d.get(key):

@@ -305,7 +305,8 @@ def run(
 
     Returns:
       The content of results.json (``study``, ``config``, ``deterministic``, ``portable``,
-      ``machine``, ``versions``, ``complete``, ``results``: ``{trial: record}``) plus
+      ``machine``, ``versions``, ``complete``, ``summary`` where the study has a
+      ``summarise(config, records)``, ``results``: ``{trial: record}``) plus
       ``report_markdown``, the text of report.md, and ``analysis``, the study's ``Analysis``.
 
     Raises:
@@ -347,6 +348,10 @@ def run(
     )
     analysis = study.analyse(config, predictions)
     records = files.to_json(dict(analysis.records))
+    # A study's verdict numbers across trials (``summarise(config, records)``, pooled effects
+    # with intervals), where it has them: in results.json beside the records they come from.
+    summarise = getattr(study, "summarise", None)
+    summary = {} if summarise is None else {"summary": files.to_json(summarise(config, records))}
     seconds = sum(timings.get(t.name, 0.0) for t in trials)
     body = report_module(config).render(config, analysis, workdir)
     machine = portable_mode.machine()
@@ -367,6 +372,7 @@ def run(
             "machine": machine,
             "versions": files.versions(),
             "complete": True,
+            **summary,
             "results": records,
         }
     )
