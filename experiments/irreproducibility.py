@@ -14,14 +14,18 @@ smoke run (relu; nothing and all; 4 replicas, 2 epochs, 512 training examples, M
 Expected runtime on a 2-core CPU: under 2 minutes (50 s to 99 s measured, compilation
 included); ``--quick`` about 12 seconds, mostly compilation.
 
-Expected result (seed 0; MLP test accuracy about 0.65 on MNIST-1D):
+Expected result (seed 0; MLP test accuracy about 0.65 on MNIST-1D). The binary computes in
+portable mode by default (``jaxrepro.portable``), so these figures are the same bits on any
+x86-64 CPU; with ``--noportable`` they move in the second or third digit from one CPU to
+another (relu/all churn 0.289 on one, 0.292 on another):
 
 - nothing (the control): churn and every PD exactly 0, acc_std 0 (identical replicas);
 - init, order, dropout: each alone makes replicas disagree on about 17 to 28 percent of test
-  examples (churn), nearly as much as all sources together (about 0.29 relu, 0.27 smelu);
-- perturb (a 1e-6 relative change of the initial weights): churn about 0.08 with relu but
-  0 with smelu (pd_abs about 2e-6): the smooth activation does not amplify the tiny change;
-- smelu gives less churn than relu in every setting; var_ratio mostly 1 to 2.3 (R = 16 only).
+  examples (churn), nearly as much as all sources together (0.292 relu, 0.269 smelu);
+- perturb (a 1e-6 relative change of the initial weights): churn 0.083 with relu but
+  0 with smelu (pd_abs 1.8e-6): the smooth activation does not amplify the tiny change;
+- smelu gives less churn than relu in every setting; var_ratio between about 0.75 and 2.5
+  (R = 16 only).
 """
 
 from absl import app
