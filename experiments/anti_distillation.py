@@ -24,7 +24,10 @@ took 4m01s before the study layer saved predictions, peak RSS 1.4 GB). Most of i
 compilation: each loss compiles its own training step. ``--quick``: about 25 seconds.
 results.json is byte for byte the same on a rerun.
 
-Expected result (seed 0):
+Expected result (seed 0; measured in the host's own mode, before portable mode existed, on a
+2-core AMD EPYC with AVX2 and FMA; the binary now runs in portable mode by default, where the
+figures are the same bits on any x86-64 CPU and may differ from these in the second or third
+digit):
 
 - Joint training with the ensemble loss colludes (Jeffares et al. 2023): on MNIST-1D the plain
   ensembles are less accurate and less reproducible than independently trained ensembles of the
@@ -45,7 +48,12 @@ Expected result (seed 0):
   the softmax sees) stays at 0.82-0.88 up to lambda 10: the penalty on raw logits is met by a
   per-example shift common to all classes, which changes no prediction.
 - Overall 4 of the 20 anti-distilled ensembles have a lower pd_abs than the plain ensemble of
-  their K (2 without higher churn or lower accuracy), 9 higher, 7 not distinguishable.
+  their K (2 without higher churn or lower accuracy), 9 higher, 7 not distinguishable. Such
+  counts move when one trial's interval crosses 0, so the report's overall line no longer
+  rests on them: it gives the pooled difference (anti-distilled - plain, and - independent)
+  over the (dataset, K) groups with a cluster-bootstrap interval, and with the default's 4
+  groups (fewer than the 6 an interval needs at 95%) it says "no verdict" rather than one
+  that a rerun on another CPU could flip; per-trial flags use Holm-adjusted p-values.
 - Codistillation (alpha 1) is the most consistent: pd_abs 0.185 / 0.144 on MNIST-1D (K=2 / 4),
   below or level with independent ensembles, with accuracy 0.610 / 0.624; on the synthetic
   data 0.054 / 0.047, below plain and level with or above independent ensembles.

@@ -11,8 +11,9 @@ var_ratio per (activation, setting), and writes results.json, report.md and chur
 workdir. Rerun the same command to resume after an interruption. ``--quick`` shrinks it to a
 smoke run (relu; nothing and all; 4 replicas, 2 epochs, 512 training examples, MLP [32]).
 
-Expected runtime on a 2-core CPU: under 2 minutes (50 s to 99 s measured, compilation
-included); ``--quick`` about 12 seconds, mostly compilation.
+Expected runtime on a 2-core CPU: about 2 minutes (50 s to 99 s measured in the host's mode,
+compilation included; portable mode, the default, costs up to 1.5x on the training itself);
+``--quick`` about 12 seconds, mostly compilation.
 
 Expected result (seed 0; MLP test accuracy about 0.65 on MNIST-1D). The binary computes in
 portable mode by default (``jaxrepro.portable``), so these figures are the same bits on any
