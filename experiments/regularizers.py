@@ -7,7 +7,7 @@ Command (installs nothing; see the README for the install line)::
 With no flags: MNIST-1D (4000 train / 1000 test), relu MLPs of width 128 and depth 2, 6 and 20
 hidden layers, trained with SGD (lr 0.3), SGD with momentum 0.9 (lr 0.03) and Adam (lr 3e-3),
 each with no regulariser (the baseline) and with one regulariser at a time: weight decay 5e-4,
-dropout 0.1, LayerNorm, BatchNorm, residual connections, label smoothing 0.1; 8 replicas per
+dropout 0.1, LayerNorm, BatchNorm, residual connections, label smoothing 0.1; 16 replicas per
 trial that differ in init and data order (``--vary``), 15 epochs, batch 128: 63 trials. It
 prints, per depth, a table of acc_mean, churn and eta (Effective Test Accuracy = acc_mean -
 churn) with 95% bootstrap intervals, pd_abs, and each regulariser's paired difference of
@@ -19,35 +19,35 @@ workdir. Rerun the same command to resume after an interruption. ``--quick`` shr
 smoke run (depth 2, width 32, Adam, dropout and layernorm, 4 replicas, 2 epochs, 512 training
 examples).
 
-Expected runtime on a 2-core CPU: about 20 to 30 minutes (18m32s and 20m24s measured in the
-host's mode, ``--noportable``; 29m28s in portable mode with the test suite running beside it
-part of the time; peak RSS 4.5 GB, the compiled programs of 63 tasks). Compilation
+Expected runtime on a 2-core CPU: about 25 to 40 minutes (R = 16: 26 min in the host's mode,
+``--noportable``, on a quiet machine; 41 min in portable mode with the test suite running
+beside it; R = 8, the default before: 18 to 20 min in the host's mode; peak RSS 4.8 GB, the
+compiled programs of 63 tasks). Compilation
 dominates: every arm is its own task, and a depth-20 trial spends 15 to 30 s compiling, 10 to
 20 s training. ``--quick``: 20 to 50 s, almost all compilation. Reruns give identical results.
 
 Expected result (seed 0, the default run in portable mode, the binary's default: the same bits
 on any x86-64 CPU):
 
-- Baselines: churn grows with depth: 0.32 to 0.35 at depth 2 (accuracy 0.59 to 0.63), 0.40
-  to 0.46 at depth 6 (0.55 to 0.65), at depth 20 0.50 with Adam (accuracy 0.49), 0.59 with
-  momentum (0.43) and 0.88 with SGD, which barely learns (0.16).
+- Baselines: churn grows with depth: 0.32 to 0.36 at depth 2 (accuracy 0.59 to 0.63), 0.39
+  to 0.50 at depth 6 (0.54 to 0.65), at depth 20 0.48 with Adam (accuracy 0.50), 0.64 with
+  momentum (0.40) and 0.82 with SGD, which barely learns (0.19).
 - Verdicts (the report's findings): per regulariser the pooled difference regularised -
   baseline over the (depth, optimizer) cells where both arms learned (accuracy at least 1.5
   times chance), with a 95% cluster-bootstrap interval over cells. Over all regularisers:
-  pd_abs +0.0054 [-0.0105, 0.0252], churn +0.0019 [-0.0541, 0.0287]: no consistent effect,
-  the seed repository's conclusion. dropout lowers pd_abs (-0.062 [-0.087, -0.041]) but not
-  churn: less confident predictions rather than more agreement; LayerNorm raises pd_abs
-  (+0.044) and churn (+0.057) and at depth 20 does not train at these learning rates
-  (accuracy 0.10 to 0.21; with Adam 1e-3 it does); BatchNorm raises pd_abs (+0.038) and eta
-  the most (+0.13), mostly by making depth 20 trainable; weight decay, residual connections and
-  label smoothing: intervals hold 0.
+  pd_abs -0.0073 [-0.0226, 0.0064], churn -0.0019 [-0.0300, 0.0157]: no consistent effect,
+  the seed repository's conclusion. dropout (-0.074 [-0.097, -0.054]) and label smoothing
+  (-0.023 [-0.037, -0.009]) lower pd_abs but not churn: less confident predictions rather
+  than more agreement; LayerNorm raises pd_abs (+0.032) and churn (+0.054) and at depth 20
+  does not train at these learning rates (with Adam 1e-3 it does); weight decay, BatchNorm
+  and residual connections: intervals hold 0.
+- The same study with ``--noportable`` on the CPU measured (AVX2 + FMA) gives every one of
+  these 14 verdict lines the same (BUILD_NOTES.md, "Verdicts robust to rounding"); with 8
+  replicas, the default before, 3 of the 12 per-regulariser lines differed between the two
+  modes, and the former count of significant cells flipped the summary.
 - No single cell is significant after Holm's correction over the 52 comparisons: with 1000
-  bootstrap samples the smallest p-value is 0.002 (the report says so). Raw intervals exclude 0
-  for pd_abs in 16 cells lower and 15 higher: counts that a rerun on another CPU moves (19 and
-  8 with ``--noportable`` on the CPU measured, which the former count-based verdict read as
-  "mostly lower"). With ``--noportable`` the overall verdicts are the same and 9 of the 12
-  per-regulariser verdicts (BUILD_NOTES.md, "Verdicts robust to rounding").
-- residual connections at depth 20 diverge (NaN in all 8 replicas) with SGD and momentum:
+  bootstrap samples the smallest p-value is 0.002 (the report says so).
+- residual connections at depth 20 diverge (NaN in all replicas) with SGD and momentum:
   reported in the report's "Diverged replicas" section and excluded.
 """
 

@@ -122,7 +122,9 @@ class RegularizersConfig(StudyConfig):
         num_samples=200,
     )
 
-    replicas: int = flag_field(8, "replicas per trial (>= 2)")
+    replicas: int = flag_field(
+        16, "replicas per trial (>= 2; 16: the verdicts hold under a change of rounding)"
+    )
     epochs: int = flag_field(15, "training epochs")
     dataset: str = flag_field("mnist1d", "dataset: mnist1d or digits")
     depths: tuple[int, ...] = flag_field((2, 6, 20), "MLP depths (number of hidden layers)")
