@@ -33,7 +33,10 @@ one of the batching strategies:
 The whole training set lives on the device; each replica's batch is gathered inside the
 jitted step from its own order. Compiled functions are cached by the static description of the
 run (model, optimizer, loss, augmentation, shapes), so a second run of the same task with other
-seeds, other replicas or another window reuses them.
+seeds, other replicas or another window reuses them; an optimizer equal to one used before
+(a fresh ``optax.adam(1e-3)``) counts as the same (``compilation.canonical_optimizer``), and the
+weights of the loss transforms are run-time arguments, not part of that description
+(``losses.with_weights``): one compilation serves a sweep of them.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrepro import distributed, losses, models, portable, randomness
+from jaxrepro import compilation, distributed, losses, models, portable, randomness
 
 Array = jax.Array
 PyTree = Any
@@ -277,12 +280,16 @@ def train_step(
     idx_B: Array,
     dropout_key: Array,
     augment_key: Array,
+    loss_weights: Mapping[str, Array] | None = None,
 ) -> tuple[TrainState, dict[str, Array]]:
     """One optimisation step of one replica on one batch.
 
     ``idx_B`` are the batch's positions in the training set (``losses.Batch.index``). The
-    reported accuracy is the ensemble prediction's for an ``Ensemble``.
+    reported accuracy is the ensemble prediction's for an ``Ensemble``. ``loss_weights``
+    (``{name: scalar}``, names as ``losses.weights``) replace the weights of the task's loss
+    transforms: the engine passes every weight this way, so they are traced values.
     """
+    loss_fn = losses.with_weights(task.loss_fn, loss_weights) if loss_weights else task.loss_fn
     if task.augment is not None:
         x_B = task.augment(augment_key, x_B)
     has_stats = bool(jax.tree.leaves(state.batch_stats))
@@ -303,7 +310,7 @@ def train_step(
         batch = losses.Batch(
             x_B, y_B, jax.nn.one_hot(y_B, logits.shape[-1], dtype=jnp.float32), idx_B
         )
-        return task.loss_fn(logits_KxBxC, batch), (logits_KxBxC, batch_stats)
+        return loss_fn(logits_KxBxC, batch), (logits_KxBxC, batch_stats)
 
     (loss, (logits_KxBxC, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(
         state.params
@@ -345,6 +352,7 @@ def train_epochs(
     epochs_E: Array,
     *,
     batch_size: int,
+    loss_weights: Mapping[str, Array] | None = None,
 ) -> tuple[TrainState, dict[str, Array]]:
     """Trains one replica for the epochs listed in ``epochs_E``; metrics are per-epoch means.
 
@@ -369,6 +377,7 @@ def train_epochs(
                 idx_B,
                 randomness.step_key(keys.dropout, step),
                 randomness.step_key(keys.augment, step),
+                loss_weights,
             )
 
         step_T = epoch * steps + jnp.arange(steps)
@@ -726,6 +735,7 @@ def _init_states(
 def _train_epochs_R(
     state_R,
     ids_R,
+    weights_R,
     seed,
     varied_V,
     x_N,
@@ -743,7 +753,7 @@ def _train_epochs_R(
     base_N = randomness.base_order(seed, x_N.shape[0])
     epochs_E = first_epoch + jnp.arange(num_epochs, dtype=jnp.int32)
 
-    def one(state, r, seed, varied_V, x_N, y_N, base_N, window, epochs_E):
+    def one(state, r, weights, seed, varied_V, x_N, y_N, base_N, window, epochs_E):
         return train_epochs(
             task,
             state,
@@ -754,10 +764,15 @@ def _train_epochs_R(
             window,
             epochs_E,
             batch_size=batch_size,
+            loss_weights=weights,
         )
 
     return _over_replicas(
-        one, strategy, mesh, (state_R, ids_R), (seed, varied_V, x_N, y_N, base_N, window, epochs_E)
+        one,
+        strategy,
+        mesh,
+        (state_R, ids_R, weights_R),
+        (seed, varied_V, x_N, y_N, base_N, window, epochs_E),
     )
 
 
@@ -810,28 +825,54 @@ def _check_data(data) -> None:
             )
 
 
-def _check_hparams(hparams: Mapping[str, Any] | None, num_replicas: int, opt_state_example):
-    if not hparams:
-        return {}
-    out = {}
-    for name, values in hparams.items():
-        values = np.asarray(values, np.float32)
-        if values.ndim == 0:
-            values = np.full((num_replicas,), values, np.float32)
-        if values.shape != (num_replicas,):
-            raise ValueError(
-                f"hparams[{name!r}] must hold one value per replica, shape ({num_replicas},); "
-                f"got shape {values.shape}"
+def _per_replica(name: str, values: np.ndarray, num_replicas: int) -> np.ndarray:
+    if values.ndim == 0:
+        values = np.full((num_replicas,), values, np.float32)
+    if values.shape != (num_replicas,):
+        raise ValueError(
+            f"hparams[{name!r}] must hold one value per replica, shape ({num_replicas},); "
+            f"got shape {values.shape}"
+        )
+    return values
+
+
+def _check_hparams(
+    hparams: Mapping[str, Any] | None, num_replicas: int, opt_state_example, loss_fn
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``hparams`` split into the optimizer's (``inject_hyperparams``) and the loss weights
+    (``losses.weights``), each ``{name: float32 [R]}``; every weight of the loss is in the
+    second, its static value repeated where ``hparams`` does not name it."""
+    if hparams is not None and not isinstance(hparams, Mapping):
+        raise TypeError(
+            f"hparams must be a mapping {{name: one value per replica}}, got "
+            f"{type(hparams).__name__}"
+        )
+    loss_weights = losses.weights(loss_fn)
+    opt, weights = {}, {}
+    for name, values in (hparams or {}).items():
+        if name in loss_weights:
+            weights[name] = _per_replica(
+                name, losses.check_weight(loss_fn, name, values), num_replicas
             )
+            continue
+        try:
+            values = np.asarray(values, np.float32)
+        except (TypeError, ValueError):
+            raise ValueError(f"hparams[{name!r}] must hold numbers, got {values!r}") from None
+        values = _per_replica(name, values, num_replicas)
         if not np.all(np.isfinite(values)):
             raise ValueError(f"hparams[{name!r}] holds NaN or inf")
         if optax.tree_utils.tree_get(opt_state_example, name, _MISSING) is _MISSING:
             raise ValueError(
-                f"hparams[{name!r}]: the optimizer state has no hyperparameter {name!r}; build the "
-                f"optimizer with optax.inject_hyperparams(...) so it can differ per replica"
+                f"hparams[{name!r}]: the optimizer state has no hyperparameter {name!r} (build "
+                f"the optimizer with optax.inject_hyperparams(...) so it can differ per replica), "
+                f"and the loss has no weight of that name (its weights: "
+                f"{', '.join(loss_weights) or 'none'})"
             )
-        out[name] = jnp.asarray(values)
-    return out
+        opt[name] = values
+    for name, value in loss_weights.items():
+        weights.setdefault(name, np.full((num_replicas,), value, np.float32))
+    return opt, weights
 
 
 _MISSING = object()
@@ -874,13 +915,13 @@ class Engine:
         y_host = y_host.astype(jax.dtypes.canonicalize_dtype(y_host.dtype), copy=False)
         x_example = jnp.asarray(x_host[:1])
 
-        def shapes(x):  # one abstract trace of init: the logits and the optimizer state
+        def shapes(x):  # one abstract trace of init: logits, parameters, optimizer state
             logits, variables = task.model.init_with_output(
                 {"params": jax.random.key(0)}, x, train=False
             )
-            return logits, task.tx.init(variables["params"])
+            return logits, variables["params"], task.tx.init(variables["params"])
 
-        logits_example, opt_example = jax.eval_shape(shapes, x_example)
+        logits_example, params_example, opt_example = jax.eval_shape(shapes, x_example)
         k = task.num_components
         expected = 2 if k is None else 3
         if len(logits_example.shape) != expected:
@@ -900,17 +941,33 @@ class Engine:
             num_train=num_train,
             num_classes=int(data.num_classes),
         )
-        hparams_R = _check_hparams(hparams, len(self.replica_ids), opt_example)
+        hparams_R, weights_R = _check_hparams(
+            hparams, len(self.replica_ids), opt_example, task.loss_fn
+        )
+        # What the compiled functions are cached by: an optimizer equal to one seen before is
+        # replaced by it (``compilation.canonical_optimizer``), and the loss's weights are
+        # zeroed (``losses.canonical``) because they are passed at run time, per replica.
+        self._compiled_task = dataclasses.replace(
+            task,
+            tx=compilation.canonical_optimizer(task.tx, params_example),
+            loss_fn=losses.canonical(task.loss_fn),
+        )
+        compiled_task = self._compiled_task
         self.placement = Placement.create(
             len(self.replica_ids),
             config.strategy,
             config.devices,
-            memory=lambda: replica_memory_bytes(task, tuple(x_host.shape[1:]), config.batch_size),
+            memory=lambda: replica_memory_bytes(
+                compiled_task, tuple(x_host.shape[1:]), config.batch_size
+            ),
             shared_bytes=x_host.nbytes + y_host.nbytes,
         )
         pl = self.placement
         self._ids_R = pl.shard(self.replica_ids)
         self._hparams_R = {name: pl.shard(v) for name, v in hparams_R.items()}
+        self._loss_weights_R = {name: pl.shard(v) for name, v in weights_R.items()}
+        self.loss_weights = weights_R
+        """``{name: float32 [R]}``: each replica's weight of each loss transform."""
         self._x_N = pl.replicate(x_host)
         self._y_N = pl.replicate(y_host)
         self._x_example = pl.replicate(x_host[:1])
@@ -932,7 +989,7 @@ class Engine:
         c = self.config
         # Initialisation depends on the model and optimizer only: tasks that differ in their
         # loss or augmentation (a sweep over a loss weight) share its compilation.
-        init_task = Task(model=self.task.model, tx=self.task.tx)
+        init_task = Task(model=self.task.model, tx=self._compiled_task.tx)
         return _init_states(
             self._ids_R,
             jnp.uint32(c.seed),
@@ -992,13 +1049,14 @@ class Engine:
         state, metrics = _train_epochs_R(
             state,
             self._ids_R,
+            self._loss_weights_R,
             jnp.uint32(c.seed),
             self._varied_V,
             self._x_N,
             self._y_N,
             jnp.int32(self.window),
             jnp.int32(first_epoch),
-            task=self.task,
+            task=self._compiled_task,
             strategy=self.strategy,
             mesh=self.mesh,
             batch_size=c.batch_size,
@@ -1056,6 +1114,7 @@ class Engine:
         """
         c = self.config
         start = time.perf_counter()
+        compile_start = compilation.compile_seconds()
         state = self._init_padded() if state is None else self.placement.pad(state)
         past = {
             k: [np.asarray(history[k], np.float32)]
@@ -1086,6 +1145,7 @@ class Engine:
             replica_ids=self.replica_ids,
             history={k: np.concatenate(v, axis=1) for k, v in past.items()},
             seconds=time.perf_counter() - start,
+            compile_seconds=compilation.compile_seconds() - compile_start,
         )
 
 
@@ -1113,6 +1173,8 @@ class Run:
       replica_ids: int ``[R]``, the replica indices (keys) of the stacked replicas.
       history: ``{"loss", "accuracy"}``, float ``[R, epochs]`` training means per epoch.
       seconds: wall time of training (compilation included).
+      compile_seconds: the part of ``seconds`` spent tracing, lowering and compiling
+        (``compilation.compile_seconds``); 0 when every program was compiled before.
     """
 
     task: Task
@@ -1122,6 +1184,7 @@ class Run:
     replica_ids: np.ndarray
     history: dict[str, np.ndarray]
     seconds: float = 0.0
+    compile_seconds: float = 0.0
 
     @property
     def num_replicas(self) -> int:
@@ -1240,8 +1303,12 @@ def fit(
       loss_fn: ``(logits_KxBxC, batch) -> scalar``: a task loss of ``jaxrepro.losses``,
         possibly wrapped in its transforms (default: softmax cross-entropy).
       augment: an augmentation drawing from the ``augment`` source (``jaxrepro.augment``).
-      hparams: per-replica hyperparameters, ``{name: [R] values}``, for an optimizer built with
-        ``optax.inject_hyperparams`` (for instance a learning rate per replica).
+      hparams: per-replica values, ``{name: [R] values}`` (or one value for all): the
+        hyperparameters of an optimizer built with ``optax.inject_hyperparams`` (a learning
+        rate per replica, say), and the weights of the loss transforms, by transform name
+        (``losses.weights``: ``"anti_distillation"``, ``"codistillation"``,
+        ``"anchor_distillation"``, ``"min_entropy"``, ``"label_smoothing"``). Either kind is
+        a traced argument: a sweep trains in one run and one compilation.
       callback: called after each dispatch as ``callback(epochs_done, state, history)``.
 
     Returns:
@@ -1257,6 +1324,14 @@ def fit(
       ...           replicas=2, hparams={"learning_rate": [1e-3, 1e-2]}, epochs=1)
       >>> run.history["accuracy"].shape                   # [R, epochs]
       (2, 1)
+
+      Four anti-distillation weights, one per replica, in one compilation:
+
+      >>> from jaxrepro import losses
+      >>> ens = models.Ensemble(models.MLP(widths=(16,), num_classes=10), num_components=2)
+      >>> loss = losses.anti_distillation(losses.softmax_cross_entropy(), 1.0)
+      >>> run = fit(ens, optax.adam(1e-3), data.load("digits"), loss_fn=loss, replicas=4,
+      ...           hparams={"anti_distillation": [0.0, 0.1, 1.0, 10.0]}, epochs=1)
     """
     if config is None:
         config = FitConfig(**config_kwargs)

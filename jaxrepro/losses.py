@@ -15,8 +15,11 @@ of the K components of one replica (K = 1 for a plain model; the engine adds the
 unless a transform changed them — and the examples' positions in the training set). Any
 function with that signature can be a task's ``loss_fn``; the ones here are frozen dataclasses,
 so two equal losses are equal objects and share compiled training functions, and they are
-jit- and vmap-compatible (the weights are static Python floats: a sweep over a weight compiles
-once per value).
+jit- and vmap-compatible. **Weights are run-time values**: the engine compiles a loss with its
+weights zeroed (``canonical``) and passes each replica's weights as arguments
+(``with_weights``), so losses that differ only in a weight share one compilation, and ``fit``'s
+``hparams`` gives each replica its own weight by transform name (``weights``), a sweep in one
+run.
 
 **Composition.** A transform wraps a loss: ``t2(t1(base))``. When called, a transform first
 rewrites the batch's targets if it is a target transform (``label_smoothing``,
@@ -52,10 +55,12 @@ References:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
 import math
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -297,6 +302,10 @@ class LabelSmoothing:
     loss: Loss
     epsilon: float
 
+    NAME: ClassVar[str] = "label_smoothing"
+    WEIGHT: ClassVar[str] = "epsilon"
+    UPPER: ClassVar[float | None] = 1.0
+
     def __post_init__(self):
         _check_loss("label_smoothing", self.loss)
         object.__setattr__(
@@ -321,17 +330,45 @@ def label_smoothing(loss: Loss, epsilon: float) -> LabelSmoothing:
 @dataclasses.dataclass(frozen=True, eq=False)
 class AnchorDistillation:
     """Targets become ``weight * anchor[index] + (1 - weight) * targets``; see
-    ``anchor_distillation``. Compared by identity (it holds an array)."""
+    ``anchor_distillation``. Two are equal when their loss and weight are and their anchors
+    hold the same bytes (compared by digest)."""
 
     loss: Loss
     weight: float
     anchor: np.ndarray
+
+    NAME: ClassVar[str] = "anchor_distillation"
+    WEIGHT: ClassVar[str] = "weight"
+    UPPER: ClassVar[float | None] = 1.0
 
     def __post_init__(self):
         _check_loss("anchor_distillation", self.loss)
         object.__setattr__(
             self, "weight", _check_weight("anchor_distillation", self.weight, upper=1.0)
         )
+
+    @property
+    def _anchor_digest(self) -> str:
+        digest = self.__dict__.get("_digest")
+        if digest is None:
+            a = np.ascontiguousarray(self.anchor)
+            h = hashlib.sha256(f"{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes())
+            digest = h.hexdigest()
+            object.__setattr__(self, "_digest", digest)
+        return digest
+
+    def __eq__(self, other):
+        if not isinstance(other, AnchorDistillation):
+            return NotImplemented
+        return (
+            self.loss == other.loss
+            and _same_weight(self.weight, other.weight)
+            and self._anchor_digest == other._anchor_digest
+        )
+
+    def __hash__(self):
+        return hash((AnchorDistillation, self.loss, _weight_key(self.weight), self._anchor_digest))
 
     def __call__(self, logits_KxBxC: Array, batch: Batch) -> Array:
         anchor_BxC = jnp.asarray(self.anchor)[batch.index]
@@ -415,6 +452,10 @@ class AntiDistillation:
     output: str = "logits"
     penalty: str = "squared"
 
+    NAME: ClassVar[str] = "anti_distillation"
+    WEIGHT: ClassVar[str] = "weight"
+    UPPER: ClassVar[float | None] = None
+
     def __post_init__(self):
         _check_loss("anti_distillation", self.loss)
         object.__setattr__(self, "weight", _check_weight("anti_distillation", self.weight))
@@ -475,6 +516,10 @@ class Codistillation:
     loss: Loss
     weight: float
 
+    NAME: ClassVar[str] = "codistillation"
+    WEIGHT: ClassVar[str] = "weight"
+    UPPER: ClassVar[float | None] = None
+
     def __post_init__(self):
         _check_loss("codistillation", self.loss)
         object.__setattr__(self, "weight", _check_weight("codistillation", self.weight))
@@ -518,6 +563,10 @@ class MinEntropy:
     loss: Loss
     weight: float
 
+    NAME: ClassVar[str] = "min_entropy"
+    WEIGHT: ClassVar[str] = "weight"
+    UPPER: ClassVar[float | None] = None
+
     def __post_init__(self):
         _check_loss("min_entropy", self.loss)
         object.__setattr__(self, "weight", _check_weight("min_entropy", self.weight))
@@ -537,6 +586,116 @@ def min_entropy(loss: Loss, weight: float) -> MinEntropy:
       Bhojanapalli et al. 2021 (arXiv 2102.03349).
     """
     return MinEntropy(loss, weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights as arguments: one compiled training step for every value of a weight.
+
+_WEIGHTED = (LabelSmoothing, AnchorDistillation, AntiDistillation, Codistillation, MinEntropy)
+
+
+def _same_weight(a, b) -> bool:
+    return float(a) == float(b)
+
+
+def _weight_key(w) -> float:
+    return float(w)
+
+
+def _weighted_nodes(loss: Loss):
+    """``(name, transform)`` for each weighted transform of jaxrepro in ``loss``, outermost
+    first, down to the first loss that is not one (a task loss, or a loss of the user's, whose
+    inside is its own). A transform that occurs again is named ``name:2``, ``name:3``, ..."""
+    seen: dict[str, int] = {}
+    node = loss
+    while isinstance(node, _WEIGHTED):
+        seen[node.NAME] = seen.get(node.NAME, 0) + 1
+        n = seen[node.NAME]
+        yield (node.NAME if n == 1 else f"{node.NAME}:{n}"), node
+        node = node.loss
+
+
+def weights(loss: Loss) -> dict[str, float]:
+    """The weights of the transforms in ``loss``, ``{name: value}``, outermost first.
+
+    Names are the transforms' (``label_smoothing``'s epsilon, ``anchor_distillation``,
+    ``anti_distillation``, ``codistillation``, ``min_entropy``); a transform that occurs a
+    second time is ``name:2``. These are the names ``fit``'s ``hparams`` takes to give each
+    replica its own weight.
+
+    Example:
+      >>> weights(min_entropy(anti_distillation(softmax_cross_entropy(), 0.1), 0.01))
+      {'min_entropy': 0.01, 'anti_distillation': 0.1}
+    """
+    return {name: getattr(node, node.WEIGHT) for name, node in _weighted_nodes(loss)}
+
+
+def weight_bounds(loss: Loss) -> dict[str, float | None]:
+    """``{name: upper bound}`` of the weights of ``loss`` (None: no upper bound; every weight
+    is >= 0)."""
+    return {name: node.UPPER for name, node in _weighted_nodes(loss)}
+
+
+def check_weight(loss: Loss, name: str, values) -> np.ndarray:
+    """``values`` (a number or one per replica) as float32, checked against the bounds of the
+    transform ``name`` of ``loss``; ValueError naming the weight otherwise."""
+    bounds = weight_bounds(loss)
+    if name not in bounds:
+        have = ", ".join(bounds) or "none"
+        raise ValueError(f"the loss has no weight {name!r} (its weights: {have})")
+    a = np.asarray(values)
+    if a.dtype == bool or not (
+        np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)
+    ):
+        raise ValueError(f"hparams[{name!r}]: weights must be numbers, got {values!r}")
+    a = a.astype(np.float32)
+    upper = bounds[name]
+    bad = ~np.isfinite(a) | (a < 0) | ((a > upper) if upper is not None else False)
+    if np.any(bad):
+        bound = f"in [0, {upper}]" if upper is not None else ">= 0 and finite"
+        raise ValueError(f"hparams[{name!r}]: every weight must be {bound}, got {a[bad].tolist()}")
+    return a
+
+
+def with_weights(loss: Loss, values: Mapping[str, Any]) -> Loss:
+    """``loss`` with the weights named in ``values`` replaced (names as in ``weights``).
+
+    The values are not checked and may be traced arrays: the engine keeps one compiled training
+    step per loss *structure* and feeds each replica's weights as arguments (the
+    ``canonical`` loss with the replica's weights put back gives the same computation as the
+    loss built with those weights, to float rounding: a traced weight is a float32 argument
+    where a static one was folded into the program as a constant).
+    """
+    names = {name for name, _ in _weighted_nodes(loss)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(
+            f"the loss has no weight {', '.join(map(repr, unknown))} "
+            f"(its weights: {', '.join(sorted(names)) or 'none'})"
+        )
+    return _rebuild(loss, values, {})
+
+
+def _rebuild(node, values, seen):
+    if not isinstance(node, _WEIGHTED):
+        return node
+    seen[node.NAME] = seen.get(node.NAME, 0) + 1
+    name = node.NAME if seen[node.NAME] == 1 else f"{node.NAME}:{seen[node.NAME]}"
+    inner = _rebuild(node.loss, values, seen)
+    if name not in values and inner is node.loss:
+        return node
+    new = copy.copy(node)
+    object.__setattr__(new, "loss", inner)
+    if name in values:
+        object.__setattr__(new, node.WEIGHT, values[name])
+    return new
+
+
+def canonical(loss: Loss) -> Loss:
+    """``loss`` with every weight set to 0.0: equal for losses that differ in their weights
+    only, so they share one compiled training step (the engine passes the weights at run
+    time)."""
+    return with_weights(loss, {name: 0.0 for name in weights(loss)})
 
 
 TRANSFORMS: dict[str, Any] = {

@@ -8,12 +8,13 @@ flag per config field (its default and help text), plus the run's own flags (``-
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import typing
 from collections.abc import Sequence
 from typing import Any
 
-from jaxrepro import distributed, engine, portable
+from jaxrepro import compilation, distributed, engine, portable
 from jaxrepro.studies import runner
 from jaxrepro.studies.base import ConfigError, StudyConfig, field_help
 
@@ -27,7 +28,7 @@ def define_flags(
 ) -> None:
     """Defines one absl flag per config field, plus ``--workdir``, ``--quick``,
     ``--checkpoint_every``, ``--keep_checkpoints``, ``--deterministic``, ``--portable``,
-    ``--cpu_devices`` and
+    ``--compilation_cache``, ``--cpu_devices`` and
     the multi-process flags (``--coordinator_address``, ``--num_processes``, ``--process_id``,
     ``--distributed``). Field defaults are the flag defaults;
     list fields take commas. The flags are registered as the main module's (``module_name``,
@@ -84,6 +85,14 @@ def define_flags(
         "no fused multiply-add, no run-time kernel dispatch), so the results are bitwise the "
         "same on any x86-64 CPU; --noportable uses everything the host has (faster or not, "
         "see BUILD_NOTES.md); recorded in results.json with the machine",
+        **kw,
+    )
+    flags.DEFINE_string(
+        "compilation_cache",
+        "default",
+        "JAX's persistent compilation cache, so a rerun skips XLA compilation: a directory, "
+        "'default' ($JAXREPRO_COMPILATION_CACHE, else ~/.cache/jaxrepro/xla; one subdirectory "
+        "per machine kind) or 'off'; the results do not depend on it",
         **kw,
     )
     flags.DEFINE_integer(
@@ -185,6 +194,19 @@ def main(config_cls: type[StudyConfig], argv: Sequence[str], flag_values=None) -
         if fv["cpu_devices"].present:
             raise
         # JAX already started in this process (a Python caller chose its devices): they stand.
+    cache = fv["compilation_cache"].value.strip()
+    if not cache:
+        raise app.UsageError("--compilation_cache: give a directory, 'default' or 'off'")
+    if cache == "default":
+        env = os.environ.get(compilation.CACHE_ENV, "").strip()
+        cache = "off" if env == "off" else "default"
+    if cache != "off":
+        try:
+            compilation.enable_cache(None if cache == "default" else cache)
+        except OSError as e:
+            raise app.UsageError(
+                f"--compilation_cache: cannot use {cache!r} ({e}); give another directory or 'off'"
+            ) from None
     try:
         distributed.initialize(
             fv["coordinator_address"].value,
