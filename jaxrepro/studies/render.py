@@ -108,15 +108,19 @@ def fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def head(title: str, config, seconds: float) -> list[str]:
-    """The first lines of a report: title, config, time."""
+def head(title: str, config, seconds: float, compile_seconds: float | None = None) -> list[str]:
+    """The first lines of a report: title, config, time (and the part spent compiling)."""
+    compiling = ""
+    if compile_seconds is not None:
+        share = f" ({100 * compile_seconds / seconds:.0f}%)" if seconds > 0 else ""
+        compiling = f", of which tracing and compiling {fmt_seconds(compile_seconds)}{share}"
     return [
         f"# {title}",
         "",
         f"Config: `{json.dumps(files.to_json(config.to_dict()), separators=(',', ':'))}`",
         "",
-        f"Training and evaluation time of the trials: {fmt_seconds(seconds)} (timings.json; "
-        "a resumed trial counts its last session only).",
+        f"Training and evaluation time of the trials: {fmt_seconds(seconds)}{compiling} "
+        "(timings.json, per trial; a resumed trial counts its last session only).",
         "",
     ]
 

@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxrepro import data, distributed, engine, files, metrics
+from jaxrepro import compilation, data, distributed, engine, files, metrics
 from jaxrepro import portable as portable_mode
 from jaxrepro.studies import workdir as wd
 from jaxrepro.studies.base import ConfigError, StudyConfig
@@ -181,12 +181,13 @@ def train_trials(
     keep_checkpoints: bool = True,
     progress: wd.Progress | None = None,
     on_checkpoint: Callable[[str, int], None] | None = None,
-    timings: dict[str, float] | None = None,
+    timings: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, wd.Predictions]:
     """Trains every trial without saved predictions in ``workdir`` and saves them.
 
-    ``timings`` (trial name -> seconds, default: workdir/timings.json as process 0 reads it)
-    gets each trained trial's wall time and is written back to timings.json.
+    ``timings`` (``{"seconds": {trial: s}, "compile_seconds": {trial: s}}``, default:
+    workdir/timings.json as process 0 reads it) gets each trained trial's wall time and the
+    part of it spent tracing, lowering and compiling, and is written back to timings.json.
 
     Returns:
       ``{trial name: Predictions}`` in trial order (loaded for trials finished earlier).
@@ -226,20 +227,26 @@ def train_trials(
             index=(k, len(trials)),
             on_checkpoint=on_checkpoint,
         )
-        start = time.perf_counter()
+        start, compile_start = time.perf_counter(), compilation.compile_seconds()
         out[trial.name] = predict(trial, run)
         wd.save_predictions(workdir, trial.name, out[trial.name])
-        timings[trial.name] = run.seconds + time.perf_counter() - start
-        files.atomic_write_json(workdir / "timings.json", {"seconds": timings})
+        timings["seconds"][trial.name] = run.seconds + time.perf_counter() - start
+        timings["compile_seconds"][trial.name] = (
+            run.compile_seconds + compilation.compile_seconds() - compile_start
+        )
+        files.atomic_write_json(workdir / "timings.json", timings)
         if not keep_checkpoints and distributed.is_writer():
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return out
 
 
-def read_timings(workdir: str | os.PathLike) -> dict[str, float]:
-    """Trial name -> seconds from workdir/timings.json, as process 0 reads it."""
+def read_timings(workdir: str | os.PathLike) -> dict[str, dict[str, float]]:
+    """``{"seconds": {trial: s}, "compile_seconds": {trial: s}}`` from workdir/timings.json, as
+    process 0 reads it (empty where the file or a part of it is missing)."""
     held = files.read_json(Path(workdir) / "timings.json") or {}
-    return distributed.from_writer(held.get("seconds", {}))
+    held = held if isinstance(held, dict) else {}
+    out = {k: dict(held.get(k) or {}) for k in ("seconds", "compile_seconds")}
+    return distributed.from_writer(out)
 
 
 def study_module(config_or_name: StudyConfig | str):
@@ -352,11 +359,12 @@ def run(
     # with intervals), where it has them: in results.json beside the records they come from.
     summarise = getattr(study, "summarise", None)
     summary = {} if summarise is None else {"summary": files.to_json(summarise(config, records))}
-    seconds = sum(timings.get(t.name, 0.0) for t in trials)
+    seconds = sum(timings["seconds"].get(t.name, 0.0) for t in trials)
+    compiling = sum(timings["compile_seconds"].get(t.name, 0.0) for t in trials)
     body = report_module(config).render(config, analysis, workdir)
     machine = portable_mode.machine()
     markdown = "\n".join(
-        head(study.TITLE, config, seconds)
+        head(study.TITLE, config, seconds, compiling)
         + body
         + diverged_note(records)
         + versions_note()

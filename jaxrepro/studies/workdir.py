@@ -10,7 +10,8 @@ Layout::
                            the model gave them), labels, replica ids, kept replicas, last-epoch
                            training loss and accuracy, and the trial's JSON measures
     results.json           the analysis of all trials (written once every trial is finished)
-    timings.json           wall time per trial (kept out of results.json, which is deterministic)
+    timings.json           wall time per trial and its compilation part (kept out of
+                           results.json, which is deterministic)
     report.md, *.png       the rendered report
 """
 
