@@ -121,7 +121,8 @@ class FitConfig:
 
     Attributes:
       replicas: a count R (replicas 0..R-1) or explicit replica indices; replica ``r`` is the
-        same model whichever other replicas train beside it.
+        same model whichever other replicas train beside it. Indices may repeat: a paired
+        sweep, whose arms (told apart by ``fit``'s per-replica ``hparams``) share their keys.
       seed: the root seed, an integer in ``[0, 2**32)``.
       vary: sources whose key differs per replica (others are fixed): any of
         ``randomness.SOURCES``, or ``"all"``.
@@ -175,8 +176,8 @@ class FitConfig:
             ids = tuple(int(r) for r in self.replicas)
             if not ids:
                 raise ValueError("replicas: the list of replica indices is empty")
-            if min(ids) < 0 or len(set(ids)) != len(ids):
-                raise ValueError(f"replicas: indices must be distinct and >= 0, got {ids}")
+            if min(ids) < 0:
+                raise ValueError(f"replicas: indices must be >= 0, got {ids}")
             object.__setattr__(self, "replicas", ids)
         for name in ("batch_size", "epochs", "epochs_per_call"):
             if int(getattr(self, name)) < 1:

@@ -77,7 +77,17 @@ from jaxrepro.files import (
 from jaxrepro.studies.base import SETTINGS, ConfigError, StudyConfig, flag_field, require
 from jaxrepro.studies.flags import config_from_flags, define_flags, main
 from jaxrepro.studies.render import fmt, markdown_table
-from jaxrepro.studies.runner import Analysis, Trial, predict, record, run, train_trial, train_trials
+from jaxrepro.studies.runner import (
+    Analysis,
+    Part,
+    Trial,
+    predict,
+    record,
+    record_infos,
+    run,
+    train_trial,
+    train_trials,
+)
 from jaxrepro.studies.workdir import (
     Predictions,
     Progress,
@@ -110,6 +120,7 @@ __all__ = [
     "StudyConfig",
     "SyntheticConfig",
     "TestSetVarianceConfig",
+    "Part",
     "Trial",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -126,6 +137,7 @@ __all__ = [
     "prepare_workdir",
     "read_json",
     "record",
+    "record_infos",
     "require",
     "restore_checkpoint",
     "run",

@@ -279,7 +279,7 @@ def test_runs_under_disable_jit(ds):
         (dict(epochs=0), "epochs must be >= 1"),
         (dict(window=0), "window must be >= 1"),
         (dict(strategy="pmap"), "unknown strategy 'pmap'"),
-        (dict(replicas=(1, 1)), "distinct"),
+        (dict(replicas=(1, -1)), "indices must be >= 0"),
         (dict(perturb_scale=float("nan")), "perturb_scale"),
         (dict(devices=64), "devices=64 but only"),
         (dict(devices=0), "devices must be >= 1"),

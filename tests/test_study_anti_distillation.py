@@ -95,7 +95,7 @@ def test_binary_quick_end_to_end(quick_run):
     for png in pngs:
         assert plots.is_png(workdir / png), png
         assert f"]({png})" in report
-    assert "config 3/3 synthetic/ensemble-K2/ad-1 epoch 2/2" in proc.stderr
+    assert "config 2/2 synthetic/ensemble-K2 epoch 2/2" in proc.stderr  # one sweep per K
     assert not [p for p in workdir.rglob("*.tmp")]
 
 
@@ -114,7 +114,7 @@ def test_report_is_deterministic_and_reads_back(quick_run, tmp_path):
     assert (workdir / "results.json").read_bytes() == before
     assert "\n".join(first) in out["report_markdown"]
     # The analysis alone, from the saved predictions, gives the same records.
-    preds = {t.name: study.load_predictions(workdir, t.name) for t in ad.trials(config)}
+    preds = {n: study.load_predictions(workdir, n) for n in study.record_infos(ad.trials(config))}
     again = study.to_json(dict(ad.analyse(config, preds).records))
     assert again == json.loads(before)["results"]
 
@@ -129,13 +129,13 @@ def test_report_with_codistillation_and_more_lambdas(quick_run, tmp_path):
     workdir, _ = quick_run
     config = AntiDistillationConfig.quick(codistillation_alpha=0.5, lambdas=(1.0, 2.0))
     saved = {
-        t.name: study.load_predictions(workdir, t.name)
-        for t in ad.trials(AntiDistillationConfig.quick())
+        n: study.load_predictions(workdir, n)
+        for n in study.record_infos(ad.trials(AntiDistillationConfig.quick()))
     }
     plain = saved["synthetic/ensemble-K2/plain"]
     preds = {
-        t.name: saved.get(t.name) or dataclasses.replace(plain, info=t.info)
-        for t in ad.trials(config)
+        n: saved.get(n) or dataclasses.replace(plain, info=info)
+        for n, info in study.record_infos(ad.trials(config)).items()
     }
     analysis = ad.analyse(config, preds)
     lines = "\n".join(report.render(config, analysis, tmp_path))
@@ -232,19 +232,25 @@ def test_flags_give_the_config():
 def test_default_trials_names_info_and_shared_objects():
     config = AntiDistillationConfig()
     trials = ad.trials(config)
-    names = [t.name for t in trials]
+    infos = study.record_infos(trials)
     per_k = ["plain", "ad-0.01", "ad-0.1", "ad-1", "ad-10", "ad-100", "codistill-1"]
-    assert names == [
+    assert list(infos) == [
         f"{d}/{v}"
         for d in ("mnist1d", "synthetic")
         for v in ["single"] + [f"ensemble-K{k}/{p}" for k in (2, 4) for p in per_k]
+    ]
+    # One fit per dataset and K: the seven arms are one sweep of the loss weights.
+    assert [t.name for t in trials] == [
+        f"{d}/{v}"
+        for d in ("mnist1d", "synthetic")
+        for v in ("single", "ensemble-K2", "ensemble-K4")
     ]
     by_name = {t.name: t for t in trials}
     single = by_name["mnist1d/single"]
     assert single.fit.replica_ids.tolist() == list(range(16 * 4))
     assert single.task.num_components is None
-    t = by_name["mnist1d/ensemble-K4/ad-0.1"]
-    assert t.info == {
+    t = by_name["mnist1d/ensemble-K4"]
+    assert infos["mnist1d/ensemble-K4/ad-0.1"] == {
         "dataset": "mnist1d",
         "num_train": 4000,
         "num_test": 1000,
@@ -255,22 +261,32 @@ def test_default_trials_names_info_and_shared_objects():
         "alpha": None,
         "replicas": 16,
     }
-    assert t.task.num_components == 4 and len(t.fit.replica_ids) == 16
-    assert t.task.loss_fn == losses.anti_distillation(losses.softmax_cross_entropy(), 0.1)
-    assert by_name["synthetic/ensemble-K2/codistill-1"].task.loss_fn == losses.codistillation(
-        losses.softmax_cross_entropy(), 1.0
+    assert t.task.num_components == 4
+    # Replica r of every arm has the same keys: ids 0..15 once per arm.
+    assert t.fit.replica_ids.tolist() == list(range(16)) * len(per_k)
+    part = {p.name: p for p in t.parts}["mnist1d/ensemble-K4/ad-0.1"]
+    assert (part.start, part.stop) == (32, 48)
+    assert t.task.loss_fn == losses.codistillation(
+        losses.anti_distillation(losses.softmax_cross_entropy(), 0.0), 0.0
     )
-    # One optimizer object and one model per (dataset, K): compiled functions are shared.
+    lam, alpha = t.hparams["anti_distillation"], t.hparams["codistillation"]
+    assert set(lam[part.start : part.stop]) == {0.1}
+    assert set(alpha[part.start : part.stop]) == {0.0}
+    assert set(lam[:16]) == set(alpha[:16]) == {0.0}  # plain
+    assert set(lam[-16:]) == {0.0} and set(alpha[-16:]) == {1.0}  # codistill-1
     assert len({id(t.task.tx) for t in trials}) == 1
-    assert len({id(t.task.model) for t in trials if t.name.startswith("mnist1d/ensemble-K4")}) == 1
     synth = by_name["synthetic/single"].data
     assert (synth.num_train, synth.num_test, synth.num_classes) == (4000, 1000, 2)
 
 
 def test_codistillation_trials_only_when_alpha_is_positive():
-    names = [t.name for t in ad.trials(AntiDistillationConfig.quick(codistillation_alpha=0.5))]
+    names = list(
+        study.record_infos(ad.trials(AntiDistillationConfig.quick(codistillation_alpha=0.5)))
+    )
     assert names == QUICK_TRIALS + ["synthetic/ensemble-K2/codistill-0.5"]
-    assert [t.name for t in ad.trials(AntiDistillationConfig.quick())] == QUICK_TRIALS
+    assert list(study.record_infos(ad.trials(AntiDistillationConfig.quick()))) == QUICK_TRIALS
+    sweep = ad.trials(AntiDistillationConfig.quick())[1]
+    assert losses.weights(sweep.task.loss_fn) == {"anti_distillation": 0.0}
 
 
 # --- statistics -----------------------------------------------------------------------------
@@ -285,7 +301,7 @@ def test_analysis_pairs_replicas_and_skips_diverged_ones():
     plain ensemble's is 'lower', paired on the replicas finite in both arms."""
     config = AntiDistillationConfig.quick()
     labels = (np.arange(128) % 2).astype(np.int32)  # the quick run's shapes: shared compiles
-    info = {t.name: t.info for t in ad.trials(config)}
+    info = study.record_infos(ad.trials(config))
 
     def pred(name, probs):
         r = probs.shape[0]

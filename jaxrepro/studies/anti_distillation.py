@@ -61,7 +61,7 @@ from jaxrepro.studies.base import (
     load_dataset,
     require,
 )
-from jaxrepro.studies.runner import Analysis, Trial, record
+from jaxrepro.studies.runner import Analysis, Part, Trial, record
 from jaxrepro.studies.workdir import Predictions
 
 TITLE = "Anti-distillation: decorrelated ensembles and reproducibility"
@@ -248,21 +248,48 @@ def trials(config: AntiDistillationConfig) -> list[Trial]:
         )
         out.append(Trial(single_name(name), task, ds, single, info))
         for k in config.ks:
-            model = models.Ensemble(mlp, num_components=k)
-            for variant, kind, weight in variants(config):
-                task = engine.Task(model=model, tx=tx, loss_fn=_loss(config, kind, weight))
-                codistill = kind == "codistillation"
-                info = dict(
-                    base,
-                    kind=kind,
-                    K=k,
-                    **{"lambda": None if codistill else weight},
-                    alpha=weight if codistill else None,
-                    replicas=config.replicas,
-                )
-                name_k = ensemble_name(name, k, variant)
-                out.append(Trial(name_k, task, ds, fit, info, measure=measure_components))
+            out.append(_sweep(config, ds, base, models.Ensemble(mlp, num_components=k), tx, fit))
     return out
+
+
+def _sweep(config, ds, base: dict, model, tx, fit) -> Trial:
+    """Every ensemble arm of one (dataset, K) as one fit: the plain, anti-distilled and
+    codistilled ensembles are one loss, ``codistillation(anti_distillation(task loss, lambda),
+    alpha)``, whose weights differ per replica (``hparams``; (0, 0) is the plain ensemble, whose
+    loss and gradient the zero-weighted terms leave unchanged: they add exact zeros). One
+    compilation trains the whole lambda sweep. Replica r of every arm has the same keys (ids
+    0..R-1 repeated), so the arms' paired comparisons pair replicas trained alike."""
+    k = model.num_components
+    arms = variants(config)
+    loss = _loss(config, "anti_distillation", 0.0)
+    if config.codistillation_alpha > 0:
+        loss = losses.codistillation(loss, 0.0)
+    r = config.replicas
+    hparams: dict[str, list[float]] = {n: [] for n in losses.weights(loss)}
+    parts = []
+    for i, (variant, kind, weight) in enumerate(arms):
+        for name in hparams:
+            hparams[name] += [weight if kind == name else 0.0] * r
+        codistill = kind == "codistillation"
+        info = dict(
+            base,
+            kind=kind,
+            K=k,
+            **{"lambda": None if codistill else weight},
+            alpha=weight if codistill else None,
+            replicas=r,
+        )
+        parts.append(Part(ensemble_name(base["dataset"], k, variant), i * r, (i + 1) * r, info))
+    return Trial(
+        f"{base['dataset']}/ensemble-K{k}",
+        engine.Task(model=model, tx=tx, loss_fn=loss),
+        ds,
+        dataclasses.replace(fit, replicas=tuple(range(r)) * len(arms)),
+        dict(base, kind="sweep", K=k),
+        measure=measure_components,
+        hparams={n: tuple(v) for n, v in hparams.items()},
+        parts=tuple(parts),
+    )
 
 
 def measure_components(run: engine.Run, ds, keep: np.ndarray) -> dict[str, Any]:
@@ -271,10 +298,15 @@ def measure_components(run: engine.Run, ds, keep: np.ndarray) -> dict[str, Any]:
     ids = np.flatnonzero(keep)
     if len(ids) < 2:
         return {}
-    return {
-        split: metrics.component_stats(run.predict(x, logits=True, components=True)[ids], y)
-        for split, x, y in (("test", ds.x_test, ds.y_test), ("train", ds.x_train, ds.y_train))
-    }
+    # A sweep measures each arm on its own replicas: the components' logits of the whole run
+    # are computed once and kept with the run.
+    memo = run.__dict__.setdefault("_component_logits", {})
+    out = {}
+    for split, x, y in (("test", ds.x_test, ds.y_test), ("train", ds.x_train, ds.y_train)):
+        if split not in memo:
+            memo[split] = run.predict(x, logits=True, components=True)
+        out[split] = metrics.component_stats(memo[split][ids], y)
+    return out
 
 
 def _group(probs_RxNxC: np.ndarray, k: int) -> np.ndarray:

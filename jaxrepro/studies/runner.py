@@ -39,20 +39,45 @@ from jaxrepro.studies.render import diverged_note, head, versions_note
 
 
 @dataclasses.dataclass(frozen=True)
-class Trial:
-    """One replica set of a study.
+class Part:
+    """A named block of a sweep trial's replicas, recorded as a trial of its own.
 
     Attributes:
-      name: unique within the study; the key of its record in results.json.
+      name: the key of its record in results.json (unique within the study).
+      start, stop: the block is the sweep's replicas ``start .. stop - 1``, in stack order.
+      info: its coordinates in the study's grids (JSON-ready).
+    """
+
+    name: str
+    start: int
+    stop: int
+    info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One replica set of a study: one fit.
+
+    A *sweep* trial trains several arms in one fit, and so in one compilation: ``hparams``
+    gives each replica its own optimizer hyperparameters or loss weights (``engine.fit``), and
+    ``parts`` cut its replicas into blocks, each saved and recorded as a trial of its own (an
+    arm). The arms' replicas may repeat ids, so that replica r of every arm shares its keys.
+
+    Attributes:
+      name: unique within the study; the key of its record in results.json (for a sweep: the
+        name of its checkpoints and timings; its parts have the records).
       task: model, optimizer and loss (reuse the same objects across trials: compiled
         functions are cached by them).
       data: the dataset.
       fit: how the replicas are trained.
       info: the trial's coordinates in the study's grids (JSON-ready), stored with its record.
-      measure: optional ``(run, data, keep) -> dict`` of JSON-ready values measured on the
+        measure: optional ``(run, data, keep) -> dict`` of JSON-ready values measured on the
         trained replicas beyond their test predictions (``keep``: bool ``[R]``, the replicas
         that stayed finite; saved with the predictions), e.g. statistics of an ensemble's
-        components on the training set.
+        components on the training set. For a sweep it is called once per part, ``keep``
+        holding that part's replicas only.
+      hparams: per-replica values for ``engine.Engine`` (``{name: [R] values}``).
+      parts: the arms of a sweep (empty: the trial is recorded whole).
     """
 
     name: str
@@ -61,6 +86,13 @@ class Trial:
     fit: engine.FitConfig
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     measure: Callable[[engine.Run, data.Dataset, np.ndarray], dict] | None = None
+    hparams: Mapping[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
+    parts: tuple[Part, ...] = ()
+
+    @property
+    def record_names(self) -> list[str]:
+        """The names its predictions and records are saved under."""
+        return [p.name for p in self.parts] if self.parts else [self.name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +101,15 @@ class Analysis:
     trial order) go to results.json; a study's subclass adds the fields its report needs."""
 
     records: Mapping[str, dict]
+
+
+def record_infos(trials: Sequence[Trial]) -> dict[str, Mapping[str, Any]]:
+    """Record name -> info of every record ``trials`` produce, in order (a sweep's parts in
+    place of the sweep): the keys of ``analyse``'s predictions and of results.json."""
+    out: dict[str, Mapping[str, Any]] = {}
+    for t in trials:
+        out.update({p.name: p.info for p in t.parts} if t.parts else {t.name: t.info})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +135,7 @@ def train_trial(
     """Trains one trial with ``Engine.run``, resuming from its latest checkpoint and saving
     whenever a multiple of ``checkpoint_every`` epochs is reached, and after the last epoch.
     Where the checkpoints fall never changes the result."""
-    eng = engine.Engine(trial.task, trial.data, trial.fit)
+    eng = engine.Engine(trial.task, trial.data, trial.fit, hparams=trial.hparams or None)
     epochs = trial.fit.epochs
     per_epoch, _ = _units(trial)
     state, first, history = None, 0, None
@@ -131,22 +172,30 @@ def train_trial(
     )
 
 
-def predict(trial: Trial, run: engine.Run) -> wd.Predictions:
-    """A trained trial's ``Predictions``: test probabilities, the replicas that stayed finite
-    (in training and in their predictions), the last epoch's training means and the trial's
-    measures."""
+def predict(trial: Trial, run: engine.Run) -> dict[str, wd.Predictions]:
+    """A trained trial's ``Predictions`` by record name (its parts' for a sweep): test
+    probabilities, the replicas that stayed finite (in training and in their predictions), the
+    last epoch's training means and the trial's measures."""
     probs_RxNxC = np.asarray(run.predict(trial.data.x_test), np.float32)
     keep = ~np.asarray(run.diverged) & np.asarray(metrics.finite_replicas(probs_RxNxC))
-    return wd.Predictions(
-        info=dict(trial.info),
-        probs=probs_RxNxC,
-        labels=np.asarray(trial.data.y_test, np.int32),
-        replica_ids=np.asarray(run.replica_ids),
-        keep=keep,
-        train_loss=np.asarray(run.history["loss"][:, -1]),
-        train_accuracy=np.asarray(run.history["accuracy"][:, -1]),
-        measures=files.to_json(trial.measure(run, trial.data, keep)) if trial.measure else {},
-    )
+    parts = trial.parts or (Part(trial.name, 0, len(keep), trial.info),)
+    out = {}
+    for part in parts:
+        block = slice(part.start, part.stop)
+        keep_part = np.zeros_like(keep)
+        keep_part[block] = keep[block]
+        measures = trial.measure(run, trial.data, keep_part) if trial.measure else {}
+        out[part.name] = wd.Predictions(
+            info=dict(part.info),
+            probs=probs_RxNxC[block],
+            labels=np.asarray(trial.data.y_test, np.int32),
+            replica_ids=np.asarray(run.replica_ids)[block],
+            keep=keep[block],
+            train_loss=np.asarray(run.history["loss"][block, -1]),
+            train_accuracy=np.asarray(run.history["accuracy"][block, -1]),
+            measures=files.to_json(measures),
+        )
+    return out
 
 
 def record(pred: wd.Predictions, **compare_kwargs) -> dict[str, Any]:
@@ -192,28 +241,37 @@ def train_trials(
     Returns:
       ``{trial name: Predictions}`` in trial order (loaded for trials finished earlier).
     """
-    names = [t.name for t in trials]
+    names = [t.name for t in trials] + [n for t in trials if t.parts for n in t.record_names]
     if len(set(names)) != len(names):
         raise ValueError(f"trial names must be unique, got {names}")
     workdir = Path(workdir)
     # Process 0's view of what is finished, on every process (they must train the same trials).
     finished = distributed.from_writer(
-        [t.name for t in trials if wd.predictions_path(workdir, t.name).exists()]
+        [
+            t.name
+            for t in trials
+            if all(wd.predictions_path(workdir, n).exists() for n in t.record_names)
+        ]
     )
     if timings is None:
         timings = read_timings(workdir)
     out: dict[str, wd.Predictions] = {}
     for k, trial in enumerate(trials, start=1):
-        pred = wd.load_predictions(workdir, trial.name) if trial.name in finished else None
+        infos = {p.name: p.info for p in trial.parts} or {trial.name: trial.info}
+        preds = None
+        if trial.name in finished:
+            preds = {n: wd.load_predictions(workdir, n) for n in trial.record_names}
+            preds = None if any(p is None for p in preds.values()) else preds
         # Process 0 decides (an unreadable file is trained again, by every process alike).
-        if distributed.from_writer(pred is not None):
-            if pred is None:
+        if distributed.from_writer(preds is not None):
+            if preds is None:
                 raise RuntimeError(
-                    f"process {jax.process_index()} cannot read "
-                    f"{wd.predictions_path(workdir, trial.name)}, which process 0 reads: the "
-                    "workdir must be on storage every process reads (as orbax requires)"
+                    f"process {jax.process_index()} cannot read the predictions of "
+                    f"{trial.name} in {workdir}, which process 0 reads: the workdir must be on "
+                    "storage every process reads (as orbax requires)"
                 )
-            out[trial.name] = dataclasses.replace(pred, info=dict(trial.info))
+            for n, pred in preds.items():
+                out[n] = dataclasses.replace(pred, info=dict(infos[n]))
             if progress is not None:
                 units, epochs = _units(trial)
                 progress.skip(units * epochs)
@@ -228,8 +286,10 @@ def train_trials(
             on_checkpoint=on_checkpoint,
         )
         start, compile_start = time.perf_counter(), compilation.compile_seconds()
-        out[trial.name] = predict(trial, run)
-        wd.save_predictions(workdir, trial.name, out[trial.name])
+        preds = predict(trial, run)
+        for n, pred in preds.items():
+            wd.save_predictions(workdir, n, pred)
+        out.update(preds)
         timings["seconds"][trial.name] = run.seconds + time.perf_counter() - start
         timings["compile_seconds"][trial.name] = (
             run.compile_seconds + compilation.compile_seconds() - compile_start
