@@ -1044,7 +1044,7 @@ class Engine:
         )
 
     def _train_padded(
-        self, state: TrainState, first_epoch: int, num_epochs: int
+        self, state: TrainState, first_epoch: int, num_epochs: int, *, to_host: bool = True
     ) -> tuple[TrainState, dict[str, np.ndarray]]:
         c = self.config
         state, metrics = _train_epochs_R(
@@ -1064,6 +1064,8 @@ class Engine:
             num_epochs=num_epochs,
             deterministic=c.deterministic,
         )
+        if not to_host:  # left on the device: the next dispatch need not wait for this one
+            return state, metrics
         metrics = self.placement.to_host(metrics)
         return state, {k: np.asarray(v, np.float32) for k, v in metrics.items()}
 
@@ -1124,11 +1126,15 @@ class Engine:
             for k in ("loss", "accuracy")
         }
         done = first_epoch
+        pending = []  # without a callback, the metrics stay on the device until the end
         while done < c.epochs:
             n = min(c.epochs_per_call, c.epochs - done)
-            state, metrics = self._train_padded(state, done, n)
-            for k in past:
-                past[k].append(metrics[k])
+            state, metrics = self._train_padded(state, done, n, to_host=callback is not None)
+            if callback is None:
+                pending.append(metrics)
+            else:
+                for k in past:
+                    past[k].append(metrics[k])
             done += n
             if callback is not None:
                 wanted = callback_state is None or callback_state(done)
@@ -1137,6 +1143,10 @@ class Engine:
                     self.placement.unpad(state) if wanted else None,
                     {k: np.concatenate(v, axis=1) for k, v in past.items()},
                 )
+        for metrics in pending:
+            metrics = self.placement.to_host(metrics)
+            for k in past:
+                past[k].append(np.asarray(metrics[k], np.float32))
         jax.block_until_ready(state)
         return Run(
             task=self.task,

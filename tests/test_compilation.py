@@ -1,5 +1,6 @@
 """Compile once: equal optimizers, traced loss weights, the persistent cache, compile time."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -200,10 +201,11 @@ def test_optimizer_and_loss_hparams_together(ds):
         tx,
         ds,
         loss_fn=loss,
-        replicas=2,
+        replicas=(1, 1),  # one replica's keys, two arms
         hparams={"learning_rate": [1e-2, 3e-2], "min_entropy": [0.0, 0.5]},
         **BASE,
     )
+    assert not _equal(run.replica(0).params, run.replica(1).params)
     assert run.state.opt_state.hyperparams["learning_rate"].tolist() == pytest.approx([1e-2, 3e-2])
     alone = engine.fit(
         MODEL,
@@ -307,3 +309,55 @@ def test_the_cache_directory_defaults_and_refusals(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         compilation.enable_cache(blocker)
     assert compilation.cache_dir() is None
+
+
+# --- studies: sweep trials and released programs ---------------------------------------------
+
+
+def test_a_sweep_trial_saves_its_parts_and_long_studies_release_programs(ds, tmp_path, monkeypatch):
+    from jaxrepro.studies import runner
+
+    fit = engine.FitConfig(replicas=(0, 1) * 2, epochs=1, batch_size=32, strategy="map")
+    loss = losses.label_smoothing(losses.softmax_cross_entropy(), 0.0)
+    sweep = runner.Trial(
+        "sweep",
+        engine.Task(MODEL, optax.adam(1e-2), loss),
+        ds,
+        fit,
+        hparams={"label_smoothing": (0.0, 0.0, 0.2, 0.2)},
+        parts=(
+            runner.Part("eps-0", 0, 2, {"eps": 0.0}),
+            runner.Part("eps-0.2", 2, 4, {"eps": 0.2}),
+        ),
+    )
+    other = runner.Trial(
+        "other",
+        engine.Task(models.MLP(widths=(4,), num_classes=3), optax.adam(1e-2)),
+        ds,
+        engine.FitConfig(replicas=2, epochs=1, batch_size=32, strategy="map"),
+    )
+    cleared = []
+    monkeypatch.setattr(runner, "KEEP_PROGRAMS", 1)
+    monkeypatch.setattr(runner.jax, "clear_caches", lambda: cleared.append(len(cleared)))
+    again = dataclasses.replace(sweep, name="again", parts=(runner.Part("again-0", 0, 4, {}),))
+    preds = runner.train_trials([sweep, again, other], tmp_path, progress=None)
+    assert list(preds) == ["eps-0", "eps-0.2", "again-0", "other"]
+    assert runner.record_infos([sweep, other]) == {
+        "eps-0": {"eps": 0.0},
+        "eps-0.2": {"eps": 0.2},
+        "other": {},
+    }
+    # The first sweep's task is used again by the second: released after the second, then other.
+    assert cleared == [0, 1]
+    assert preds["eps-0.2"].replica_ids.tolist() == [0, 1]
+    # The arms' replica 0 share keys but not weights; the repeated sweep gives the same bits.
+    assert np.array_equal(preds["again-0"].probs[2:], preds["eps-0.2"].probs)
+    assert not np.array_equal(preds["eps-0"].probs, preds["eps-0.2"].probs)
+    alone = engine.fit(
+        MODEL, optax.adam(1e-2), ds,
+        loss_fn=losses.label_smoothing(losses.softmax_cross_entropy(), 0.2),
+        replicas=(1,), epochs=1, batch_size=32, strategy="map",
+    )  # fmt: skip
+    assert np.array_equal(alone.predict(ds.x_test)[0], preds["eps-0.2"].probs[1])
+    again = runner.train_trials([sweep], tmp_path, progress=None)  # saved: nothing trained
+    assert np.array_equal(again["eps-0"].probs, preds["eps-0"].probs)

@@ -8,6 +8,8 @@ independently trained models (the reference at equal compute, methods.md section
 loss of its prediction (``over``); ``ensemble-K{K}/ad-{lambda}``, the same plus lambda times
 the decorrelation penalty (``losses.anti_distillation``); ``ensemble-K{K}/codistill-{alpha}``,
 the same plus the codistillation term (``losses.codistillation``, Anil et al. 2018).
+The ensemble arms of one (dataset, K) are one fit, a sweep of the loss weights (``_sweep``):
+one compilation for all of them, each arm a ``Part`` recorded as its own trial.
 
 ``analyse`` records ``metrics.compare`` of every trial with intervals over replicas and, per
 ensemble trial, ``differences`` (``metrics.difference``) against the plain ensemble of the same

@@ -255,6 +255,7 @@ def train_trials(
     )
     if timings is None:
         timings = read_timings(workdir)
+    done_tasks: list[engine.Task] = []
     out: dict[str, wd.Predictions] = {}
     for k, trial in enumerate(trials, start=1):
         infos = {p.name: p.info for p in trial.parts} or {trial.name: trial.info}
@@ -297,7 +298,20 @@ def train_trials(
         files.atomic_write_json(workdir / "timings.json", timings)
         if not keep_checkpoints and distributed.is_writer():
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        if not any(t.task == trial.task for t in trials[k:]):
+            done_tasks.append(trial.task)
+            if len(done_tasks) >= KEEP_PROGRAMS:
+                jax.clear_caches()  # what later trials need is compiled again (or read from disk)
+                done_tasks.clear()
     return out
+
+
+KEEP_PROGRAMS = 8
+"""A study holds the compiled programs of at most this many finished tasks (a task no later
+trial uses): past it, ``train_trials`` drops JAX's in-memory compiled programs
+(``jax.clear_caches``), so a study of many tasks (the regulariser study: 63) does not keep every
+one for the life of the process. Programs later trials need are compiled again, or read from
+the persistent cache (``jaxrepro.compilation``); results do not change."""
 
 
 def read_timings(workdir: str | os.PathLike) -> dict[str, dict[str, float]]:
