@@ -31,6 +31,7 @@ imported on first use: ``import jaxrepro`` loads neither them nor orbax nor matp
 from jaxrepro import (
     activations,
     augment,
+    compilation,
     data,
     distributed,
     engine,
@@ -72,6 +73,7 @@ __all__ = [
     "TrainState",
     "activations",
     "augment",
+    "compilation",
     "data",
     "distributed",
     "engine",

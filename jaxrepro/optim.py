@@ -8,8 +8,9 @@ Synopsis::
     True
 
 ``optimizer`` returns one optax object per distinct argument list for the whole process
-(cached): compiled training functions are cached by the optimizer's identity, so trials that
-use the same optimizer share them.
+(cached). Compiled training functions are shared by equal optimizers in any case (the engine
+compares them by what they compute, ``compilation.canonical_optimizer``); the cache saves that
+comparison.
 """
 
 from __future__ import annotations

@@ -172,10 +172,18 @@ def train_trial(
     )
 
 
-def predict(trial: Trial, run: engine.Run) -> dict[str, wd.Predictions]:
-    """A trained trial's ``Predictions`` by record name (its parts' for a sweep): test
-    probabilities, the replicas that stayed finite (in training and in their predictions), the
-    last epoch's training means and the trial's measures."""
+def predict(trial: Trial, run: engine.Run) -> wd.Predictions:
+    """A trained trial's ``Predictions``: test probabilities, the replicas that stayed finite
+    (in training and in their predictions), the last epoch's training means and the trial's
+    measures. All of its replicas, a sweep's too (``predict_parts`` cuts a sweep into its
+    arms)."""
+    whole = Part(trial.name, 0, len(run.replica_ids), trial.info)
+    return predict_parts(dataclasses.replace(trial, parts=(whole,)), run)[trial.name]
+
+
+def predict_parts(trial: Trial, run: engine.Run) -> dict[str, wd.Predictions]:
+    """``predict`` by record name: a sweep's ``Predictions`` per part (each measured on its own
+    replicas), or the trial's alone."""
     probs_RxNxC = np.asarray(run.predict(trial.data.x_test), np.float32)
     keep = ~np.asarray(run.diverged) & np.asarray(metrics.finite_replicas(probs_RxNxC))
     parts = trial.parts or (Part(trial.name, 0, len(keep), trial.info),)
@@ -287,7 +295,7 @@ def train_trials(
             on_checkpoint=on_checkpoint,
         )
         start, compile_start = time.perf_counter(), compilation.compile_seconds()
-        preds = predict(trial, run)
+        preds = predict_parts(trial, run)
         for n, pred in preds.items():
             wd.save_predictions(workdir, n, pred)
         out.update(preds)
