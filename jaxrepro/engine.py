@@ -851,6 +851,12 @@ def _check_hparams(
     loss_weights = losses.weights(loss_fn)
     opt, weights = {}, {}
     for name, values in (hparams or {}).items():
+        in_optimizer = optax.tree_utils.tree_get(opt_state_example, name, _MISSING) is not _MISSING
+        if name in loss_weights and in_optimizer:
+            raise ValueError(
+                f"hparams[{name!r}] names both a weight of the loss and a hyperparameter of the "
+                "optimizer; rename one of them"
+            )
         if name in loss_weights:
             weights[name] = _per_replica(
                 name, losses.check_weight(loss_fn, name, values), num_replicas
@@ -863,7 +869,7 @@ def _check_hparams(
         values = _per_replica(name, values, num_replicas)
         if not np.all(np.isfinite(values)):
             raise ValueError(f"hparams[{name!r}] holds NaN or inf")
-        if optax.tree_utils.tree_get(opt_state_example, name, _MISSING) is _MISSING:
+        if not in_optimizer:
             raise ValueError(
                 f"hparams[{name!r}]: the optimizer state has no hyperparameter {name!r} (build "
                 f"the optimizer with optax.inject_hyperparams(...) so it can differ per replica), "
@@ -1157,6 +1163,7 @@ class Engine:
             history={k: np.concatenate(v, axis=1) for k, v in past.items()},
             seconds=time.perf_counter() - start,
             compile_seconds=compilation.compile_seconds() - compile_start,
+            loss_weights=dict(self.loss_weights),
         )
 
 
@@ -1185,7 +1192,11 @@ class Run:
       history: ``{"loss", "accuracy"}``, float ``[R, epochs]`` training means per epoch.
       seconds: wall time of training (compilation included).
       compile_seconds: the part of ``seconds`` spent tracing, lowering and compiling
-        (``compilation.compile_seconds``); 0 when every program was compiled before.
+        (``compilation.compile_seconds``, an upper bound); 0 when every program was compiled
+        before.
+      loss_weights: ``{name: float32 [R]}``, each replica's weight of each loss transform
+        (``losses.weights``; from ``hparams`` or the loss itself). ``task.loss_fn`` holds the
+        loss as given: to continue training with ``Engine``, pass these as its ``hparams``.
     """
 
     task: Task
@@ -1196,6 +1207,7 @@ class Run:
     history: dict[str, np.ndarray]
     seconds: float = 0.0
     compile_seconds: float = 0.0
+    loss_weights: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def num_replicas(self) -> int:

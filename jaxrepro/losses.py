@@ -643,7 +643,12 @@ def check_weight(loss: Loss, name: str, values) -> np.ndarray:
     if name not in bounds:
         have = ", ".join(bounds) or "none"
         raise ValueError(f"the loss has no weight {name!r} (its weights: {have})")
-    a = np.asarray(values)
+    try:
+        a = np.asarray(values)
+    except ValueError:  # ragged
+        raise ValueError(
+            f"hparams[{name!r}]: weights must be a number or one number per replica, got {values!r}"
+        ) from None
     if a.dtype == bool or not (
         np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)
     ):

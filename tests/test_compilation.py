@@ -57,6 +57,10 @@ def test_schedules_and_chains_are_compared_by_value():
 
     a = compilation.canonical_optimizer(make(100, 1e-4), p)
     assert compilation.canonical_optimizer(make(100, 1e-4), p) is a
+    inject = lambda lr: optax.inject_hyperparams(optax.adam)(learning_rate=lr)  # noqa: E731
+    b = compilation.canonical_optimizer(inject(1e-3), p)
+    assert compilation.canonical_optimizer(inject(1e-3), p) is b
+    assert compilation.canonical_optimizer(inject(2e-3), p) is not b
     assert compilation.canonical_optimizer(make(200, 1e-4), p) is not a
     assert compilation.canonical_optimizer(make(100, 2e-4), p) is not a
 
@@ -191,6 +195,8 @@ def test_loss_weight_hparams_are_checked(ds):
         fit(hparams={"label_smoothing": ["a", "b"]})
     with pytest.raises(TypeError, match="hparams must be a mapping"):
         fit(hparams=[0.1, 0.2])
+    with pytest.raises(ValueError, match="one number per replica"):
+        fit(hparams={"label_smoothing": [0.1, [0.2, 0.3]]})
 
 
 def test_optimizer_and_loss_hparams_together(ds):
@@ -336,6 +342,10 @@ def test_a_sweep_trial_saves_its_parts_and_long_studies_release_programs(ds, tmp
         ds,
         engine.FitConfig(replicas=2, epochs=1, batch_size=32, strategy="map"),
     )
+    with pytest.raises(ValueError, match="non-overlapping blocks of its 4 replicas"):
+        dataclasses.replace(sweep, parts=(runner.Part("a", 0, 3), runner.Part("b", 2, 4)))
+    with pytest.raises(ValueError, match="non-overlapping"):
+        dataclasses.replace(sweep, parts=(runner.Part("a", 0, 5),))
     cleared = []
     monkeypatch.setattr(runner, "KEEP_PROGRAMS", 1)
     monkeypatch.setattr(runner.jax, "clear_caches", lambda: cleared.append(len(cleared)))

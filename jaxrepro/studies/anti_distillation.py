@@ -258,7 +258,8 @@ def _sweep(config, ds, base: dict, model, tx, fit) -> Trial:
     """Every ensemble arm of one (dataset, K) as one fit: the plain, anti-distilled and
     codistilled ensembles are one loss, ``codistillation(anti_distillation(task loss, lambda),
     alpha)``, whose weights differ per replica (``hparams``; (0, 0) is the plain ensemble, whose
-    loss and gradient the zero-weighted terms leave unchanged: they add exact zeros). One
+    loss and gradient the zero-weighted terms leave unchanged: they add exact zeros while the
+    penalties are finite, which the correlations' eps ensures). One
     compilation trains the whole lambda sweep. Replica r of every arm has the same keys (ids
     0..R-1 repeated), so the arms' paired comparisons pair replicas trained alike."""
     k = model.num_components
@@ -302,7 +303,10 @@ def measure_components(run: engine.Run, ds, keep: np.ndarray) -> dict[str, Any]:
         return {}
     # A sweep measures each arm on its own replicas: the components' logits of the whole run
     # are computed once and kept with the run.
-    memo = run.__dict__.setdefault("_component_logits", {})
+    held = run.__dict__.get("_component_logits")
+    if held is None or held[0] is not run.device_state:  # computed for this state only
+        held = run.__dict__["_component_logits"] = (run.device_state, {})
+    memo = held[1]
     out = {}
     for split, x, y in (("test", ds.x_test, ds.y_test), ("train", ds.x_train, ds.y_train)):
         if split not in memo:

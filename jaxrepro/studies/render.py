@@ -113,7 +113,9 @@ def head(title: str, config, seconds: float, compile_seconds: float | None = Non
     compiling = ""
     if compile_seconds is not None:
         share = f" ({100 * compile_seconds / seconds:.0f}%)" if seconds > 0 else ""
-        compiling = f", of which tracing and compiling {fmt_seconds(compile_seconds)}{share}"
+        compiling = (
+            f", of which tracing and compiling at most {fmt_seconds(compile_seconds)}{share}"
+        )
     return [
         f"# {title}",
         "",

@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxrepro import compilation, data, distributed, engine, files, metrics
+from jaxrepro import compilation, data, distributed, engine, files, losses, metrics
 from jaxrepro import portable as portable_mode
 from jaxrepro.studies import workdir as wd
 from jaxrepro.studies.base import ConfigError, StudyConfig
@@ -88,6 +88,19 @@ class Trial:
     measure: Callable[[engine.Run, data.Dataset, np.ndarray], dict] | None = None
     hparams: Mapping[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
     parts: tuple[Part, ...] = ()
+
+    def __post_init__(self):
+        if self.parts:
+            num = len(self.fit.replica_ids)
+            blocks = sorted((p.start, p.stop, p.name) for p in self.parts)
+            if len({p.name for p in self.parts}) != len(self.parts):
+                raise ValueError(f"trial {self.name!r}: its parts' names repeat")
+            for (start, stop, name), nxt in zip(blocks, blocks[1:] + [(num, num, "")], strict=True):
+                if not 0 <= start < stop <= nxt[0]:
+                    raise ValueError(
+                        f"trial {self.name!r}: part {name!r} covers replicas {start}..{stop - 1}"
+                        f"; parts must be non-empty, non-overlapping blocks of its {num} replicas"
+                    )
 
     @property
     def record_names(self) -> list[str]:
@@ -306,12 +319,18 @@ def train_trials(
         files.atomic_write_json(workdir / "timings.json", timings)
         if not keep_checkpoints and distributed.is_writer():
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        if not any(t.task == trial.task for t in trials[k:]):
+        if not any(_program(t.task) == _program(trial.task) for t in trials[k:]):
             done_tasks.append(trial.task)
             if len(done_tasks) >= KEEP_PROGRAMS:
                 jax.clear_caches()  # what later trials need is compiled again (or read from disk)
                 done_tasks.clear()
     return out
+
+
+def _program(task: engine.Task) -> engine.Task:
+    """What the engine compiles a task as, up to the optimizer's identity: its loss's weights
+    are run-time values (``losses.canonical``)."""
+    return dataclasses.replace(task, loss_fn=losses.canonical(task.loss_fn))
 
 
 KEEP_PROGRAMS = 8
