@@ -82,6 +82,13 @@ def _abstract(params: PyTree) -> PyTree:
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), params)
 
 
+def update_digest(h, a: np.ndarray) -> None:
+    """Feeds an array's dtype, shape and bytes to the hash ``h`` (equal arrays, equal feed)."""
+    a = np.ascontiguousarray(a)
+    h.update(f"{a.dtype}{a.shape}".encode())
+    h.update(a.tobytes())
+
+
 def _const_digest(h, const) -> bool:
     try:
         a = np.asarray(const)
@@ -89,8 +96,7 @@ def _const_digest(h, const) -> bool:
         return False
     if a.dtype == object:
         return False
-    h.update(f"{a.dtype}{a.shape}".encode())
-    h.update(np.ascontiguousarray(a).tobytes())
+    update_digest(h, a)
     return True
 
 
@@ -245,9 +251,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "jaxrepro" / "xla"
 
 
-_enabled: list[Path | None] = [None]
-
-
 def enable_cache(path: str | os.PathLike | None = None, *, min_compile_seconds: float = 0.0):
     """Switches on JAX's persistent compilation cache: compiled programs are written to disk
     and read back by later processes (the second run of a study skips XLA compilation).
@@ -277,7 +280,6 @@ def enable_cache(path: str | os.PathLike | None = None, *, min_compile_seconds: 
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     cc.reset_cache()  # take the new directory even if JAX has compiled before
-    _enabled[0] = directory
     return directory
 
 
@@ -288,9 +290,28 @@ def disable_cache() -> None:
     jax.config.update("jax_enable_compilation_cache", False)
     jax.config.update("jax_compilation_cache_dir", None)
     cc.reset_cache()
-    _enabled[0] = None
 
 
 def cache_dir() -> Path | None:
-    """The directory compiled programs are written to, or None when the cache is off."""
-    return _enabled[0]
+    """The directory compiled programs are written to (JAX's setting), or None when the cache
+    is off."""
+    directory = jax.config.jax_compilation_cache_dir
+    return Path(directory) if directory and jax.config.jax_enable_compilation_cache else None
+
+
+def configure_cache(setting: str) -> Path | None:
+    """The cache as a study binary's ``--compilation_cache`` asks: ``"default"``
+    (``default_cache_dir()``, or off when ``$JAXREPRO_COMPILATION_CACHE`` is ``off``), ``"off"``
+    or a directory. Returns the directory in use, or None.
+
+    Raises:
+      ValueError: an empty setting. OSError: a directory that cannot be created or written.
+    """
+    setting = str(setting).strip()
+    if not setting:
+        raise ValueError("give a directory, 'default' or 'off'")
+    if setting == "default" and os.environ.get(CACHE_ENV, "").strip() == "off":
+        setting = "off"
+    if setting == "off":
+        return None
+    return enable_cache(None if setting == "default" else setting)

@@ -1136,13 +1136,12 @@ class Engine:
         while done < c.epochs:
             n = min(c.epochs_per_call, c.epochs - done)
             state, metrics = self._train_padded(state, done, n, to_host=callback is not None)
+            done += n
             if callback is None:
                 pending.append(metrics)
             else:
                 for k in past:
                     past[k].append(metrics[k])
-            done += n
-            if callback is not None:
                 wanted = callback_state is None or callback_state(done)
                 callback(
                     done,

@@ -66,6 +66,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrepro import compilation
+
 Array = jax.Array
 
 CORRELATION_EPS = 1e-6
@@ -309,7 +311,7 @@ class LabelSmoothing:
     def __post_init__(self):
         _check_loss("label_smoothing", self.loss)
         object.__setattr__(
-            self, "epsilon", _check_weight("label_smoothing", self.epsilon, upper=1.0)
+            self, "epsilon", _check_weight(self.NAME, self.epsilon, upper=self.UPPER)
         )
 
     def __call__(self, logits_KxBxC: Array, batch: Batch) -> Array:
@@ -343,17 +345,14 @@ class AnchorDistillation:
 
     def __post_init__(self):
         _check_loss("anchor_distillation", self.loss)
-        object.__setattr__(
-            self, "weight", _check_weight("anchor_distillation", self.weight, upper=1.0)
-        )
+        object.__setattr__(self, "weight", _check_weight(self.NAME, self.weight, upper=self.UPPER))
 
     @property
     def _anchor_digest(self) -> str:
         digest = self.__dict__.get("_digest")
         if digest is None:
-            a = np.ascontiguousarray(self.anchor)
-            h = hashlib.sha256(f"{a.dtype}{a.shape}".encode())
-            h.update(a.tobytes())
+            h = hashlib.sha256()
+            compilation.update_digest(h, self.anchor)
             digest = h.hexdigest()
             object.__setattr__(self, "_digest", digest)
         return digest
@@ -363,12 +362,12 @@ class AnchorDistillation:
             return NotImplemented
         return (
             self.loss == other.loss
-            and _same_weight(self.weight, other.weight)
+            and float(self.weight) == float(other.weight)
             and self._anchor_digest == other._anchor_digest
         )
 
     def __hash__(self):
-        return hash((AnchorDistillation, self.loss, _weight_key(self.weight), self._anchor_digest))
+        return hash((AnchorDistillation, self.loss, float(self.weight), self._anchor_digest))
 
     def __call__(self, logits_KxBxC: Array, batch: Batch) -> Array:
         anchor_BxC = jnp.asarray(self.anchor)[batch.index]
@@ -458,7 +457,7 @@ class AntiDistillation:
 
     def __post_init__(self):
         _check_loss("anti_distillation", self.loss)
-        object.__setattr__(self, "weight", _check_weight("anti_distillation", self.weight))
+        object.__setattr__(self, "weight", _check_weight(self.NAME, self.weight))
         if self.output not in AD_OUTPUTS:
             raise ValueError(
                 f"anti_distillation: output must be one of {AD_OUTPUTS}, got {self.output!r}"
@@ -522,7 +521,7 @@ class Codistillation:
 
     def __post_init__(self):
         _check_loss("codistillation", self.loss)
-        object.__setattr__(self, "weight", _check_weight("codistillation", self.weight))
+        object.__setattr__(self, "weight", _check_weight(self.NAME, self.weight))
 
     def __call__(self, logits_KxBxC: Array, batch: Batch) -> Array:
         base = self.loss(logits_KxBxC, batch)
@@ -569,7 +568,7 @@ class MinEntropy:
 
     def __post_init__(self):
         _check_loss("min_entropy", self.loss)
-        object.__setattr__(self, "weight", _check_weight("min_entropy", self.weight))
+        object.__setattr__(self, "weight", _check_weight(self.NAME, self.weight))
 
     def __call__(self, logits_KxBxC: Array, batch: Batch) -> Array:
         base = self.loss(logits_KxBxC, batch)
@@ -592,14 +591,6 @@ def min_entropy(loss: Loss, weight: float) -> MinEntropy:
 # Weights as arguments: one compiled training step for every value of a weight.
 
 _WEIGHTED = (LabelSmoothing, AnchorDistillation, AntiDistillation, Codistillation, MinEntropy)
-
-
-def _same_weight(a, b) -> bool:
-    return float(a) == float(b)
-
-
-def _weight_key(w) -> float:
-    return float(w)
 
 
 def _weighted_nodes(loss: Loss):

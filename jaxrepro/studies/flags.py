@@ -8,7 +8,6 @@ flag per config field (its default and help text), plus the run's own flags (``-
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -194,19 +193,15 @@ def main(config_cls: type[StudyConfig], argv: Sequence[str], flag_values=None) -
         if fv["cpu_devices"].present:
             raise
         # JAX already started in this process (a Python caller chose its devices): they stand.
-    cache = fv["compilation_cache"].value.strip()
-    if not cache:
-        raise app.UsageError("--compilation_cache: give a directory, 'default' or 'off'")
-    if cache == "default":
-        env = os.environ.get(compilation.CACHE_ENV, "").strip()
-        cache = "off" if env == "off" else "default"
-    if cache != "off":
-        try:
-            compilation.enable_cache(None if cache == "default" else cache)
-        except OSError as e:
-            raise app.UsageError(
-                f"--compilation_cache: cannot use {cache!r} ({e}); give another directory or 'off'"
-            ) from None
+    cache = fv["compilation_cache"].value
+    try:
+        compilation.configure_cache(cache)
+    except ValueError as e:
+        raise app.UsageError(f"--compilation_cache: {e}") from None
+    except OSError as e:
+        raise app.UsageError(
+            f"--compilation_cache: cannot use {cache!r} ({e}); give another directory or 'off'"
+        ) from None
     try:
         distributed.initialize(
             fv["coordinator_address"].value,

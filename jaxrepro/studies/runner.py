@@ -71,7 +71,7 @@ class Trial:
       data: the dataset.
       fit: how the replicas are trained.
       info: the trial's coordinates in the study's grids (JSON-ready), stored with its record.
-        measure: optional ``(run, data, keep) -> dict`` of JSON-ready values measured on the
+      measure: optional ``(run, data, keep) -> dict`` of JSON-ready values measured on the
         trained replicas beyond their test predictions (``keep``: bool ``[R]``, the replicas
         that stayed finite; saved with the predictions), e.g. statistics of an ensemble's
         components on the training set. For a sweep it is called once per part, ``keep``
@@ -279,7 +279,7 @@ def train_trials(
     done_tasks: list[engine.Task] = []
     out: dict[str, wd.Predictions] = {}
     for k, trial in enumerate(trials, start=1):
-        infos = {p.name: p.info for p in trial.parts} or {trial.name: trial.info}
+        infos = record_infos([trial])
         preds = None
         if trial.name in finished:
             preds = {n: wd.load_predictions(workdir, n) for n in trial.record_names}
