@@ -367,14 +367,40 @@ def from_npz(
         ValueError: a missing key (named), or any `Dataset` validation failure.
     """
     path = Path(path)
-    with np.load(path, allow_pickle=False) as f:
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file {path} does not exist (or is not a file)")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(
+            f"{path} is not a readable .npz archive ({type(e).__name__}: {e}); write one with "
+            "numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
+        ) from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):  # a single .npy array under a .npz name
+        raise ValueError(
+            f"{path} holds a single .npy array (shape {getattr(loaded, 'shape', '?')}), not an "
+            ".npz archive of x_train, y_train, x_test and y_test; write one with numpy.savez"
+        )
+    with loaded as f:
         missing = [k for k in _SPLIT_KEYS if k not in f.files]
         if missing:
             raise ValueError(
                 f"{path} is missing array(s) {missing}; it has {sorted(f.files)}, "
                 f"needs {list(_SPLIT_KEYS)}"
             )
-        arrays = {k: f[k] for k in _SPLIT_KEYS}
+        arrays = {}
+        for k in _SPLIT_KEYS:
+            try:
+                arrays[k] = f[k]
+            except ValueError as e:  # object (pickled) arrays are never loaded
+                raise ValueError(
+                    f"{path}: array {k!r} cannot be read without pickle ({e}); store numeric "
+                    "arrays (float inputs, integer labels)"
+                ) from None
+            except (OSError, EOFError, zipfile.BadZipFile) as e:
+                raise ValueError(
+                    f"{path}: array {k!r} is damaged ({type(e).__name__}: {e})"
+                ) from None
     if num_classes is None:
         labels = np.concatenate([np.ravel(arrays["y_train"]), np.ravel(arrays["y_test"])])
         try:
@@ -398,6 +424,13 @@ def load(name_or_path: str | os.PathLike, **kwargs) -> Dataset:
     Raises:
         ValueError: anything else (the message lists the choices).
     """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        from jaxrepro import checks
+
+        raise checks.BadType(
+            f"name_or_path must be a dataset name ({', '.join(LOADERS)}) or a path to an .npz "
+            f"file, got {name_or_path!r}"
+        )
     key = os.fspath(name_or_path)
     if key == "mnist1d":
         return mnist1d(**kwargs)

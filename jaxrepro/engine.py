@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -58,7 +57,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrepro import compilation, distributed, losses, models, portable, randomness
+from jaxrepro import checks, compilation, distributed, losses, models, portable, randomness
 
 Array = jax.Array
 PyTree = Any
@@ -68,6 +67,12 @@ DEFAULT_LOSS = losses.softmax_cross_entropy()
 
 DEFAULT_PERTURB_SCALE = 1e-6
 """Relative size of the ``perturb`` source's change of the initial weights when it is varied."""
+
+MAX_REPLICA = 2**31 - 1
+"""The largest replica index (indices are int32 on the device)."""
+
+DEFAULT_DIVERGENCE = 100.0
+"""``FitConfig.divergence``'s default: the factor of the blow-up rule (``diverged``)."""
 
 STRATEGIES = ("auto", "map", "vmap", "chunked:n")
 
@@ -84,11 +89,33 @@ class TrainState(NamedTuple):
       batch_stats: BatchNorm running statistics (an empty dict when the model has none).
       opt_state: optax state, including per-replica hyperparameters when the optimizer was
         built with ``optax.inject_hyperparams``.
+      health: the divergence rule's record (``Health``); a state built by hand may leave it
+        None, and the engine starts one.
     """
 
     params: PyTree
     batch_stats: PyTree
     opt_state: PyTree
+    health: Health | None = None
+
+
+class Health(NamedTuple):
+    """What the divergence rule (``FitConfig.divergence``) carries per replica.
+
+    Attributes:
+      first_loss: the loss on the replica's very first batch, before any update (NaN until
+        trained).
+      diverged_at: -1, or the index of the epoch after which the replica was found diverged
+        and frozen (its history column).
+    """
+
+    first_loss: Array
+    diverged_at: Array
+
+
+def fresh_health() -> Health:
+    """One replica's ``Health`` before training."""
+    return Health(jnp.float32(jnp.nan), jnp.int32(-1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +178,15 @@ class FitConfig:
         JAX starts: switched on here when this is the process's first computation, else it
         must already be on (``jaxrepro.portable.enable()`` right after import), or a
         RuntimeError says so. The CPU backend only; results record the machine either way.
+      divergence: the factor f of the rule that declares a replica diverged (the project's
+        choice): after an epoch whose mean training loss is NaN or infinite, or exceeds
+        ``L0 + f * max(|L0|, 1)`` with L0 the replica's loss on its very first batch (before
+        any update), or that leaves a parameter NaN or infinite. A diverged replica is frozen
+        inside the compiled step: from then on its updates are masked, so it keeps its state
+        from the end of its last good epoch (its predictions stay finite), and
+        ``Run.diverged_epoch`` records the epoch. ``None``: only NaN or infinite values count.
+        The default, 100, flags Adam at a learning rate of 1e6 (loss 1e13) in its first epoch
+        and no run that trains.
     """
 
     replicas: int | tuple[int, ...] = 8
@@ -165,36 +201,50 @@ class FitConfig:
     devices: int | None = None
     deterministic: bool = False
     portable: bool = False
+    divergence: float | None = DEFAULT_DIVERGENCE
 
     def __post_init__(self):
+        # Every count, index and seed must be an integer (never a float, bool or string that
+        # Python would truncate or read as one): ``checks`` refuses them, naming the field.
         object.__setattr__(self, "vary", randomness.check_sources(self.vary, what="vary"))
         object.__setattr__(self, "seed", randomness.check_seed(self.seed))
-        if isinstance(self.replicas, (int, np.integer)):
-            if self.replicas < 1:
-                raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if isinstance(self.replicas, (str, bytes)) or self.replicas is None:
+            raise checks.BadType(
+                f"replicas must be a count R >= 1 or a sequence of replica indices, got "
+                f"{self.replicas!r}"
+            )
+        if checks.is_integer(self.replicas) or isinstance(self.replicas, (bool, float)):
+            count = checks.integer("replicas", self.replicas, minimum=1)
+            object.__setattr__(self, "replicas", count)
         else:
-            ids = tuple(int(r) for r in self.replicas)
+            ids = checks.integers("replicas", self.replicas, minimum=0, maximum=MAX_REPLICA)
             if not ids:
                 raise ValueError("replicas: the list of replica indices is empty")
-            if min(ids) < 0:
-                raise ValueError(f"replicas: indices must be >= 0, got {ids}")
             object.__setattr__(self, "replicas", ids)
         for name in ("batch_size", "epochs", "epochs_per_call"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.devices is not None and int(self.devices) < 1:
-            raise ValueError(f"devices must be >= 1 (or None), got {self.devices}")
-        if self.window is not None and int(self.window) < 1:
-            raise ValueError(f"window must be >= 1 (or None for a full shuffle), got {self.window}")
-        if self.perturb_scale is not None and not (
-            math.isfinite(self.perturb_scale) and self.perturb_scale >= 0
-        ):
-            raise ValueError(f"perturb_scale must be finite and >= 0, got {self.perturb_scale}")
+            object.__setattr__(self, name, checks.integer(name, getattr(self, name), minimum=1))
+        if self.devices is not None:
+            object.__setattr__(self, "devices", checks.integer("devices", self.devices, minimum=1))
+        if self.window is not None:
+            window = checks.integer(
+                "window", self.window, minimum=1, note="or None: a full shuffle"
+            )
+            object.__setattr__(self, "window", window)
+        if self.perturb_scale is not None:
+            scale = checks.number("perturb_scale", self.perturb_scale, minimum=0)
+            object.__setattr__(self, "perturb_scale", scale)
+        if self.divergence is not None:
+            factor = checks.number("divergence", self.divergence, minimum=0, strict=True)
+            object.__setattr__(self, "divergence", factor)
+        if not isinstance(self.strategy, str):
+            raise checks.BadType(
+                f"strategy must be a string, one of {STRATEGIES}; got {self.strategy!r}"
+            )
         parse_strategy(self.strategy)
-        if not isinstance(self.deterministic, (bool, np.bool_)):
-            raise ValueError(f"deterministic must be True or False, got {self.deterministic!r}")
-        if not isinstance(self.portable, (bool, np.bool_)):
-            raise ValueError(f"portable must be True or False, got {self.portable!r}")
+        object.__setattr__(
+            self, "deterministic", checks.boolean("deterministic", self.deterministic)
+        )
+        object.__setattr__(self, "portable", checks.boolean("portable", self.portable))
 
     @property
     def replica_ids(self) -> np.ndarray:
@@ -254,7 +304,7 @@ def init_replica(
     opt_state = task.tx.init(params)
     if hparams:
         opt_state = optax.tree_utils.tree_set(opt_state, **hparams)
-    return TrainState(params, batch_stats, opt_state)
+    return TrainState(params, batch_stats, opt_state, fresh_health())
 
 
 def perturb_params(params: PyTree, key: Array, scale: Array) -> PyTree:
@@ -320,7 +370,8 @@ def train_step(
     params = optax.apply_updates(state.params, updates)
     scores_BxC = losses.ensemble_log_probs(logits_KxBxC) if ensemble else logits_KxBxC[0]
     accuracy = jnp.mean((jnp.argmax(scores_BxC, axis=-1) == y_B).astype(jnp.float32))
-    return TrainState(params, batch_stats, opt_state), {"loss": loss, "accuracy": accuracy}
+    new = TrainState(params, batch_stats, opt_state, state.health)
+    return new, {"loss": loss, "accuracy": accuracy}
 
 
 def epoch_batches(order_key: Array, epoch, base_N: Array, window, batch_size: int) -> Array:
@@ -354,6 +405,7 @@ def train_epochs(
     *,
     batch_size: int,
     loss_weights: Mapping[str, Array] | None = None,
+    divergence: Array | float = DEFAULT_DIVERGENCE,
 ) -> tuple[TrainState, dict[str, Array]]:
     """Trains one replica for the epochs listed in ``epochs_E``; metrics are per-epoch means.
 
@@ -362,8 +414,16 @@ def train_epochs(
     order are not visited in that epoch (with a shuffle they differ from epoch to epoch; with
     window 1 they are always the same examples, the end of the base order). Step ``s`` of epoch
     ``e`` is global step ``e * steps + s``, which the dropout and augment keys fold in.
+
+    After each epoch the divergence rule (``FitConfig.divergence``, factor ``divergence``,
+    traced; ``inf`` for non-finite values only) is applied: a replica found diverged keeps the
+    state it had before that epoch, every later epoch's update is masked (a select, so the
+    other replicas and the cost are untouched), ``state.health.diverged_at`` records the epoch,
+    and its metrics for the epochs after it are NaN.
     """
     steps = x_N.shape[0] // batch_size
+    if state.health is None:
+        state = state._replace(health=fresh_health())
 
     def epoch_body(state, epoch):
         order_TxB = epoch_batches(keys.order, epoch, base_N, window, batch_size)
@@ -382,10 +442,31 @@ def train_epochs(
             )
 
         step_T = epoch * steps + jnp.arange(steps)
-        state, metrics = lax.scan(step_body, state, (order_TxB, step_T))
-        return state, jax.tree.map(jnp.mean, metrics)
+        new, step_metrics = lax.scan(step_body, state, (order_TxB, step_T))
+        metrics = jax.tree.map(jnp.mean, step_metrics)
+        return _apply_divergence_rule(state, new, metrics, step_metrics, epoch, divergence)
 
     return lax.scan(epoch_body, state, epochs_E)
+
+
+def _apply_divergence_rule(old, new, metrics, step_metrics, epoch, divergence):
+    """One replica after one epoch: ``new``, or ``old`` when it is (or was already) diverged."""
+    health = old.health
+    first = jnp.where(epoch == 0, step_metrics["loss"][0], health.first_loss)
+    loss = metrics["loss"]
+    blown_up = jnp.isfinite(first) & (loss > first + divergence * jnp.maximum(jnp.abs(first), 1.0))
+    ok = jnp.isfinite(loss) & _finite_one(new.params) & ~blown_up
+    frozen = health.diverged_at >= 0
+    keep_old = frozen | ~ok
+    kept = jax.tree.map(
+        lambda a, b: jnp.where(keep_old, a, b),
+        (old.params, old.batch_stats, old.opt_state),
+        (new.params, new.batch_stats, new.opt_state),
+    )
+    diverged_at = jnp.where(frozen, health.diverged_at, jnp.where(ok, -1, epoch))
+    state = TrainState(*kept, Health(first.astype(jnp.float32), diverged_at.astype(jnp.int32)))
+    metrics = jax.tree.map(lambda m: jnp.where(frozen, jnp.nan, m), metrics)
+    return state, metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -743,6 +824,7 @@ def _train_epochs_R(
     y_N,
     window,
     first_epoch,
+    divergence,
     *,
     task,
     strategy,
@@ -754,7 +836,7 @@ def _train_epochs_R(
     base_N = randomness.base_order(seed, x_N.shape[0])
     epochs_E = first_epoch + jnp.arange(num_epochs, dtype=jnp.int32)
 
-    def one(state, r, weights, seed, varied_V, x_N, y_N, base_N, window, epochs_E):
+    def one(state, r, weights, seed, varied_V, x_N, y_N, base_N, window, epochs_E, divergence):
         return train_epochs(
             task,
             state,
@@ -766,6 +848,7 @@ def _train_epochs_R(
             epochs_E,
             batch_size=batch_size,
             loss_weights=weights,
+            divergence=divergence,
         )
 
     return _over_replicas(
@@ -773,7 +856,7 @@ def _train_epochs_R(
         strategy,
         mesh,
         (state_R, ids_R, weights_R),
-        (seed, varied_V, x_N, y_N, base_N, window, epochs_E),
+        (seed, varied_V, x_N, y_N, base_N, window, epochs_E, divergence),
     )
 
 
@@ -820,10 +903,32 @@ def _predict_chunk(params_R, batch_stats_R, x_B, *, model, strategy, mesh, compo
 def _check_data(data) -> None:
     for name in ("x_train", "y_train", "x_test", "y_test", "num_classes"):
         if not hasattr(data, name):
-            raise TypeError(
+            raise checks.BadType(
                 f"data must be a jaxrepro.data.Dataset (or have x_train, y_train, x_test, y_test "
                 f"and num_classes); it has no {name!r}"
             )
+
+
+def _check_task(task: Task) -> None:
+    """The parts of a task are what they claim to be (a string loss would otherwise fail deep
+    inside tracing)."""
+    if not isinstance(task.model, nn.Module):
+        raise checks.BadType(f"model must be a Flax linen Module, got {type(task.model).__name__}")
+    if not (
+        callable(getattr(task.tx, "init", None)) and callable(getattr(task.tx, "update", None))
+    ):
+        raise checks.BadType(
+            f"tx must be an optax GradientTransformation (with init and update), got {task.tx!r}"
+        )
+    if not callable(task.loss_fn):
+        raise checks.BadType(
+            f"loss_fn must be a loss of jaxrepro.losses (e.g. losses.softmax_cross_entropy()) "
+            f"or a function (logits_KxBxC, batch) -> scalar, got {task.loss_fn!r}"
+        )
+    if task.augment is not None and not callable(task.augment):
+        raise checks.BadType(
+            f"augment must be a function (key, x_B) -> x_B or None, got {task.augment!r}"
+        )
 
 
 def _per_replica(name: str, values: np.ndarray, num_replicas: int) -> np.ndarray:
@@ -844,7 +949,7 @@ def _check_hparams(
     (``losses.weights``), each ``{name: float32 [R]}``; every weight of the loss is in the
     second, its static value repeated where ``hparams`` does not name it."""
     if hparams is not None and not isinstance(hparams, Mapping):
-        raise TypeError(
+        raise checks.BadType(
             f"hparams must be a mapping {{name: one value per replica}}, got "
             f"{type(hparams).__name__}"
         )
@@ -902,9 +1007,12 @@ class Engine:
     def __init__(
         self, task: Task, data, config: FitConfig, *, hparams: Mapping[str, Any] | None = None
     ):
+        if not isinstance(config, FitConfig):
+            raise checks.BadType(f"config must be a FitConfig, got {type(config).__name__}")
         if config.portable:
             portable.require()  # before anything starts JAX's backend
         _check_data(data)
+        _check_task(task)
         self.task, self.data, self.config = task, data, config
         self.replica_ids = config.replica_ids
         num_train = int(np.shape(data.x_train)[0])
@@ -928,7 +1036,15 @@ class Engine:
             )
             return logits, variables["params"], task.tx.init(variables["params"])
 
-        logits_example, params_example, opt_example = jax.eval_shape(shapes, x_example)
+        try:
+            logits_example, params_example, opt_example = jax.eval_shape(shapes, x_example)
+        except Exception as e:  # noqa: BLE001 - the model (or optimizer) rejects the inputs
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ValueError(
+                f"the model {type(task.model).__name__} (with its optimizer) cannot be "
+                f"initialised on this dataset's inputs of shape {tuple(x_host.shape[1:])} per "
+                f"example: {type(e).__name__}: {first} (model.init on one example shows where)"
+            ) from None
         k = task.num_components
         expected = 2 if k is None else 3
         if len(logits_example.shape) != expected:
@@ -979,6 +1095,7 @@ class Engine:
         self._y_N = pl.replicate(y_host)
         self._x_example = pl.replicate(x_host[:1])
         self._num_train = num_train
+        self.input_shape = tuple(x_host.shape[1:])
 
     @property
     def num_replicas(self) -> int:
@@ -1063,6 +1180,7 @@ class Engine:
             self._y_N,
             jnp.int32(self.window),
             jnp.int32(first_epoch),
+            jnp.float32(np.inf if c.divergence is None else c.divergence),
             task=self._compiled_task,
             strategy=self.strategy,
             mesh=self.mesh,
@@ -1086,8 +1204,18 @@ class Engine:
           The new stacked state and ``{"loss", "accuracy"}``, each float ``[R, num_epochs]``:
           per-replica means over the epoch's training batches.
         """
-        state, metrics = self._train_padded(self.placement.pad(state), first_epoch, num_epochs)
+        state = self.placement.pad(self._with_health(state))
+        state, metrics = self._train_padded(state, first_epoch, num_epochs)
         return self.placement.unpad(state), metrics
+
+    def _with_health(self, state: TrainState) -> TrainState:
+        """A stacked state ``[R, ...]`` with a ``Health`` (a fresh one when built by hand)."""
+        if state.health is not None:
+            return state
+        r = self.num_replicas
+        return state._replace(
+            health=Health(np.full((r,), np.nan, np.float32), np.full((r,), -1, np.int32))
+        )
 
     def run(
         self,
@@ -1124,7 +1252,9 @@ class Engine:
         c = self.config
         start = time.perf_counter()
         compile_start = compilation.compile_seconds()
-        state = self._init_padded() if state is None else self.placement.pad(state)
+        state = (
+            self._init_padded() if state is None else self.placement.pad(self._with_health(state))
+        )
         past = {
             k: [np.asarray(history[k], np.float32)]
             if history is not None
@@ -1163,6 +1293,7 @@ class Engine:
             seconds=time.perf_counter() - start,
             compile_seconds=compilation.compile_seconds() - compile_start,
             loss_weights=dict(self.loss_weights),
+            input_shape=self.input_shape,
         )
 
 
@@ -1196,6 +1327,8 @@ class Run:
       loss_weights: ``{name: float32 [R]}``, each replica's weight of each loss transform
         (``losses.weights``; from ``hparams`` or the loss itself). ``task.loss_fn`` holds the
         loss as given: to continue training with ``Engine``, pass these as its ``hparams``.
+      input_shape: the shape of one training example; ``predict`` takes ``[N, *input_shape]``
+        (empty: not recorded, not checked).
     """
 
     task: Task
@@ -1207,6 +1340,7 @@ class Run:
     seconds: float = 0.0
     compile_seconds: float = 0.0
     loss_weights: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    input_shape: tuple[int, ...] = ()
 
     @property
     def num_replicas(self) -> int:
@@ -1228,7 +1362,9 @@ class Run:
 
     @property
     def diverged(self) -> np.ndarray:
-        """bool ``[R]``: the replica's loss or parameters became NaN or infinite."""
+        """bool ``[R]``: the replica diverged in training (``FitConfig.divergence``: its loss
+        became NaN or infinite or blew up; it was frozen, see ``diverged_epoch``), or its
+        parameters are NaN or infinite now (a state assigned by hand)."""
         pl = self.placement
         finite = pl.to_host(
             _finite_R(
@@ -1238,7 +1374,17 @@ class Run:
                 deterministic=self.config.deterministic,
             )
         )
-        return ~np.all(np.isfinite(self.history["loss"]), axis=1) | ~np.asarray(finite, bool)
+        in_training = (self.diverged_epoch >= 0) | ~np.all(np.isfinite(self.history["loss"]), 1)
+        return in_training | ~np.asarray(finite, bool)
+
+    @property
+    def diverged_epoch(self) -> np.ndarray:
+        """int ``[R]``: the epoch (0-based, the ``history`` column) after which each replica was
+        found diverged and frozen, or -1. Its parameters are those from before that epoch."""
+        health = self.device_state.health
+        if health is None:
+            return np.full((self.num_replicas,), -1, np.int64)
+        return np.asarray(self.placement.to_host(health.diverged_at), np.int64)
 
     def with_state(self, state: TrainState) -> Run:
         """This run with another stacked state ``[R, ...]`` (edited parameters, say), laid out
@@ -1271,9 +1417,27 @@ class Run:
           float32 numpy ``[R, N, C]`` (``[R, K, N, C]`` with ``components``), the same on
           every process.
         """
-        x = np.asarray(x, np.float32)
+        chunk_size = checks.integer("predict: chunk_size", chunk_size, minimum=1)
+        x = np.asarray(x)
+        if not (
+            x.dtype == np.bool_
+            or np.issubdtype(x.dtype, np.integer)
+            or np.issubdtype(x.dtype, np.floating)
+        ):
+            raise checks.BadType(f"predict: x must hold real numbers, got dtype {x.dtype}")
+        want = "[N, " + ", ".join(map(str, self.input_shape)) + "]" if self.input_shape else None
         if x.ndim < 2:
-            raise ValueError(f"predict: x must be [N, ...] with an example axis, got {x.shape}")
+            raise ValueError(
+                f"predict: x must be {want or '[N, ...]'} with an example axis, got shape {x.shape}"
+            )
+        if x.shape[0] == 0:
+            raise ValueError(f"predict: x is empty (shape {x.shape}); it needs examples")
+        if self.input_shape and tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"predict: x must be {want} like the training inputs, got shape {x.shape} "
+                f"(examples of shape {tuple(x.shape[1:])}, not {self.input_shape})"
+            )
+        x = x.astype(np.float32)
         if not np.all(np.isfinite(x)):
             raise ValueError(f"predict: x holds {int(np.sum(~np.isfinite(x)))} NaN or inf values")
         n = x.shape[0]

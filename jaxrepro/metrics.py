@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxrepro import losses
+from jaxrepro import checks, losses
 
 LOG_FLOOR = 1e-12
 """Probabilities are clipped to this value inside logarithms (KL, JS): project's choice."""
@@ -67,6 +67,11 @@ PBAR_FLOOR = 1e-7
 
 DEFAULT_ATOL = 1e-3
 """Tolerance for probabilities that should sum to 1 and lie in [0, 1]."""
+
+PROBS_AS_LOGITS_ATOL = 1e-3
+"""With ``from_logits=True``, a multiclass stack whose every row lies in [0, 1] and sums to 1
+within this is refused as probabilities passed as logits (real logits essentially never do).
+The project's choice: every row, so a stack of genuine logits is never refused."""
 
 PAIR_KEYS = (
     "churn",
@@ -637,11 +642,12 @@ def finite_replicas(probs, *, chunk_size: int | None = None):
 
 
 def _check_stats(x, from_logits):
+    """Per replica: non-finite count, largest deviation of a row's sum from 1, min and max.
+    Computed for logits too: a stack whose every row is a probability vector was most likely
+    passed with ``from_logits=True`` by mistake (``_Scan._raise_on_values``)."""
     r = x.shape[0]
     flat = x.reshape(r, -1)
     nonfinite = jnp.sum(~jnp.isfinite(flat), axis=1)
-    if from_logits:
-        return nonfinite, jnp.zeros(r), jnp.zeros(r), jnp.zeros(r)
     dev = jnp.zeros(r) if x.ndim == 2 else jnp.max(jnp.abs(jnp.sum(x, -1) - 1.0), axis=1)
     return nonfinite, dev, jnp.min(flat, axis=1), jnp.max(flat, axis=1)
 
@@ -708,19 +714,35 @@ class _Scan:
     """Streams blocks of examples from ``probs`` and accumulates everything in float64."""
 
     def __init__(self, probs, labels, *, from_logits, mask, atol, chunk_size, ks=(1,)):
+        checks.boolean("from_logits", from_logits)
+        self.atol = checks.number("atol", atol, minimum=0)
+        if chunk_size is not None:
+            checks.integer("chunk_size", chunk_size, minimum=1)
+        ks = tuple(checks.integer("ensemble_size", k, minimum=1) for k in ks)
         if not hasattr(probs, "shape"):
-            probs = np.asarray(probs, np.float32)
+            try:
+                probs = np.asarray(probs)
+            except (TypeError, ValueError) as e:
+                raise checks.BadType(f"probs must be an array of numbers ({e})") from None
         if not hasattr(probs, "__getitem__"):
             raise ValueError(
                 "probs must be an array, or an object with .shape whose "
                 "probs[:, start:stop] returns that block of examples"
             )
+        _check_probs_dtype(getattr(probs, "dtype", None), from_logits)
         shape = tuple(probs.shape)
         _static_checks(probs, None, min_replicas=1)
         r, n = shape[0], shape[1]
         self.binary = len(shape) == 2 or shape[2] == 2
         c = 2 if len(shape) == 2 else shape[2]
         labels = np.asarray(labels)
+        if len(shape) == 2 and labels.shape == (r,) and r != n:
+            raise ValueError(
+                f"probs of shape {shape} is read as [R, N] (the positive-class probabilities of "
+                f"{r} replicas on {n} examples of a binary task), but labels has {r} entries: "
+                "it looks like one model's [N, C] without a replica axis; stack the replicas' "
+                "predictions as [R, N, C] (probs[None] for a single model)"
+            )
         if labels.shape != (n,):
             raise ValueError(f"labels must have shape [N] = ({n},); got {labels.shape}")
         if labels.dtype == bool:
@@ -755,7 +777,7 @@ class _Scan:
         self.keep = None if rk == r else keep
         if _is_jax(probs) and self.keep is not None:
             self.probs, self.keep = probs[jnp.asarray(keep)], None
-        self.from_logits, self.atol = from_logits, atol
+        self.from_logits = bool(from_logits)
         self.r, self.n, self.c, self.ks = rk, n, c, tuple(ks)
         # Blocks of nb examples (the last one padded), each cut into sub-chunks of sub; nb is
         # balanced so that padding stays small, and never exceeds a chunk_size given.
@@ -772,9 +794,12 @@ class _Scan:
             self.nb = want // self.sub * self.sub
 
     def _blocks(self):
-        pad_value = (
-            0.0 if self.from_logits else (0.5 if len(self.probs.shape) == 2 else 1.0 / self.c)
-        )
+        # Padding examples are masked out of every sum; a multiclass pad row is uniform 1/C (a
+        # probability vector either way, so it leaves the checks of _raise_on_values alone).
+        if len(self.probs.shape) == 3:
+            pad_value = 1.0 / self.c
+        else:
+            pad_value = 0.0 if self.from_logits else 0.5
         for a in range(0, self.n, self.nb):
             b = min(a + self.nb, self.n)
             if _is_jax(self.probs):
@@ -886,6 +911,16 @@ class _Scan:
                 "mask=metrics.finite_replicas(probs)"
             )
         if self.from_logits:
+            # Rows that already are probability vectors (in [0, 1], summing to 1) would get a
+            # second softmax and silently shrink every difference: refused (multiclass only; a
+            # binary [R, N] stack has no row sum to tell logits from probabilities).
+            simplex = (dev <= PROBS_AS_LOGITS_ATOL) & (lo >= 0) & (hi <= 1)
+            if len(self.probs.shape) == 3 and simplex.all():
+                raise ValueError(
+                    "from_logits=True, but every row of probs is already a probability vector "
+                    f"(in [0, 1], summing to 1 within {PROBS_AS_LOGITS_ATOL:g}): a second softmax "
+                    "would shrink every difference; pass from_logits=False for probabilities"
+                )
             return
         if (dev > self.atol).any():
             bad = np.flatnonzero(dev > self.atol)
@@ -899,6 +934,20 @@ class _Scan:
                 f"probabilities outside [0, 1] in replicas {ids[bad].tolist()} (min "
                 f"{lo.min():.3g}, max {hi.max():.3g}); pass from_logits=True for logits"
             )
+
+
+def _check_probs_dtype(dtype, from_logits: bool) -> None:
+    if dtype is None:
+        return
+    dtype = np.dtype(dtype)
+    what = "logits" if from_logits else "probabilities"
+    if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+        raise checks.BadType(
+            f"probs has dtype {dtype}: compare takes {what} as floats, not predicted class ids; "
+            "for hard predictions pass one-hot probabilities (jax.nn.one_hot(ids, C))"
+        )
+    if not np.issubdtype(dtype, np.floating):
+        raise checks.BadType(f"probs must hold real floating-point {what}, got dtype {dtype}")
 
 
 def _finalize(sums, acc_SxG, n, w_SxG, binary, var_excess=0.0):
@@ -965,11 +1014,26 @@ def _weighted_example_sums(v_SxN, ex_NxT, cor_GxN):
     return _dot(v, ex_NxT), _dot(v, cor_GxN.T.astype(jnp.float32)), dup
 
 
-def _check_bootstrap_args(num_samples, level):
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1; got {num_samples}")
+def _check_bootstrap_args(num_samples, level, key=None):
+    checks.integer("num_samples", num_samples, minimum=1)
+    level = checks.number("level", level)
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1); got {level}")
+    if key is not None:
+        _check_key(key)
+
+
+def _check_key(key) -> None:
+    """A JAX PRNG key: a typed key (``jax.random.key``) or a raw ``uint32[2]``
+    (``jax.random.PRNGKey``); an integer seed is refused rather than taken as one."""
+    dtype = getattr(key, "dtype", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    raw = dtype == np.uint32 and tuple(getattr(key, "shape", ())) == (2,)
+    if not (typed and key.shape == ()) and not raw:
+        raise checks.BadType(
+            f"key must be one JAX PRNG key (jax.random.key(seed)), got {key!r}; to seed the "
+            "bootstrap from an integer, pass key=jax.random.key(seed)"
+        )
 
 
 def _replica_values(res, scan, k, w):
@@ -1033,7 +1097,7 @@ def _example_values(arms, key, num_samples):
 def _bootstrap_from_scan(scan, k, key, num_samples, level, over):
     if over not in ("replicas", "examples"):
         raise ValueError(f"over must be 'replicas' or 'examples'; got {over!r}")
-    _check_bootstrap_args(num_samples, level)
+    _check_bootstrap_args(num_samples, level, key)
     g = scan.r // k
     if over == "replicas":
         w = np.asarray(_resample_counts(key, 0, size=g, count=num_samples), np.float32)
@@ -1469,9 +1533,7 @@ def difference(
     """
     if over not in ("replicas", "examples", "both"):
         raise ValueError(f"over must be 'replicas', 'examples' or 'both'; got {over!r}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
-        raise ValueError(f"num_samples must be an integer; got {num_samples!r}")
-    _check_bootstrap_args(num_samples, level)
+    _check_bootstrap_args(num_samples, level, key)
     scan_a, scan_b = _difference_scans(
         probs_a,
         probs_b,

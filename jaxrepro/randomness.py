@@ -48,6 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxrepro import checks
+
 SOURCES: tuple[str, ...] = ("init", "order", "dropout", "augment", "perturb")
 """Names of the sources of randomness, in the order of their ids."""
 
@@ -73,6 +75,11 @@ def check_sources(names: Iterable[str], *, what: str = "vary") -> tuple[str, ...
     """
     if isinstance(names, str):
         names = (names,)
+    if not isinstance(names, Iterable) or isinstance(names, (bytes, dict)):
+        raise checks.BadType(
+            f"{what} must be a source name or a sequence of them ({', '.join(SOURCES)} or "
+            f"'all'; () for none), got {names!r}"
+        )
     out = []
     for name in names:
         if name == "all":
@@ -98,10 +105,11 @@ def check_seed(seed) -> int:
     truncated to 1 and ``True`` taken as 1).
 
     Raises:
-      ValueError: naming the seed and the range.
+      ValueError: naming the seed and the range (``checks.BadType``, also a TypeError, for a
+        value that is not an integer).
     """
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    if not checks.is_integer(seed):
+        raise checks.BadType(f"seed must be an integer in [0, 2**32), got {seed!r}")
     if not 0 <= int(seed) < SEED_LIMIT:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed}")
     return int(seed)

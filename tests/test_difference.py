@@ -436,7 +436,7 @@ def test_invalid_inputs_raise_named_errors():
     raises("labels out of range", labels=np.full(N, C))
     raises("labels must be integers", labels=y.astype(float))
     raises("over must be 'replicas', 'examples' or 'both'", over="pairs")
-    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
         difference(x, x, y, key, num_samples=0)
     with pytest.raises(ValueError, match="num_samples must be an integer"):
         difference(x, x, y, key, num_samples=10.0)

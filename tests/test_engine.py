@@ -273,16 +273,19 @@ def test_runs_under_disable_jit(ds):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(replicas=0), "replicas must be >= 1"),
+        (dict(replicas=0), "replicas must be an integer >= 1"),
         (dict(batch_size=10_000), "batch_size 10000 is larger than the training set"),
         (dict(vary=("init", "shuffle")), "unknown source of randomness 'shuffle'"),
-        (dict(epochs=0), "epochs must be >= 1"),
-        (dict(window=0), "window must be >= 1"),
+        (dict(epochs=0), "epochs must be an integer >= 1"),
+        (dict(window=0), "window must be an integer >= 1"),
         (dict(strategy="pmap"), "unknown strategy 'pmap'"),
-        (dict(replicas=(1, -1)), "indices must be >= 0"),
+        (
+            dict(replicas=(1, -1)),
+            "replicas must hold integers in \\[0, 2147483647\\]; item 1 is -1",
+        ),
         (dict(perturb_scale=float("nan")), "perturb_scale"),
         (dict(devices=64), "devices=64 but only"),
-        (dict(devices=0), "devices must be >= 1"),
+        (dict(devices=0), "devices must be an integer >= 1"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(ds, kwargs, match):

@@ -251,7 +251,21 @@ class StudyConfig:
 
 
 def subset(ds: data.Dataset, num_train: int, num_test: int) -> data.Dataset:
-    """The first ``num_train`` / ``num_test`` examples of each split (0: all of it)."""
+    """The first ``num_train`` / ``num_test`` examples of each split (0: all of it).
+
+    Raises:
+      ConfigError: asking for more examples than the split has (never silently fewer).
+    """
+    for field, wanted, have in (
+        ("num_train", num_train, ds.num_train),
+        ("num_test", num_test, ds.num_test),
+    ):
+        if wanted > have:
+            raise ConfigError(
+                field,
+                f"asks for {wanted} examples but the {ds.name} dataset has {have}; use at "
+                f"most {have} (0: all of them)",
+            )
     if not num_train and not num_test:
         return ds
     n_tr, n_te = num_train or ds.num_train, num_test or ds.num_test

@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from jaxrepro import files
+from jaxrepro import engine, files
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -132,12 +132,26 @@ def diverged_note(records: Mapping[str, dict]) -> list[str]:
     lines = []
     for name, rec in records.items():
         if rec.get("diverged"):
+            epochs = rec.get("diverged_epochs") or [-1] * len(rec["diverged"])
+            when = ", ".join(
+                f"{r} (epoch {e + 1})" if e >= 0 else f"{r} (non-finite predictions)"
+                for r, e in zip(rec["diverged"], epochs, strict=True)
+            )
             lines.append(
-                f"- {name}: replicas {rec['diverged']} diverged and are excluded"
+                f"- {name}: replicas {when} diverged and are excluded"
                 + (f" ({rec['error']})" if rec.get("error") else "")
                 + "."
             )
-    return (["## Diverged replicas", ""] + lines + [""]) if lines else []
+    if not lines:
+        return []
+    rule = (
+        "A replica diverges when an epoch's mean training loss is NaN or infinite, or exceeds "
+        f"its first batch's loss L0 by more than {engine.DEFAULT_DIVERGENCE:g} max(|L0|, 1), "
+        "or an epoch leaves a "
+        "parameter non-finite; it is frozen at its state before that epoch (epoch numbers "
+        "count from 1)."
+    )
+    return ["## Diverged replicas", "", rule, ""] + lines + [""]
 
 
 def versions_note() -> list[str]:

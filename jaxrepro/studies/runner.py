@@ -24,6 +24,7 @@ import importlib
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -144,15 +145,31 @@ def train_trial(
     progress: wd.Progress | None = None,
     index: tuple[int, int] = (1, 1),
     on_checkpoint: Callable[[str, int], None] | None = None,
+    on_skip: Callable[[str, int, str], None] | None = None,
 ) -> engine.Run:
-    """Trains one trial with ``Engine.run``, resuming from its latest checkpoint and saving
+    """Trains one trial with ``Engine.run``, resuming from its latest good checkpoint and saving
     whenever a multiple of ``checkpoint_every`` epochs is reached, and after the last epoch.
-    Where the checkpoints fall never changes the result."""
+    Where the checkpoints fall never changes the result. A damaged checkpoint is skipped
+    (``workdir.restore_checkpoint``), reported as a progress line (a warning without
+    ``progress``) and to ``on_skip(trial_name, epoch, why)``."""
     eng = engine.Engine(trial.task, trial.data, trial.fit, hparams=trial.hparams or None)
     epochs = trial.fit.epochs
     per_epoch, _ = _units(trial)
     state, first, history = None, 0, None
-    restored = wd.restore_checkpoint(checkpoint_dir, eng.abstract_state)  # shapes only
+
+    def skipped(epoch: int, why: str) -> None:
+        line = (
+            f"config {index[0]}/{index[1]} {trial.name} checkpoint at epoch {epoch} skipped "
+            f"({why}); falling back to the one before it, or to the start"
+        )
+        if progress is not None:
+            progress.write(line)
+        else:
+            warnings.warn(line, stacklevel=2)
+        if on_skip is not None:
+            on_skip(trial.name, epoch, why)
+
+    restored = wd.restore_checkpoint(checkpoint_dir, eng.abstract_state, on_skip=skipped)
     if restored is not None:
         state, first, history = restored
         if progress is not None:
@@ -215,18 +232,22 @@ def predict_parts(trial: Trial, run: engine.Run) -> dict[str, wd.Predictions]:
             train_loss=np.asarray(run.history["loss"][block, -1]),
             train_accuracy=np.asarray(run.history["accuracy"][block, -1]),
             measures=files.to_json(measures),
+            diverged_epoch=np.asarray(run.diverged_epoch, np.int32)[block],
         )
     return out
 
 
 def record(pred: wd.Predictions, **compare_kwargs) -> dict[str, Any]:
     """The record every trial has in results.json: ``{"info", "diverged": [replica ids left
-    out], "train_loss", "train_accuracy"`` (last-epoch means over the kept replicas),
+    out], "diverged_epochs"`` (for each of them, the epoch after which it was frozen in
+    training, 0-based, or -1)``, "train_loss", "train_accuracy"`` (last-epoch means over the
+    kept replicas),
     ``"metrics": metrics.compare(...)`` of the kept replicas' test predictions
     (``compare_kwargs`` passed on)``}``; ``metrics`` is None, with an ``error``, when fewer
     than 2 replicas are left."""
     keep = pred.keep
     out: dict[str, Any] = {"info": dict(pred.info), "diverged": pred.diverged}
+    out["diverged_epochs"] = pred.diverged_epochs
     out["train_loss"] = float(np.mean(pred.train_loss[keep])) if keep.any() else np.nan
     out["train_accuracy"] = float(np.mean(pred.train_accuracy[keep])) if keep.any() else np.nan
     if keep.sum() < 2:
@@ -327,6 +348,23 @@ def train_trials(
     return out
 
 
+def check_trials(config: StudyConfig, trials: Sequence[Trial]) -> None:
+    """What no trial's ``Engine`` may find wrong later, checked before anything is written:
+    every batch fits in its training set.
+
+    Raises:
+      ConfigError: naming ``batch_size`` (and ``num_train`` where the config has it).
+    """
+    for t in trials:
+        if t.fit.batch_size > t.data.num_train:
+            fields = ["batch_size"] + (["num_train"] if hasattr(config, "num_train") else [])
+            raise ConfigError(
+                fields,
+                f"batch_size {t.fit.batch_size} is larger than trial {t.name!r}'s training set "
+                f"({t.data.num_train} examples); lower the batch size or use more examples",
+            )
+
+
 def _program(task: engine.Task) -> engine.Task:
     """What the engine compiles a task as, up to the optimizer's identity: its loss's weights
     are run-time values (``losses.canonical``)."""
@@ -425,9 +463,10 @@ def run(
     if portable:
         portable_mode.require()  # before anything below starts JAX
     study = study_module(config)
+    trials = study.trials(config)  # before the workdir: a config they refuse leaves no trace
+    check_trials(config, trials)
     workdir = wd.prepare_workdir(workdir, config, deterministic=deterministic, portable=portable)
     distributed.barrier("jaxrepro-workdir-ready")
-    trials = study.trials(config)
     if deterministic or portable:
         trials = [
             dataclasses.replace(

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 import zipfile
@@ -52,7 +53,18 @@ def prepare_workdir(
         another ``deterministic`` or ``portable`` setting); ``fields`` names the differing
         fields, so nothing is trained into a mismatched run.
     """
+    if not isinstance(workdir, (str, os.PathLike)) or not os.fspath(workdir):
+        raise ConfigError("workdir", f"must name a directory, got {workdir!r}")
     workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError("workdir", f"{workdir} exists and is not a directory; use another path")
+    for parent in workdir.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(
+                    "workdir", f"{workdir} lies under {parent}, which is a file, not a directory"
+                )
+            break
     path = workdir / "config.json"
     wanted = {
         "study": config.STUDY,
@@ -96,10 +108,36 @@ def prepare_workdir(
                     "use another workdir or the same flags",
                 )
         return workdir
-    if distributed.is_writer():
-        workdir.mkdir(parents=True, exist_ok=True)
-    files.atomic_write_json(path, wanted)
+    stale = _run_files(workdir)
+    if stale:
+        raise ConfigError(
+            "workdir",
+            f"{workdir} holds files of a run ({', '.join(stale)}) but no config.json, so what "
+            "config they belong to is unknown; reusing them could mix two configs. Use another "
+            "workdir, or delete them",
+        )
+    try:
+        if distributed.is_writer():
+            workdir.mkdir(parents=True, exist_ok=True)
+        files.atomic_write_json(path, wanted)
+    except OSError as e:
+        raise ConfigError(
+            "workdir", f"cannot create {path} ({e.strerror or e}); use a writable directory"
+        ) from None
     return workdir
+
+
+RUN_FILES = ("results.json", "timings.json", "report.md", "progress.log")
+RUN_DIRS = ("checkpoints", "predictions")
+
+
+def _run_files(workdir: Path) -> list[str]:
+    """The files and directories of a run that ``workdir`` holds (none when it is new)."""
+    if not workdir.is_dir():
+        return []
+    found = [name for name in RUN_FILES if (workdir / name).exists()]
+    found += [f"{name}/" for name in RUN_DIRS if (workdir / name).exists()]
+    return found
 
 
 def slug(name: str) -> str:
@@ -170,13 +208,32 @@ class Progress:
 # Checkpoints (orbax).
 
 
+KEEP_CHECKPOINTS = 2
+"""Checkpoints kept per trial: the latest and the one before it, to fall back on when the
+latest fails its checksum."""
+
+
 def _manager(directory: Path):
     import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=1, enable_async_checkpointing=False, create=True
+        max_to_keep=KEEP_CHECKPOINTS, enable_async_checkpointing=False, create=True
     )
     return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def state_digest(state) -> str:
+    """SHA-256 of a state's tree structure and every array's dtype, shape and bytes: what a
+    checkpoint stores beside the state and checks on restore."""
+    import jax
+
+    from jaxrepro import compilation
+
+    leaves, treedef = jax.tree.flatten(state)
+    h = hashlib.sha256(str(treedef).encode())
+    for leaf in leaves:
+        compilation.update_digest(h, np.asarray(leaf))
+    return h.hexdigest()
 
 
 def save_checkpoint(
@@ -185,11 +242,16 @@ def save_checkpoint(
     state: engine.TrainState,
     history: Mapping[str, np.ndarray],
 ) -> None:
-    """Saves the stacked state after ``epoch`` epochs (and the per-epoch history) with orbax;
-    only the latest checkpoint is kept. Orbax commits a checkpoint by renaming it into place."""
+    """Saves the stacked state after ``epoch`` epochs, the per-epoch history and the state's
+    checksum (``state_digest``) with orbax; the last ``KEEP_CHECKPOINTS`` are kept. Orbax
+    commits a checkpoint by renaming it into place."""
     import orbax.checkpoint as ocp
 
-    meta = {"epoch": int(epoch), "history": {k: np.asarray(v).tolist() for k, v in history.items()}}
+    meta = {
+        "epoch": int(epoch),
+        "history": {k: np.asarray(v).tolist() for k, v in history.items()},
+        "checksum": state_digest(state),
+    }
     with _manager(Path(directory)) as mngr:
         mngr.save(
             int(epoch),
@@ -200,29 +262,20 @@ def save_checkpoint(
         mngr.wait_until_finished()
 
 
-def restore_checkpoint(
-    directory: str | os.PathLike, like: engine.TrainState | Callable[[], engine.TrainState]
-):
-    """The latest checkpoint as ``(state, epoch, history)``, or None when there is none.
+def _steps(directory: Path) -> list[int]:
+    """The committed checkpoint steps in ``directory`` (orbax's step directories), latest first;
+    orbax's uncommitted temporary directories are not steps."""
+    if not directory.is_dir():
+        return []
+    return sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)
 
-    ``like`` (e.g. ``Engine.abstract_state()`` or a fresh ``Engine.init()``, or a function
-    returning one, called only when a checkpoint exists) gives the tree structure, dtypes and
-    shardings, so the restored state is bitwise the saved one, ``[R, ...]`` as ``Engine.run``
-    takes it (which lays it out for training).
-    """
+
+def _restore_step(directory: Path, step: int, like):
+    """One checkpoint, verified: ``(state, epoch, history)``; raises on anything wrong."""
     import jax
     import orbax.checkpoint as ocp
 
-    directory = Path(directory)
-    # Process 0 decides whether there is a checkpoint, so every process takes the same path.
-    if not distributed.from_writer(directory.exists()):
-        return None
     with _manager(directory) as mngr:
-        step = distributed.from_writer(mngr.latest_step())
-        if step is None:
-            return None
-        if callable(like):
-            like = like()
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         out = mngr.restore(
             step,
@@ -230,10 +283,68 @@ def restore_checkpoint(
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
             ),
         )
-    history = {
-        k: np.asarray(v, np.float32).reshape(len(v), -1) for k, v in out.meta["history"].items()
-    }
-    return out.state, int(out.meta["epoch"]), history
+    meta = out.meta
+    if not isinstance(meta, Mapping) or int(meta.get("epoch", -1)) != step:
+        raise ValueError(f"its metadata does not describe epoch {step}")
+    if "checksum" not in meta:
+        raise ValueError("it has no checksum (written by an older version)")
+    digest = state_digest(out.state)
+    if digest != meta["checksum"]:
+        raise ValueError("its state fails its checksum (the files were changed or damaged)")
+    history = {k: np.asarray(v, np.float32).reshape(len(v), -1) for k, v in meta["history"].items()}
+    if any(v.shape[1] != step for v in history.values()):
+        raise ValueError(f"its history does not hold {step} epochs")
+    return out.state, step, history
+
+
+def restore_checkpoint(
+    directory: str | os.PathLike,
+    like: engine.TrainState | Callable[[], engine.TrainState],
+    *,
+    on_skip: Callable[[int, str], None] | None = None,
+):
+    """The latest good checkpoint as ``(state, epoch, history)``, or None when there is none.
+
+    ``like`` (e.g. ``Engine.abstract_state()`` or a fresh ``Engine.init()``, or a function
+    returning one, called only when a checkpoint exists) gives the tree structure, dtypes and
+    shardings, so the restored state is bitwise the saved one, ``[R, ...]`` as ``Engine.run``
+    takes it (which lays it out for training).
+
+    A checkpoint that cannot be read (truncated, partly deleted, unreadable metadata), whose
+    state fails its checksum, or that does not fit ``like`` is skipped: ``on_skip(epoch,
+    why)`` is called, it is deleted (so training can write that epoch again), and the one before
+    it is tried; with none left the trial trains from the start. The result is then the one an
+    uninterrupted run gives.
+    """
+    import jax
+
+    directory = Path(directory)
+    # Process 0 decides what there is and what is good, so every process takes the same path.
+    steps = distributed.from_writer(_steps(directory))
+    if not steps:
+        return None
+    if callable(like):
+        like = like()
+    for step in steps:
+        try:
+            restored, why = _restore_step(directory, step, like), ""
+        except Exception as e:  # noqa: BLE001 - any failure of one checkpoint: try the next
+            restored, why = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        why = distributed.from_writer(why)
+        if not why:
+            if restored is None:
+                raise RuntimeError(
+                    f"process {jax.process_index()} cannot read the checkpoint at "
+                    f"epoch {step} in {directory}, which process 0 reads: the workdir must be "
+                    "on storage every process reads"
+                )
+            return restored
+        if on_skip is not None:
+            on_skip(step, why)
+        if distributed.is_writer():
+            shutil.rmtree(directory / str(step), ignore_errors=True)
+        distributed.barrier(f"jaxrepro-checkpoint-skip-{step}")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +366,8 @@ class Predictions:
       train_loss, train_accuracy: ``[R]`` the last epoch's training means per replica.
       measures: JSON-ready values the trial measured on its trained replicas beyond the test
         predictions (``Trial.measure``), e.g. the correlation of an ensemble's components.
+      diverged_epoch: ``[R]`` int, the epoch (0-based) after which each replica was found
+        diverged in training and frozen (``engine.Run.diverged_epoch``), or -1.
     """
 
     info: Mapping[str, Any]
@@ -265,11 +378,22 @@ class Predictions:
     train_loss: np.ndarray
     train_accuracy: np.ndarray
     measures: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    diverged_epoch: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.diverged_epoch is None:
+            object.__setattr__(self, "diverged_epoch", np.full(len(self.replica_ids), -1, np.int32))
 
     @property
     def diverged(self) -> list[int]:
         """Ids of the replicas left out of the metrics."""
         return [int(r) for r in self.replica_ids[~self.keep]]
+
+    @property
+    def diverged_epochs(self) -> list[int]:
+        """For each of ``diverged``: the epoch (0-based) after which it was frozen in training,
+        or -1 (its predictions were not finite, or it was not caught in training)."""
+        return [int(e) for e in np.asarray(self.diverged_epoch)[~self.keep]]
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
@@ -285,6 +409,7 @@ class Predictions:
             keep=self.keep,
             train_loss=self.train_loss,
             train_accuracy=self.train_accuracy,
+            diverged_epoch=np.asarray(self.diverged_epoch, np.int32),
             meta=np.frombuffer(meta.encode(), np.uint8),
         )
         return buf.getvalue()
