@@ -31,8 +31,17 @@ class BadType(TypeError, ValueError):
 
 
 def is_integer(value) -> bool:
-    """A Python or NumPy integer that is not a bool."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    """A Python or NumPy integer, or a 0-d integer array (NumPy or JAX); not a bool."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, (int, np.integer)):
+        return True
+    dtype = getattr(value, "dtype", None)
+    return (
+        dtype is not None
+        and getattr(value, "ndim", None) == 0
+        and np.issubdtype(np.dtype(dtype), np.integer)
+    )
 
 
 def is_number(value) -> bool:
@@ -91,7 +100,10 @@ def number(
     bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum}"
     if not is_number(value):
         raise BadType(f"{name} must be a finite number{bound}, got {_describe(value)}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite number{bound}, got {value}") from None
     low = minimum is not None and (value <= minimum if strict else value < minimum)
     if not math.isfinite(value) or low:
         raise ValueError(f"{name} must be a finite number{bound}, got {value}")
@@ -111,9 +123,13 @@ def integers(
 ) -> tuple[int, ...]:
     """A sequence (list, tuple, range or 1-D integer array) of integers within the bounds, as
     a tuple of Python ints. A string, a mapping or a scalar is refused."""
-    if isinstance(values, (str, bytes, dict)) or not isinstance(values, Iterable):
+    if (
+        isinstance(values, (str, bytes, dict))
+        or not isinstance(values, Iterable)
+        or getattr(values, "ndim", 1) == 0
+    ):
         raise BadType(f"{name} must be a sequence of integers, got {_describe(values)}")
-    if isinstance(values, np.ndarray) and values.ndim != 1:
+    if getattr(values, "ndim", 1) != 1:
         raise ValueError(f"{name} must be 1-D, got an array of shape {values.shape}")
     out = []
     for i, v in enumerate(values):

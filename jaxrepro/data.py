@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxrepro import checks
+
 LOADERS = ("mnist1d", "digits", "digits_images")
 _SPLIT_KEYS = ("x_train", "y_train", "x_test", "y_test")
 # Bump when the cached file layout or the generation procedure here changes.
@@ -110,8 +112,7 @@ class Dataset:
 
     def __post_init__(self):
         n = self.num_classes
-        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 2:
-            raise ValueError(f"num_classes must be an int >= 2, got {n!r}")
+        checks.integer("num_classes", n, minimum=2)
         object.__setattr__(self, "num_classes", int(n))
         for split in ("train", "test"):
             x = _check_x(f"x_{split}", getattr(self, f"x_{split}"))
@@ -277,6 +278,8 @@ def mnist1d(
     Raises:
         ValueError: an unknown override.
     """
+    checks.integer("num_samples", num_samples, minimum=2)
+    checks.integer("seed", seed, minimum=0)
     args = mnist1d_args(num_samples=num_samples, seed=seed, **overrides)
     path = mnist1d_cache_path(cache_dir, num_samples=num_samples, seed=seed, **overrides)
     arrays = None
@@ -314,7 +317,9 @@ def digits(*, images: bool = False, test_fraction: float = 0.2, seed: int = 0) -
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    if not 0.0 < test_fraction < 1.0:
+    checks.boolean("images", images)
+    checks.integer("seed", seed, minimum=0)
+    if not checks.is_number(test_fraction) or not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
     bunch = load_digits()
     x_N = bunch.data.astype(np.float32) / 16.0
@@ -422,11 +427,12 @@ def load(name_or_path: str | os.PathLike, **kwargs) -> Dataset:
         **kwargs: passed to the loader (e.g. ``seed``, ``cache_dir``, ``num_classes``).
 
     Raises:
-        ValueError: anything else (the message lists the choices).
+        ValueError: anything else (the message lists the choices), or a file that is not a
+            readable ``.npz`` of numeric arrays (the message names the file and the fix).
+        FileNotFoundError: a path that does not exist.
+        jaxrepro.checks.BadType: ``name_or_path`` is neither a string nor a path.
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
-        from jaxrepro import checks
-
         raise checks.BadType(
             f"name_or_path must be a dataset name ({', '.join(LOADERS)}) or a path to an .npz "
             f"file, got {name_or_path!r}"

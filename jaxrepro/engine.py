@@ -186,7 +186,10 @@ class FitConfig:
         from the end of its last good epoch (its predictions stay finite), and
         ``Run.diverged_epoch`` records the epoch. ``None``: only NaN or infinite values count.
         The default, 100, flags Adam at a learning rate of 1e6 (loss 1e13) in its first epoch
-        and no run that trains.
+        and no run that trains. The select costs no arithmetic in the other replicas, but
+        holds one more copy of a replica's state during an epoch (counted by
+        ``replica_memory_bytes``). A state built by hand without ``health`` takes its first
+        batch as L0.
     """
 
     replicas: int | tuple[int, ...] = 8
@@ -213,7 +216,7 @@ class FitConfig:
                 f"replicas must be a count R >= 1 or a sequence of replica indices, got "
                 f"{self.replicas!r}"
             )
-        if checks.is_integer(self.replicas) or isinstance(self.replicas, (bool, float)):
+        if np.ndim(self.replicas) == 0:  # a count (anything else 0-d is refused by name)
             count = checks.integer("replicas", self.replicas, minimum=1)
             object.__setattr__(self, "replicas", count)
         else:
@@ -417,9 +420,9 @@ def train_epochs(
 
     After each epoch the divergence rule (``FitConfig.divergence``, factor ``divergence``,
     traced; ``inf`` for non-finite values only) is applied: a replica found diverged keeps the
-    state it had before that epoch, every later epoch's update is masked (a select, so the
-    other replicas and the cost are untouched), ``state.health.diverged_at`` records the epoch,
-    and its metrics for the epochs after it are NaN.
+    state it had before that epoch, every later epoch's update is masked (a select: the other
+    replicas' arithmetic is untouched), ``state.health.diverged_at`` records the epoch, and its
+    metrics for the epochs after it are NaN.
     """
     steps = x_N.shape[0] // batch_size
     if state.health is None:
@@ -452,7 +455,10 @@ def train_epochs(
 def _apply_divergence_rule(old, new, metrics, step_metrics, epoch, divergence):
     """One replica after one epoch: ``new``, or ``old`` when it is (or was already) diverged."""
     health = old.health
-    first = jnp.where(epoch == 0, step_metrics["loss"][0], health.first_loss)
+    # L0 is the first batch's loss; a state resumed without one (built by hand) takes the
+    # first batch it trains on (a replica whose L0 is NaN in epoch 0 is frozen already).
+    unknown = (epoch == 0) | jnp.isnan(health.first_loss)
+    first = jnp.where(unknown, step_metrics["loss"][0], health.first_loss)
     loss = metrics["loss"]
     blown_up = jnp.isfinite(first) & (loss > first + divergence * jnp.maximum(jnp.abs(first), 1.0))
     ok = jnp.isfinite(loss) & _finite_one(new.params) & ~blown_up
@@ -486,9 +492,9 @@ def use_cpu_devices(count: int | None = None) -> int:
     Returns:
       The number of CPU devices asked for.
     """
-    count = int(count or os.cpu_count() or 1)
-    if count < 1:
-        raise ValueError(f"use_cpu_devices: count must be >= 1, got {count}")
+    if count is None:
+        count = os.cpu_count() or 1
+    count = checks.integer("use_cpu_devices: count", count, minimum=1)
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError as e:
@@ -575,7 +581,8 @@ def replica_memory_bytes(task: Task, example_shape: tuple[int, ...], batch_size:
         )
     except Exception:  # noqa: BLE001 - no memory analysis on this backend
         total = 0
-    return int(max(total, 4 * state_bytes))
+    # The divergence rule keeps the state from before the epoch for its select: one more copy.
+    return int(max(total, 4 * state_bytes) + state_bytes)
 
 
 def choose_strategy(
@@ -1154,6 +1161,7 @@ class Engine:
         Computed by the same function the training step uses.
         """
         c = self.config
+        epoch = checks.integer("epoch", epoch, minimum=0)
         return np.asarray(
             _batches_R(
                 jnp.asarray(self.replica_ids),
@@ -1204,6 +1212,8 @@ class Engine:
           The new stacked state and ``{"loss", "accuracy"}``, each float ``[R, num_epochs]``:
           per-replica means over the epoch's training batches.
         """
+        first_epoch = checks.integer("first_epoch", first_epoch, minimum=0)
+        num_epochs = checks.integer("num_epochs", num_epochs, minimum=1)
         state = self.placement.pad(self._with_health(state))
         state, metrics = self._train_padded(state, first_epoch, num_epochs)
         return self.placement.unpad(state), metrics
@@ -1250,6 +1260,15 @@ class Engine:
           A ``Run`` with the whole history ``[R, epochs]``.
         """
         c = self.config
+        first_epoch = checks.integer("first_epoch", first_epoch, minimum=0, maximum=c.epochs)
+        if history is not None:
+            for k in ("loss", "accuracy"):
+                shape = np.shape(history[k]) if k in history else None
+                if shape != (self.num_replicas, first_epoch):
+                    raise ValueError(
+                        f"history[{k!r}] must be [R, first_epoch] = "
+                        f"({self.num_replicas}, {first_epoch}), got {shape}"
+                    )
         start = time.perf_counter()
         compile_start = compilation.compile_seconds()
         state = (
@@ -1305,7 +1324,8 @@ class Run:
     ``diverged``, ``state`` and ``predict`` give the whole ``[R, ...]`` result on each of
     them (so the same script, run as every process, reads its results the same way; only the
     writing of files is left to process 0, see ``jaxrepro.distributed``). Reading ``state``,
-    ``diverged``, ``predict`` or ``replica`` there is a collective computation: every process
+    ``diverged``, ``diverged_epoch``, ``predict`` or ``replica`` there is a collective
+    computation: every process
     must make the call, not process 0 alone.
 
     ``state`` is ``[R, ...]``; assigning it (or ``with_state``) lays the new state out as
@@ -1418,6 +1438,8 @@ class Run:
           every process.
         """
         chunk_size = checks.integer("predict: chunk_size", chunk_size, minimum=1)
+        logits = checks.boolean("predict: logits", logits)
+        components = checks.boolean("predict: components", components)
         x = np.asarray(x)
         if not (
             x.dtype == np.bool_

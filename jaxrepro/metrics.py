@@ -132,6 +132,7 @@ def _bitonic_sort(v_RxM: jax.Array, idx_RxM: jax.Array | None = None):
 
 def _prepare(x, from_logits: bool, k: int):
     """Predictions -> probabilities P, log-probabilities L ([G, n, C]) and top-1 yhat [G, n]."""
+    checks.boolean("from_logits", from_logits)
     x = jnp.asarray(x, jnp.float32)
     if x.ndim == 2:  # binary: positive-class probability (or logit)
         if from_logits:
@@ -325,6 +326,11 @@ def _weighted(s, w_BxG):
 
 
 def _static_checks(probs, labels=None, *, min_replicas: int = 2, k: int = 1):
+    if not hasattr(probs, "shape"):
+        raise checks.BadType(
+            f"probs must be an array [R, N, C] or [R, N], got {type(probs).__name__}"
+        )
+    _check_probs_dtype(getattr(probs, "dtype", None), from_logits=False)
     shape = tuple(probs.shape)
     if len(shape) not in (2, 3):
         raise ValueError(
@@ -606,6 +612,7 @@ def ensemble(probs, ensemble_size: int, *, from_logits: bool = False) -> jax.Arr
     References:
       methods.md section 6; Shamir & Coviello 2020 (ensembles reduce PD).
     """
+    ensemble_size = checks.integer("ensemble_size", ensemble_size, minimum=1)
     _static_checks(probs, min_replicas=1, k=ensemble_size)
     p, _, _ = _prepare(probs, from_logits, ensemble_size)
     return p[..., 1] if probs.ndim == 2 else p
@@ -622,14 +629,19 @@ def _is_jax(x) -> bool:
 def finite_replicas(probs, *, chunk_size: int | None = None):
     """Which replicas have only finite predictions: bool ``[R]`` (True = keep).
 
-    Use it as the ``mask`` of :func:`compare` to exclude diverged replicas. A jax array gives a
-    jax array (jit-compatible); anything else is scanned block by block and gives numpy.
+    Use it as the ``mask`` of :func:`compare` to exclude replicas whose predictions are not
+    finite. For replicas trained by ``jaxrepro.fit``, ``mask=~run.diverged`` is the mask: the
+    engine freezes a diverged replica at its last good state (``FitConfig.divergence``), so its
+    predictions are finite and this function keeps it. A jax array gives a jax array
+    (jit-compatible); anything else is scanned block by block and gives numpy.
 
     Example:
       >>> p = np.full((3, 4, 2), 0.5, np.float32); p[1, 2] = np.nan
       >>> finite_replicas(p).tolist()
       [True, False, True]
     """
+    if chunk_size is not None:
+        checks.integer("chunk_size", chunk_size, minimum=1)
     if _is_jax(probs):
         return jnp.all(jnp.isfinite(probs.reshape(probs.shape[0], -1)), axis=1)
     r, n = probs.shape[0], probs.shape[1]
@@ -908,7 +920,7 @@ class _Scan:
             raise ValueError(
                 f"probs has non-finite values (NaN or inf): {int(nonfinite.sum())} values in "
                 f"replicas {ids[bad].tolist()}; exclude diverged replicas with "
-                "mask=metrics.finite_replicas(probs)"
+                "mask=metrics.finite_replicas(probs) (or mask=~run.diverged for a fit)"
             )
         if self.from_logits:
             # Rows that already are probability vectors (in [0, 1], summing to 1) would get a
@@ -937,7 +949,7 @@ class _Scan:
 
 
 def _check_probs_dtype(dtype, from_logits: bool) -> None:
-    if dtype is None:
+    if dtype is None or jnp.issubdtype(dtype, jnp.floating):  # bfloat16 included
         return
     dtype = np.dtype(dtype)
     what = "logits" if from_logits else "probabilities"
@@ -946,8 +958,7 @@ def _check_probs_dtype(dtype, from_logits: bool) -> None:
             f"probs has dtype {dtype}: compare takes {what} as floats, not predicted class ids; "
             "for hard predictions pass one-hot probabilities (jax.nn.one_hot(ids, C))"
         )
-    if not np.issubdtype(dtype, np.floating):
-        raise checks.BadType(f"probs must hold real floating-point {what}, got dtype {dtype}")
+    raise checks.BadType(f"probs must hold real floating-point {what}, got dtype {dtype}")
 
 
 def _finalize(sums, acc_SxG, n, w_SxG, binary, var_excess=0.0):
@@ -1149,8 +1160,9 @@ def compare(
         positive-class probabilities (logits) of a binary task.
       labels: ``[N]`` integer labels.
       from_logits: whether ``probs`` holds logits.
-      mask: optional bool ``[R]``, True = keep; e.g. ``finite_replicas(probs)`` to drop
-        diverged replicas. Excluded replicas are never read; their count is reported.
+      mask: optional bool ``[R]``, True = keep; e.g. ``~run.diverged`` for the replicas of a
+        ``fit`` (or ``finite_replicas(probs)``) to drop diverged replicas. Excluded replicas
+        are never read; their count is reported.
       ensemble_size: k > 1 compares ensembles of k consecutive replicas (see
         :func:`ensemble`); counts then refer to groups.
       key: a jax PRNG key; when given, adds ``<metric>_ci`` = [lo, hi] bootstrap intervals
@@ -1348,7 +1360,7 @@ def _difference_scans(
     arms = []
     for arm, probs in (("a", probs_a), ("b", probs_b)):
         if not hasattr(probs, "shape"):
-            probs = np.asarray(probs, np.float32)
+            probs = np.asarray(probs)
         _for_arm(arm, _static_checks, probs, None, min_replicas=1)
         arms.append(probs)
     probs_a, probs_b = arms
@@ -1533,6 +1545,7 @@ def difference(
     """
     if over not in ("replicas", "examples", "both"):
         raise ValueError(f"over must be 'replicas', 'examples' or 'both'; got {over!r}")
+    paired = checks.boolean("paired", paired)
     _check_bootstrap_args(num_samples, level, key)
     scan_a, scan_b = _difference_scans(
         probs_a,
@@ -1594,7 +1607,7 @@ def ensemble_curve(
     r = probs.shape[0] if mask is None else int(np.sum(np.asarray(mask)))
     if ks is None:
         ks = [1 << i for i in range(max(r // 2, 1).bit_length()) if (1 << i) <= r // 2]
-    ks = tuple(int(k) for k in ks)
+    ks = checks.integers("ks", ks, minimum=1)
     scan = _Scan(
         probs, labels, from_logits=from_logits, mask=mask, atol=atol, chunk_size=chunk_size, ks=ks
     )

@@ -24,7 +24,8 @@ then analyses them all and writes results.json, report.md and the plots.
 results.json holds ``study``, ``config``, ``deterministic`` (XLA's GPU deterministic ops,
 ``--deterministic``), ``versions`` (python, jax, jaxlib, flax, optax, orbax-checkpoint, numpy,
 jaxrepro), ``complete`` and ``results``: per trial, in trial order,
-``{"info": its grid coordinates, "diverged": [replica ids excluded], "train_loss",
+``{"info": its grid coordinates, "diverged": [replica ids excluded], "diverged_epochs": [the
+epoch, from 0, after which each was frozen in training, or -1], "train_loss",
 "train_accuracy", "metrics": metrics.compare(...) of the kept replicas, or null with an
 "error" when fewer than 2 are left}`` plus what the study adds (intervals, paired
 differences, histograms). Strict JSON: an undefined number (the control's ``var_ratio``, 0/0)

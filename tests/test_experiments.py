@@ -19,7 +19,7 @@ from absl import app, flags
 from jaxrepro import data, engine, metrics, models, plots, portable, study
 
 ROOT = Path(__file__).resolve().parents[1]
-RECORD_KEYS = {"info", "diverged", "train_loss", "train_accuracy", "metrics"}
+RECORD_KEYS = {"info", "diverged", "diverged_epochs", "train_loss", "train_accuracy", "metrics"}
 
 
 def _binary(name, *args, timeout=300):

@@ -537,8 +537,13 @@ def test_damaged_checkpoints_recover_to_the_uninterrupted_results(uninterrupted,
     out = runner.run(IRR.quick(), workdir, checkpoint_every=1, progress=False)
     log = (workdir / "progress.log").read_text()
     assert "checkpoint at epoch 2 skipped" in log
-    if how == "truncate":
-        assert "checkpoint at epoch 1 skipped" in log
+    if how == "truncate":  # both skipped: the trial trained from the start
+        assert "checkpoint at epoch 1 skipped" in log and "resumed at epoch 1/2" not in log
+    else:  # the one before it was used
+        assert "resumed at epoch 1/2" in log and "checkpoint at epoch 1 skipped" not in log
+    assert len(list((workdir / "checkpoints").glob("*.skipped/*"))) == (
+        2 if how == "truncate" else 1
+    )
     assert out["complete"]
     assert (workdir / "results.json").read_bytes() == (uninterrupted / "results.json").read_bytes()
 
@@ -559,7 +564,8 @@ def test_checkpoint_checksum_catches_a_changed_state(tmp_path):
     assert epoch == 1 and hist["loss"].shape == (3, 1)
     np.testing.assert_array_equal(np.asarray(restored["w"]), state["w"])
     assert skips and skips[0][0] == 2 and "checksum" in skips[0][1]
-    assert not (tmp_path / "2").exists()  # removed, so the epoch can be written again
+    assert not (tmp_path / "2").exists()  # moved aside, so the epoch can be written again
+    assert len(list(tmp_path.parent.glob(f"{tmp_path.name}.skipped/2-*"))) == 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxrepro import compilation, data, distributed, engine, files, losses, metrics
+from jaxrepro import checks, compilation, data, distributed, engine, files, losses, metrics
 from jaxrepro import portable as portable_mode
 from jaxrepro.studies import workdir as wd
 from jaxrepro.studies.base import ConfigError, StudyConfig
@@ -430,8 +430,8 @@ def run(
         ``TestSetVarianceConfig``, ``AntiDistillationConfig``, ``RegularizersConfig``).
       workdir: the run's directory; created, or checked to hold the same config.
       checkpoint_every: epochs between checkpoints (each trial is also saved at its end).
-      keep_checkpoints: keep each trial's last checkpoint (its trained replicas) after its
-        predictions are saved; False deletes it then.
+      keep_checkpoints: keep each trial's last checkpoints (its trained replicas, and the one
+        before) after its predictions are saved; False deletes them then.
       progress: print progress lines to ``stream`` (default stderr); they are always
         appended to ``workdir/progress.log``.
       clock: time source of the progress lines.
@@ -458,8 +458,8 @@ def run(
     Raises:
       ConfigError: the workdir holds another config (nothing is trained).
     """
-    if checkpoint_every < 1:
-        raise ConfigError("checkpoint_every", f"must be >= 1, got {checkpoint_every}")
+    if not checks.is_integer(checkpoint_every) or checkpoint_every < 1:
+        raise ConfigError("checkpoint_every", f"must be an integer >= 1, got {checkpoint_every!r}")
     if portable:
         portable_mode.require()  # before anything below starts JAX
     study = study_module(config)

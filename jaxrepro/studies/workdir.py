@@ -5,10 +5,13 @@ Layout::
 
     config.json            the study and its config; a rerun in the same workdir must match it
     progress.log           one line per epoch: trial k of K, epoch, elapsed and remaining time
-    checkpoints/<trial>/   orbax checkpoints of the stacked TrainState, every few epochs
+    checkpoints/<trial>/   orbax checkpoints of the stacked TrainState, every few epochs (the
+                           last two, each with a checksum of its state; a damaged one is
+                           moved to checkpoints/<trial>.skipped/ on resume)
     predictions/<trial>.npz  a finished trial's test predictions ``[R, N, C]`` (float32, as
-                           the model gave them), labels, replica ids, kept replicas, last-epoch
-                           training loss and accuracy, and the trial's JSON measures
+                           the model gave them), labels, replica ids, kept replicas, the epoch
+                           each diverged replica was frozen at, last-epoch training loss and
+                           accuracy, and the trial's JSON measures
     results.json           the analysis of all trials (written once every trial is finished)
     timings.json           wall time per trial and its compilation part (kept out of
                            results.json, which is deterministic)
@@ -27,6 +30,7 @@ import re
 import shutil
 import sys
 import time
+import uuid
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -48,14 +52,32 @@ def prepare_workdir(
 ) -> Path:
     """Creates ``workdir`` and its ``config.json``, or checks the one it holds.
 
+    Process 0 checks and writes; in a run of several processes the others take its verdict
+    (``distributed.from_writer``), so they all stop or all go on.
+
     Raises:
       ConfigError: the workdir holds another study or a config that differs (or was run with
         another ``deterministic`` or ``portable`` setting); ``fields`` names the differing
-        fields, so nothing is trained into a mismatched run.
+        fields, so nothing is trained into a mismatched run. Also: a path that is empty, a
+        file or under a file, a directory where ``config.json`` cannot be written, and a
+        directory holding a run's files (``RUN_FILES``, ``RUN_DIRS``) without ``config.json``.
     """
     if not isinstance(workdir, (str, os.PathLike)) or not os.fspath(workdir):
         raise ConfigError("workdir", f"must name a directory, got {workdir!r}")
-    workdir = Path(workdir)
+    problem = None
+    if distributed.is_writer():
+        try:
+            _prepare(Path(workdir), config, deterministic, portable)
+        except ConfigError as e:
+            problem = {"fields": list(e.fields), "problem": e.problem}
+    problem = distributed.from_writer(problem)
+    if problem is not None:
+        raise ConfigError(problem["fields"], problem["problem"])
+    return Path(workdir)
+
+
+def _prepare(workdir: Path, config: StudyConfig, deterministic: bool, portable: bool) -> None:
+    """``prepare_workdir``'s checks and writes (process 0)."""
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError("workdir", f"{workdir} exists and is not a directory; use another path")
     for parent in workdir.absolute().parents:
@@ -107,7 +129,7 @@ def prepare_workdir(
                     f"workdir {workdir} holds a run with {key}={bool(held.get(key, False))}; "
                     "use another workdir or the same flags",
                 )
-        return workdir
+        return
     stale = _run_files(workdir)
     if stale:
         raise ConfigError(
@@ -117,14 +139,12 @@ def prepare_workdir(
             "workdir, or delete them",
         )
     try:
-        if distributed.is_writer():
-            workdir.mkdir(parents=True, exist_ok=True)
+        workdir.mkdir(parents=True, exist_ok=True)
         files.atomic_write_json(path, wanted)
     except OSError as e:
         raise ConfigError(
             "workdir", f"cannot create {path} ({e.strerror or e}); use a writable directory"
         ) from None
-    return workdir
 
 
 RUN_FILES = ("results.json", "timings.json", "report.md", "progress.log")
@@ -312,9 +332,10 @@ def restore_checkpoint(
 
     A checkpoint that cannot be read (truncated, partly deleted, unreadable metadata), whose
     state fails its checksum, or that does not fit ``like`` is skipped: ``on_skip(epoch,
-    why)`` is called, it is deleted (so training can write that epoch again), and the one before
-    it is tried; with none left the trial trains from the start. The result is then the one an
-    uninterrupted run gives.
+    why)`` is called, it is moved aside to ``<directory>.skipped/`` (kept for inspection, and out
+    of the way so training can write that epoch again), and the one before it is tried; with
+    none left the trial trains from the start. The result is then the one an uninterrupted run
+    gives.
     """
     import jax
 
@@ -341,8 +362,15 @@ def restore_checkpoint(
             return restored
         if on_skip is not None:
             on_skip(step, why)
-        if distributed.is_writer():
-            shutil.rmtree(directory / str(step), ignore_errors=True)
+        if distributed.is_writer():  # kept for inspection, out of orbax's way
+            aside = (
+                directory.parent / f"{directory.name}.skipped" / f"{step}-{uuid.uuid4().hex[:8]}"
+            )
+            try:
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(directory / str(step), aside)
+            except OSError:
+                shutil.rmtree(directory / str(step), ignore_errors=True)
         distributed.barrier(f"jaxrepro-checkpoint-skip-{step}")
     return None
 
