@@ -530,6 +530,7 @@ def _damage(directory: Path, how: str) -> None:
         raise AssertionError(how)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["flip", "truncate", "delete"])
 def test_damaged_checkpoints_recover_to_the_uninterrupted_results(uninterrupted, tmp_path, how):
     workdir = tmp_path / "w"
