@@ -595,6 +595,110 @@ def var_cal(probs, labels, *, from_logits: bool = False) -> jax.Array:
     return err / (2 * probs.shape[1])
 
 
+def var_dist(probs, labels, *, from_logits: bool = False) -> jax.Array:
+    """Variance of accuracy on the test *distribution* (Jordan's "true instability"):
+    ``N / (N - 1) * (var_obs - var_ind)``, what remains of the observed variance once the part
+    independent per-example errors explain is taken out (methods.md section 10; the independent
+    part is ``var_ind``, with the project's unbiased R/(R-1) factor). It may come out negative
+    by sampling error and is returned as computed; NaN for a single test example.
+
+    Example:
+      >>> p = jnp.array([[0.9, 0.9], [0.1, 0.1]]); y = jnp.array([1, 1])  # whole runs differ
+      >>> float(var_dist(p, y))  # 2 * (0.5 - 0.25)
+      0.5
+
+    References:
+      Jordan 2023 (arXiv 2304.01910); KellerJordan/cifar10-zoo's analysis.
+    """
+    n = probs.shape[1]
+    obs = var_obs(probs, labels, from_logits=from_logits)
+    ind = var_ind(probs, labels, from_logits=from_logits)
+    if n < 2:  # one test example: no distribution to speak of
+        return jnp.float32(jnp.nan)
+    return n / (n - 1) * (obs - ind)
+
+
+def _votes(probs, from_logits):
+    """Top-1 predictions ``[R, N]`` and per-class vote counts ``[N, C]``."""
+    _, _, yhat = _prepare(probs, from_logits, 1)
+    c = 2 if probs.ndim == 2 else probs.shape[-1]
+    onehot = yhat[:, :, None] == jnp.arange(c)[None, None, :]
+    return yhat, onehot, jnp.sum(onehot, axis=0, dtype=jnp.int32)
+
+
+def ambiguity(probs, *, from_logits: bool = False) -> jax.Array:
+    """Fraction of examples on which the replicas do not all predict the same class
+    (methods.md section 9; Marx, Calmon & Ustun 2020, with one of the replicas as baseline).
+    Grows with R: report R beside it.
+
+    Example:
+      >>> p = jnp.array([[[0.9, 0.1], [0.2, 0.8]], [[0.3, 0.7], [0.1, 0.9]]])
+      >>> float(ambiguity(p))
+      0.5
+    """
+    _static_checks(probs)
+    _, _, counts = _votes(probs, from_logits)
+    return jnp.mean(jnp.max(counts, axis=-1) < probs.shape[0], dtype=jnp.float32)
+
+
+def discrepancy(probs, *, from_logits: bool = False) -> jax.Array:
+    """Max over replicas of the fraction of examples where the replica's prediction differs from
+    the plurality vote (ties: the lowest class index; the vote as baseline is the project's).
+    Marx, Calmon & Ustun 2020 (methods.md section 9).
+
+    Example:
+      >>> p = jnp.array([[[0.9, 0.1], [0.2, 0.8]], [[0.3, 0.7], [0.1, 0.9]],
+      ...                [[0.8, 0.2], [0.4, 0.6]]])
+      >>> float(discrepancy(p))  # vote: class 0, then class 1; replica 1 differs once of two
+      0.5
+    """
+    _static_checks(probs)
+    yhat, _, counts = _votes(probs, from_logits)
+    vote = jnp.argmax(counts, axis=-1)  # the first maximum: the lowest class index
+    return jnp.max(jnp.mean(yhat != vote[None, :], axis=1, dtype=jnp.float32))
+
+
+def churn_max(probs, *, from_logits: bool = False) -> jax.Array:
+    """The largest churn of any pair of replicas r < s (the worst pair; project's, methods.md
+    section 9), from the R x R agreement matrix: one product of the one-hot predictions, no pair
+    loop.
+
+    Example:
+      >>> p = jnp.array([[[0.9, 0.1], [0.2, 0.8]], [[0.3, 0.7], [0.1, 0.9]],
+      ...                [[0.8, 0.2], [0.4, 0.6]]])
+      >>> float(churn_max(p))
+      0.5
+    """
+    _static_checks(probs)
+    _, onehot, _ = _votes(probs, from_logits)
+    r, n = onehot.shape[0], onehot.shape[1]
+    flat = onehot.reshape(r, -1).astype(jnp.float32)
+    agree = _dot(flat, flat.T)  # [R, R]: examples on which r and s agree (exact below 2**24)
+    off = ~jnp.eye(r, dtype=bool)
+    return jnp.max(jnp.where(off, 1.0 - agree / n, -jnp.inf))
+
+
+def pred_range(probs, labels=None, *, from_logits: bool = False) -> jax.Array:
+    """Mean over examples of ``max_r p_r(n) - min_r p_r(n)``, with p the probability of the
+    label (as ``pd_rel``; the positive class for a binary task): the viable prediction range of
+    Watson-Daniels, Parkes & Ustun 2023, over the replicas (methods.md section 9).
+
+    Example:
+      >>> p = jnp.array([[0.9, 0.2], [0.6, 0.4]])  # binary: positive-class probabilities
+      >>> round(float(pred_range(p)), 6)
+      0.25
+    """
+    _static_checks(probs, labels)
+    p, _, _ = _prepare(probs, from_logits, 1)
+    if p.shape[-1] == 2:
+        q = p[..., 1]
+    elif labels is None:
+        raise ValueError("pred_range of a multiclass task needs labels (it uses p of the label)")
+    else:
+        q = jnp.take_along_axis(p, jnp.asarray(labels, jnp.int32)[None, :, None], axis=-1)[..., 0]
+    return jnp.mean(jnp.max(q, axis=0) - jnp.min(q, axis=0))
+
+
 def ensemble(probs, ensemble_size: int, *, from_logits: bool = False) -> jax.Array:
     """Averages probabilities within consecutive groups of ``ensemble_size`` replicas.
 
