@@ -211,13 +211,9 @@ class FitConfig:
         # Python would truncate or read as one): ``checks`` refuses them, naming the field.
         object.__setattr__(self, "vary", randomness.check_sources(self.vary, what="vary"))
         object.__setattr__(self, "seed", randomness.check_seed(self.seed))
-        if isinstance(self.replicas, (str, bytes)) or self.replicas is None:
-            raise checks.BadType(
-                f"replicas must be a count R >= 1 or a sequence of replica indices, got "
-                f"{self.replicas!r}"
-            )
-        if np.ndim(self.replicas) == 0:  # a count (anything else 0-d is refused by name)
-            count = checks.integer("replicas", self.replicas, minimum=1)
+        if np.ndim(self.replicas) == 0:  # a count (a str, None or float is refused by name)
+            note = "or a sequence of replica indices"
+            count = checks.integer("replicas", self.replicas, minimum=1, note=note)
             object.__setattr__(self, "replicas", count)
         else:
             ids = checks.integers("replicas", self.replicas, minimum=0, maximum=MAX_REPLICA)
@@ -1223,9 +1219,7 @@ class Engine:
         if state.health is not None:
             return state
         r = self.num_replicas
-        return state._replace(
-            health=Health(np.full((r,), np.nan, np.float32), np.full((r,), -1, np.int32))
-        )
+        return state._replace(health=jax.tree.map(lambda a: np.full((r,), a), fresh_health()))
 
     def run(
         self,

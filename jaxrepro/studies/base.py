@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from jaxrepro import activations, data, engine, models, randomness, synthetic
+from jaxrepro import activations, checks, data, engine, models, randomness, synthetic
 
 # ---------------------------------------------------------------------------------------------
 # Errors and config fields.
@@ -58,17 +58,12 @@ def field_help(config_cls: type, name: str) -> str:
     return name
 
 
-def is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+is_int = checks.is_integer
 
 
 def is_number(v) -> bool:
     """A finite real number (not a bool)."""
-    return (
-        isinstance(v, (int, float, np.integer, np.floating))
-        and not isinstance(v, bool)
-        and math.isfinite(v)
-    )
+    return checks.is_number(v) and math.isfinite(v)
 
 
 def check_activation(field: str, spec: str) -> None:

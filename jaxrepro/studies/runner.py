@@ -353,13 +353,12 @@ def check_trials(config: StudyConfig, trials: Sequence[Trial]) -> None:
     every batch fits in its training set.
 
     Raises:
-      ConfigError: naming ``batch_size`` (and ``num_train`` where the config has it).
+      ConfigError: naming ``batch_size`` and ``num_train``.
     """
     for t in trials:
         if t.fit.batch_size > t.data.num_train:
-            fields = ["batch_size"] + (["num_train"] if hasattr(config, "num_train") else [])
             raise ConfigError(
-                fields,
+                ("batch_size", "num_train"),
                 f"batch_size {t.fit.batch_size} is larger than trial {t.name!r}'s training set "
                 f"({t.data.num_train} examples); lower the batch size or use more examples",
             )
