@@ -5,12 +5,16 @@ end to end in ``tests/test_experiments.py``."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import optax
 import pytest
+from absl import app
 
-from jaxrepro import data, engine, models, randomness
+from jaxrepro import data, engine, metrics, models, plots, portable, randomness, study
+from jaxrepro.studies import chaos
 
 STEPS = 4  # 64 examples in batches of 16
 EPS = 1e-2
@@ -162,3 +166,137 @@ def test_perturb_step_after_the_last_step_is_refused(ds):
     cfg = engine.FitConfig(vary=("perturb",), perturb_step=2 * STEPS + 1, batch_size=16, epochs=2)
     with pytest.raises(ValueError, match="after the last step: 2 epochs of 4 steps make 8"):
         engine.Engine(TASK, ds, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# The chaos study (experiments/chaos.py).
+
+
+def test_step_grid_is_log_spaced_from_zero_to_the_last_step():
+    assert chaos.step_grid(620, 7) == [0, 1, 4, 13, 47, 171, 620]
+    assert chaos.step_grid(8, 3) == [0, 1, 8]
+    assert chaos.step_grid(2, 6) == [0, 1, 2]  # duplicates dropped
+
+
+def _rec(act, step, eps, churn, ci):
+    return {
+        "info": {
+            "activation": act,
+            "setting": "perturb",
+            "step": step,
+            "epoch": step / 4,
+            "eps": eps,
+            "steps_per_epoch": 4,
+        },
+        "metrics": {"churn": churn, "churn_ci": ci},
+    }
+
+
+def test_summary_finds_the_step_from_which_a_perturbation_stops_mattering():
+    config = study.ChaosConfig.quick(scales=(1e-6, 1e-2), steps=(0, 1, 4, 8))
+    records = {
+        "relu/all": {
+            "info": {"activation": "relu", "setting": "all"},
+            "metrics": {"churn": 0.5, "churn_ci": [0.4, 0.6]},
+        }
+    }
+    # eps 1e-6: matters at 0 and 1, not at 4 or 8.
+    for t, ci in zip(
+        (0, 1, 4, 8), ([0.1, 0.2], [0.01, 0.05], [0.0, 0.01], [0.0, 0.0]), strict=True
+    ):
+        records[f"relu/t={t}/eps=1e-06"] = _rec("relu", t, 1e-6, ci[1] / 2, ci)
+    # eps 1e-2: matters everywhere, the last step included.
+    for t in (0, 1, 4, 8):
+        records[f"relu/t={t}/eps=0.01"] = _rec("relu", t, 1e-2, 0.3, [0.2, 0.4])
+    s = chaos.summarise(config, records)["relu"]
+    assert s["reference_churn"] == 0.5
+    small, large = s["scales"]["1e-06"], s["scales"]["0.01"]
+    assert small["matters"] == [0, 1] and small["stops_at"] == 4 and small["stops_at_epoch"] == 1
+    assert large["matters"] == [0, 1, 4, 8] and large["stops_at"] is None
+    # A step that matters after one that did not moves the verdict past it.
+    records["relu/t=4/eps=1e-06"]["metrics"]["churn_ci"] = [0.001, 0.01]
+    records["relu/t=1/eps=1e-06"]["metrics"]["churn_ci"] = [0.0, 0.05]
+    small = chaos.summarise(config, records)["relu"]["scales"]["1e-06"]
+    assert small["matters"] == [0, 4] and small["stops_at"] == 8
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--scales=0"], "--scales"),
+        (["--scales=1e-6,1e-6"], "--scales"),
+        (["--steps=-1"], "--steps"),
+        (["--steps=9"], "--steps"),  # quick: 2 epochs of 4 steps make 8
+        (["--grid_points=1"], "--grid_points"),
+    ],
+)
+def test_bad_chaos_flags_are_usage_errors(tmp_path, binary_body, argv, flag):
+    with pytest.raises(app.UsageError, match=flag):
+        binary_body(study.ChaosConfig, ["--quick", f"--workdir={tmp_path}", *argv])
+    assert not (tmp_path / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_chaos_binary_quick_end_to_end(tmp_path, binary_body):
+    proc = binary_body(study.ChaosConfig, ["--quick", f"--workdir={tmp_path}"])
+    results = json.loads((tmp_path / "results.json").read_text())
+    config = results["config"]
+    assert results["study"] == "chaos" and results["complete"] is True
+    steps = [0, 1, 8]  # 2 epochs of 512 // 128 = 4 steps: 0 and 2 log-spaced points to 8
+    names = ["relu/all"] + [f"relu/t={t}/eps={e:g}" for t in steps for e in config["scales"]]
+    assert list(results["results"]) == names
+    for name, rec in results["results"].items():
+        m = rec["metrics"]
+        for key in ("churn", "pd_abs", *metrics.MULTIPLICITY_KEYS, "var_dist"):
+            assert key in m, (name, key)
+        lo, hi = m["churn_ci"]
+        assert lo <= m["churn"] <= hi, name
+        assert m["num_replicas"] == config["replicas"]
+    by = results["results"]
+    # The reference (every source varied) disagrees far more than any perturbation, and a 1e-2
+    # perturbation of the initial weights changes predictions measurably.
+    assert by["relu/all"]["metrics"]["churn"] > by["relu/t=0/eps=0.01"]["metrics"]["churn"] > 0
+    summary = results["summary"]["relu"]
+    assert set(summary["scales"]) == {"1e-06", "0.01"}
+    assert 0 in summary["scales"]["0.01"]["matters"]
+    report = (tmp_path / "report.md").read_text()
+    assert "## When a perturbation stops mattering" in report
+    assert "| t | epoch | eps 1e-06 | eps 0.01 |" in proc.stdout
+    assert plots.is_png(tmp_path / "churn_vs_step.png")
+    assert plots.is_png(tmp_path / "churn_vs_eps.png")
+    # One record recomputed from the documented recipe without the study code: the quick MLP on
+    # the first num_train / num_test MNIST-1D examples, perturb varied alone with eps 1e-2
+    # after step 1, compared with the same bootstrap.
+    full = data.load("mnist1d")
+    n_tr, n_te = config["num_train"], config["num_test"]
+    ds = data.Dataset(
+        full.x_train[:n_tr],
+        full.y_train[:n_tr],
+        full.x_test[:n_te],
+        full.y_test[:n_te],
+        num_classes=10,
+    )
+    model = models.MLP(
+        widths=tuple(config["widths"]),
+        num_classes=10,
+        activation="relu",
+        dropout_rate=config["dropout_rate"],
+    )
+    run = engine.fit(
+        model,
+        optax.adam(config["learning_rate"]),
+        ds,
+        replicas=config["replicas"],
+        seed=config["seed"],
+        vary=("perturb",),
+        perturb_scale=1e-2,
+        perturb_step=1,
+        batch_size=config["batch_size"],
+        epochs=config["epochs"],
+        strategy="map",
+        portable=portable.active(),
+    )
+    want = metrics.compare(run.predict(ds.x_test), ds.y_test)
+    got = by["relu/t=1/eps=0.01"]["metrics"]
+    for key in ("churn", "pd_abs", "ambiguity", "churn_max", "pred_range"):
+        assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-12), key

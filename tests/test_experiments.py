@@ -128,6 +128,7 @@ def test_main_binary_quick_end_to_end(tmp_path):
         ("test_set_variance", "--bootstrap_over"),
         ("anti_distillation", "--lambdas"),
         ("regularizers", "--regularizers"),
+        ("chaos", "--scales"),
     ],
 )
 def test_every_binary_starts_and_lists_its_flags(name, flag):
