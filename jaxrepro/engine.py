@@ -469,12 +469,7 @@ def train_epochs(
                 randomness.step_key(keys.augment, step),
                 loss_weights,
             )
-            params = lax.cond(
-                step + 1 == perturb_step,
-                lambda p: perturb_params(p, keys.perturb, perturb_scale),
-                lambda p: p,
-                state.params,
-            )
+            params = _perturb_after(state.params, step, keys.perturb, perturb_step, perturb_scale)
             return state._replace(params=params), metrics
 
         step_T = epoch * steps + jnp.arange(steps)
@@ -483,6 +478,17 @@ def train_epochs(
         return _apply_divergence_rule(state, new, metrics, step_metrics, epoch, divergence)
 
     return lax.scan(epoch_body, state, epochs_E)
+
+
+def _perturb_after(params, step, key, perturb_step, perturb_scale):
+    """The parameters after global step ``step`` (0-based): perturbed when this is the
+    ``perturb_step``-th update (``FitConfig.perturb_step``), else as they are."""
+    return lax.cond(
+        step + 1 == perturb_step,
+        lambda p: perturb_params(p, key, perturb_scale),
+        lambda p: p,
+        params,
+    )
 
 
 def _apply_divergence_rule(old, new, metrics, step_metrics, epoch, divergence):

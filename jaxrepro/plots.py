@@ -70,6 +70,7 @@ def grouped_bars(
     ylabel: str,
     xlabel: str = "",
     title: str = "",
+    errors: Mapping[str, Sequence[Sequence[float | None] | None]] | None = None,
 ) -> Path:
     """Bars of each series side by side per category (e.g. churn per setting, per activation).
 
@@ -78,6 +79,8 @@ def grouped_bars(
       categories: labels of the groups along x.
       series: ``{name: one value per category}``.
       ylabel, xlabel, title: axis labels and title.
+      errors: optional ``{name: one interval [lo, hi] (or None) per category}``, drawn as
+        error bars (e.g. bootstrap intervals).
 
     Returns:
       The path written.
@@ -87,7 +90,14 @@ def grouped_bars(
     width = 0.8 / n
     for i, (name, values) in enumerate(series.items()):
         xs = [j + (i - (n - 1) / 2) * width for j in range(len(categories))]
-        ax.bar(xs, [_num(v) for v in values], width=width, label=str(name))
+        ys = [_num(v) for v in values]
+        ax.bar(xs, ys, width=width, label=str(name))
+        cis = (errors or {}).get(name)
+        if cis is not None:
+            for x, y, ci in zip(xs, ys, cis, strict=True):
+                bar = error_bar(y, ci)
+                if bar is not None:
+                    ax.errorbar([x], [y], yerr=bar, fmt="none", ecolor="black", capsize=3)
     ax.set_xticks(range(len(categories)), [str(c) for c in categories])
     ax.set_ylabel(ylabel)
     ax.set_xlabel(xlabel)
