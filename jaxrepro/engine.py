@@ -157,7 +157,8 @@ class FitConfig:
       epochs: passes over the training set.
       window: shuffling window w (``None``: the whole training set, a full shuffle; 1: one
         fixed order for every replica and epoch).
-      perturb_scale: relative size eps of the initial-weight perturbation
+      perturb_scale: relative size eps of the weight perturbation (of the initial weights, or
+        after ``perturb_step``)
         ``w0 + eps * rms(w0) * N(0, 1)`` per parameter array (rms taken as 1 for an all-zero
         array such as a fresh bias); ``None`` means ``DEFAULT_PERTURB_SCALE`` when ``perturb``
         is varied and 0 otherwise. Scaling by the array's rms is the project's choice.
@@ -169,7 +170,8 @@ class FitConfig:
         The draw is the one t = 0 makes (the replica's ``perturb`` key, split per array), so
         runs that differ in t differ only in *when*; the optimizer state is not touched. t is
         a traced value: one compilation serves every t. Needs a perturbation (``perturb``
-        varied, or ``perturb_scale`` given).
+        varied, or ``perturb_scale`` given; an explicit ``perturb_scale=0`` perturbs nothing,
+        at any step).
       strategy: batching strategy over replicas, one of ``STRATEGIES``.
       epochs_per_call: epochs run per dispatch of the compiled function (more: fewer host
         round trips; fewer: more frequent callbacks and checkpoints).

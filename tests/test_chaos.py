@@ -33,9 +33,8 @@ TASK = engine.Task(models.MLP(widths=(16,), num_classes=3), optax.adam(1e-2))
 
 def _run(ds, *, replicas=3, epochs=2, **kw):
     """Trains and returns ({epochs done: params after them}, run)."""
-    cfg = engine.FitConfig(
-        replicas=replicas, batch_size=16, epochs=epochs, strategy="map", seed=3, **kw
-    )
+    kw.setdefault("strategy", "map")
+    cfg = engine.FitConfig(replicas=replicas, batch_size=16, epochs=epochs, seed=3, **kw)
     after = {}
 
     def keep(done, state, history):
@@ -112,6 +111,14 @@ def test_one_compilation_serves_every_step(ds):
     ]
     assert engine.TRACE_COUNTS["train_epochs"] == before
     assert not _equal(outs[0], outs[2])  # and the steps really differ
+
+
+def test_vmap_perturbs_at_the_same_step(ds):
+    """Under ``vmap`` (the accelerators' strategy) the step test stays a ``lax.cond`` on a
+    value shared by the replicas: before step t the state is the vmap control's, bitwise."""
+    control = _run(ds, vary=(), strategy="vmap")[0]
+    after = _run(ds, vary=("perturb",), perturb_scale=EPS, perturb_step=6, strategy="vmap")[0]
+    assert _equal(after[1], control[1]) and not _equal(after[2], control[2])
 
 
 def test_replica_among_r_equals_replica_alone(ds):
@@ -212,12 +219,22 @@ def test_summary_finds_the_step_from_which_a_perturbation_stops_mattering():
     assert s["reference_churn"] == 0.5
     small, large = s["scales"]["1e-06"], s["scales"]["0.01"]
     assert small["matters"] == [0, 1] and small["stops_at"] == 4 and small["stops_at_epoch"] == 1
+    assert small["noise"] == [4] and small["zero"] == [8] and not small["never"]
     assert large["matters"] == [0, 1, 4, 8] and large["stops_at"] is None
     # A step that matters after one that did not moves the verdict past it.
     records["relu/t=4/eps=1e-06"]["metrics"]["churn_ci"] = [0.001, 0.01]
     records["relu/t=1/eps=1e-06"]["metrics"]["churn_ci"] = [0.0, 0.05]
     small = chaos.summarise(config, records)["relu"]["scales"]["1e-06"]
     assert small["matters"] == [0, 4] and small["stops_at"] == 8
+    # A step without metrics (its replicas diverged) is neither: no verdict past it.
+    records["relu/t=8/eps=1e-06"]["metrics"] = None
+    small = chaos.summarise(config, records)["relu"]["scales"]["1e-06"]
+    assert small["undefined"] == [8] and small["stops_at"] is None and not small["never"]
+    # Nothing measurable anywhere: "never", and no step to stop at.
+    for t in (0, 1, 4, 8):
+        records[f"relu/t={t}/eps=1e-06"]["metrics"] = {"churn": 0.0, "churn_ci": [0.0, 0.0]}
+    small = chaos.summarise(config, records)["relu"]["scales"]["1e-06"]
+    assert small["never"] and small["stops_at"] is None and small["zero"] == [0, 1, 4, 8]
 
 
 @pytest.mark.parametrize(
@@ -227,7 +244,8 @@ def test_summary_finds_the_step_from_which_a_perturbation_stops_mattering():
         (["--scales=1e-6,1e-6"], "--scales"),
         (["--steps=-1"], "--steps"),
         (["--steps=9"], "--steps"),  # quick: 2 epochs of 4 steps make 8
-        (["--grid_points=1"], "--grid_points"),
+        (["--grid_points=2"], "--grid_points"),
+        (["--scales=1e-6,1.0000001e-6"], "--scales"),  # the same trial name
     ],
 )
 def test_bad_chaos_flags_are_usage_errors(tmp_path, binary_body, argv, flag):
@@ -300,3 +318,18 @@ def test_chaos_binary_quick_end_to_end(tmp_path, binary_body):
     got = by["relu/t=1/eps=0.01"]["metrics"]
     for key in ("churn", "pd_abs", "ambiguity", "churn_max", "pred_range"):
         assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-12), key
+
+
+def test_a_workdir_written_before_a_field_existed_resumes(tmp_path):
+    """A field added to a study later (absent from an older config.json) matches when asked for
+    at its default; asked for at another value, it is refused by name."""
+    config = study.IrreproducibilityConfig.quick(num_samples=1000)
+    study.prepare_workdir(tmp_path, config)
+    path = tmp_path / "config.json"
+    held = json.loads(path.read_text())
+    for field in ("num_samples", "bootstrap_over", "level"):
+        del held["config"][field]
+    path.write_text(json.dumps(held))
+    study.prepare_workdir(tmp_path, config)  # accepted
+    with pytest.raises(study.ConfigError, match="num_samples"):
+        study.prepare_workdir(tmp_path, config.replace(num_samples=100))

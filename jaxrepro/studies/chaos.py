@@ -72,8 +72,8 @@ class ChaosConfig(StudyConfig):
         num_samples=100,
     )
 
-    replicas: int = flag_field(12, "replicas per trial (>= 2)")
-    epochs: int = flag_field(15, "training epochs")
+    replicas: int = flag_field(16, "replicas per trial (>= 2)")
+    epochs: int = flag_field(20, "training epochs")
     dataset: str = flag_field("mnist1d", "dataset: mnist1d or digits")
     activations: tuple[str, ...] = flag_field(("relu", "smelu"), "activation specs to compare")
     scales: tuple[float, ...] = flag_field(
@@ -84,7 +84,9 @@ class ChaosConfig(StudyConfig):
         "global steps t after which the perturbation is applied (0: the initial weights); "
         "empty: 0 and grid_points - 1 log-spaced steps from 1 to the last step",
     )
-    grid_points: int = flag_field(7, "points of the automatic step grid (with steps empty)")
+    grid_points: int = flag_field(
+        9, "points of the automatic step grid, 0 and the last step included (with steps empty)"
+    )
     widths: tuple[int, ...] = flag_field((128, 128), "hidden widths of the MLP")
     dropout_rate: float = flag_field(0.1, "dropout rate (the dropout key is shared)")
     learning_rate: float = flag_field(3e-3, "Adam learning rate")
@@ -98,6 +100,12 @@ class ChaosConfig(StudyConfig):
         for spec in self.activations:
             check_activation("activations", spec)
         check_unique("scales", self.scales)
+        require(
+            len({f"{eps:g}" for eps in self.scales if is_number(eps)}) == len(self.scales),
+            "scales",
+            f"must differ in their first 6 significant digits (they name the trials), got "
+            f"{list(self.scales)!r}",
+        )
         for eps in self.scales:
             require(
                 is_number(eps) and 0 < eps <= 1,
@@ -108,7 +116,7 @@ class ChaosConfig(StudyConfig):
             check_unique("steps", self.steps)
             for t in self.steps:
                 require(is_int(t) and t >= 0, "steps", f"each step must be an int >= 0, got {t!r}")
-        check_int("grid_points", self.grid_points, minimum=2)
+        check_int("grid_points", self.grid_points, minimum=3)
         check_widths("widths", self.widths)
         check_number("dropout_rate", self.dropout_rate, below=1.0)
         check_int("num_samples", self.num_samples)
@@ -198,25 +206,39 @@ def analyse(config: ChaosConfig, predictions: Mapping[str, Predictions]) -> Anal
     return Analysis(records={name: record(pred, **kw) for name, pred in predictions.items()})
 
 
-def measurable(rec: Mapping[str, Any], key: str = "churn") -> bool | None:
-    """Whether a trial's metric is measurably above 0: its bootstrap interval's lower end is
-    above 0 (None when undefined)."""
+def churn_state(rec: Mapping[str, Any]) -> str:
+    """What a trial's churn says (the project's rule): ``"measurable"`` when its bootstrap
+    interval lies above 0; ``"zero"`` when it is exactly 0 (every replica's top-1 prediction
+    unchanged); ``"noise"`` when it is above 0 but its interval holds 0 (a few replicas' changes,
+    not distinguishable from none at this R); ``"undefined"`` without metrics (fewer than 2
+    replicas kept) or a finite interval."""
     m = rec.get("metrics") or {}
-    ci = m.get(f"{key}_ci")
+    churn, ci = m.get("churn"), m.get("churn_ci")
+    if churn is None or not math.isfinite(churn):
+        return "undefined"
+    if churn == 0:
+        return "zero"
     if not ci or ci[0] is None or not math.isfinite(ci[0]):
-        return None
-    return ci[0] > 0
+        return "undefined"
+    return "measurable" if ci[0] > 0 else "noise"
+
+
+def measurable(rec: Mapping[str, Any]) -> bool:
+    """Whether a trial's churn is measurably above 0 (``churn_state`` is "measurable")."""
+    return churn_state(rec) == "measurable"
 
 
 def summarise(config: ChaosConfig, records: Mapping[str, Mapping[str, Any]]) -> dict:
     """When a perturbation stops mattering, per activation and eps, from the records alone.
 
-    A perturbation *matters* at step t when churn's bootstrap interval lies above 0 (some
-    replicas' top-1 predictions measurably differ). ``stops_at``: the first grid step from
-    which it matters at no later grid step (None when it still matters at the last one), with
-    its ``epoch`` (t / steps per epoch); ``matters``: the grid steps where it matters;
-    ``churn_at_0``: churn and interval of the perturbation of the initial weights; and the
-    reference's (every source varied) churn with its interval. The rule is the project's.
+    A perturbation *matters* at step t when churn's bootstrap interval lies above 0
+    (``churn_state``). Per eps: ``matters`` (the grid steps where it does), ``zero``, ``noise``
+    and ``undefined`` (the others, by ``churn_state``); ``stops_at``: the first grid step after
+    the last one that matters, provided every step from there on is defined (else None), with
+    ``stops_at_epoch`` (t / steps per epoch); ``never``: no step matters and none is undefined
+    (then ``stops_at`` is None too); ``churn_at_first_step`` (and ``_ci``) at ``first_step``,
+    the grid's first step (0: the initial weights). Per activation also the reference's (every
+    source varied) churn with its interval. The rule is the project's.
     """
     out: dict[str, Any] = {}
     for act in config.activations:
@@ -231,19 +253,30 @@ def summarise(config: ChaosConfig, records: Mapping[str, Mapping[str, Any]]) -> 
             rows.sort(key=lambda r: r["info"]["step"])
             if not rows:
                 continue
-            matters = [r["info"]["step"] for r in rows if measurable(r)]
+            states = [(r["info"], churn_state(r)) for r in rows]
+            by_state = {
+                k: [i["step"] for i, st in states if st == k]
+                for k in ("measurable", "zero", "noise", "undefined")
+            }
+            matters = by_state["measurable"]
             last = max(matters) if matters else None
-            later = [r["info"] for r in rows if last is None or r["info"]["step"] > last]
-            stops = later[0] if later else None
+            after = [(i, st) for i, st in states if last is not None and i["step"] > last]
+            stops = None
+            if after and all(st != "undefined" for _, st in after):
+                stops = after[0][0]
             first = rows[0]["metrics"] or {}
             per_eps[f"{eps:g}"] = {
                 "eps": eps,
                 "matters": matters,
+                "zero": by_state["zero"],
+                "noise": by_state["noise"],
+                "undefined": by_state["undefined"],
+                "never": not matters and not by_state["undefined"],
                 "stops_at": None if stops is None else stops["step"],
                 "stops_at_epoch": None if stops is None else stops["epoch"],
+                "first_step": rows[0]["info"]["step"],
                 "churn_at_first_step": first.get("churn"),
                 "churn_at_first_step_ci": first.get("churn_ci"),
-                "first_step": rows[0]["info"]["step"],
             }
         out[act] = {
             "reference_churn": ref.get("churn"),

@@ -24,19 +24,35 @@ def _epoch_text(step, epoch) -> str:
     return f"step {step} (epoch {fmt(epoch, 2)})"
 
 
-def _finding(act: str, eps_text: str, entry: Mapping[str, Any], steps) -> str:
+def _steps_text(steps) -> str:
+    return ", ".join(str(t) for t in steps)
+
+
+def _finding(eps_text: str, entry: Mapping[str, Any]) -> str:
     matters, stops = entry["matters"], entry["stops_at"]
+    rest = []
+    if entry["zero"]:
+        rest.append(f"churn exactly 0 at steps {_steps_text(entry['zero'])}")
+    if entry["noise"]:
+        rest.append(f"above 0 but within the noise at {_steps_text(entry['noise'])}")
+    if entry["undefined"]:
+        rest.append(f"undefined at {_steps_text(entry['undefined'])} (replicas diverged)")
+    tail = f" ({'; '.join(rest)})" if rest else ""
+    if entry["never"]:
+        return f"  - eps {eps_text}: no measurable churn at any step{tail}."
     if not matters:
-        return f"  - eps {eps_text}: no measurable churn at any step (from step {steps[0]})."
+        return f"  - eps {eps_text}: no measurable churn at any defined step{tail}."
     last = max(matters)
     if stops is None:
+        if entry["undefined"]:
+            return f"  - eps {eps_text}: measurable up to step {last}{tail}."
         return (
-            f"  - eps {eps_text}: still changes the predictions when applied at the last step "
-            f"({last})."
+            f"  - eps {eps_text}: still changes the predictions measurably when applied at "
+            f"the last step ({last})."
         )
     return (
         f"  - eps {eps_text}: changes the predictions measurably up to step {last}; from "
-        f"{_epoch_text(stops, entry['stops_at_epoch'])} on, no measurable churn."
+        f"{_epoch_text(stops, entry['stops_at_epoch'])} on, no measurable churn{tail}."
     )
 
 
@@ -69,7 +85,7 @@ def render(config, analysis, workdir: Path) -> list[str]:
             f"{fmt(s['reference_churn'])} {fmt(s['reference_churn_ci'])}):"
         )
         for eps_text, entry in s["scales"].items():
-            lines.append(_finding(act, eps_text, entry, steps))
+            lines.append(_finding(eps_text, entry))
     lines.append("")
     lines += _comparison(config, summary)
     lines += ["## Churn against the perturbation step", ""]
@@ -125,12 +141,14 @@ def _comparison(config, summary) -> list[str]:
             entry = summary[act]["scales"].get(f"{eps:g}")
             if entry is None:
                 continue
-            if not entry["matters"]:
+            if entry["never"]:
                 parts.append(f"{act} never measurable")
-            elif entry["stops_at"] is None:
+            elif entry["stops_at"] is not None:
+                parts.append(f"{act} stops at step {entry['stops_at']}")
+            elif entry["matters"] and not entry["undefined"]:
                 parts.append(f"{act} matters to the end")
             else:
-                parts.append(f"{act} stops at step {entry['stops_at']}")
+                parts.append(f"{act} undefined (replicas diverged)")
         out.append(f"- eps {eps:g}: " + "; ".join(parts) + ".")
     return out + [""]
 

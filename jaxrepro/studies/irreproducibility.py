@@ -111,9 +111,11 @@ def trials(config: IrreproducibilityConfig) -> list[Trial]:
     return out
 
 
-DIFFERENCE_STREAM = 2
+DIFFERENCE_STREAM = 0x8000_0020
 """``randomness.bootstrap_key(seed, DIFFERENCE_STREAM, i)`` draws the paired bootstrap of the
-i-th (activation, setting) comparison; a trial's own intervals use ``bootstrap_key(seed)``."""
+i-th trial's comparison with the first activation; a trial's own intervals use
+``bootstrap_key(seed)``, whose sample s is ``fold_in(., s)`` with s below 2^31, so the two never
+share a stream (as ``stats.POOLED_STREAM``)."""
 
 
 def analyse(config: IrreproducibilityConfig, predictions: Mapping[str, Predictions]) -> Analysis:

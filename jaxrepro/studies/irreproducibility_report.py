@@ -98,10 +98,15 @@ def _differences(config, records, pct) -> list[str]:
     return [
         "## Activations compared",
         "",
-        "Paired differences (replica r of both activations shares every key), with "
-        f"{pct}% bootstrap intervals: 'lower' or 'higher' when the interval excludes 0, "
+        "Paired differences (replica r of both activations shares every key; the replicas "
+        f"kept in both arms), with {pct}% bootstrap intervals over "
+        f"{config.bootstrap_over}: 'lower' or 'higher' when the interval excludes 0, "
         "'no difference' when it holds 0 (the difference is within the noise of "
-        f"R = {config.replicas} replicas).",
+        + (
+            "the finite set of replicas)."
+            if config.bootstrap_over == "replicas"
+            else "the finite test set)."
+        ),
         "",
         markdown_table(["difference", "setting", *DIFF_COLUMNS], rows),
         "",
@@ -144,6 +149,8 @@ def _findings(config, records) -> list[str]:
         if len(single) == 1:
             ((only, value),) = single.items()
             parts.append(f"the single source '{only}' gives churn {fmt(value)}")
+        elif single and len(set(single.values())) == 1:
+            parts.append(f"every single source gives churn {fmt(next(iter(single.values())))}")
         elif single:
             top, low = max(single, key=single.get), min(single, key=single.get)
             parts.append(
@@ -161,11 +168,11 @@ def _findings(config, records) -> list[str]:
             values = {a: metric(records[f"{a}/{setting}"], "churn") for a in config.activations}
             values = {a: v for a, v in values.items() if math.isfinite(v)}
             if len(values) > 1:
-                best = min(values, key=values.get)
+                least = [a for a, v in values.items() if v == min(values.values())]
                 lead = (
                     "the same churn with every activation"
-                    if len(set(values.values())) == 1
-                    else f"the least churn with {best}"
+                    if len(least) == len(values)
+                    else f"the least churn with {' and '.join(least)}"
                 )
                 out.append(
                     f"- '{setting}': {lead} ("
