@@ -74,7 +74,9 @@ def render(config, analysis, workdir: Path) -> list[str]:
         "replicas' top-1 predictions differ (mean over pairs); the reference trial varies every "
         f"source at the same R. Brackets: {pct}% bootstrap intervals ({config.num_samples} "
         f"samples over {config.bootstrap_over}; the multiplicity measures resample examples). A "
-        "perturbation *matters* at t when churn's interval lies above 0.",
+        "perturbation *matters* at t when churn's interval lies above 0. At the last step it "
+        "acts on the final weights with no training after it: churn there is the "
+        "perturbation's direct effect on the predictions, not its amplification by training.",
         "",
     ]
     lines += ["## When a perturbation stops mattering", ""]
