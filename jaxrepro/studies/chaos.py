@@ -31,9 +31,9 @@ from jaxrepro.studies.base import (
     StudyConfig,
     bootstrap_kwargs,
     check_activation,
+    check_bootstrap,
     check_choice,
     check_int,
-    check_level,
     check_number,
     check_unique,
     check_widths,
@@ -119,9 +119,7 @@ class ChaosConfig(StudyConfig):
         check_int("grid_points", self.grid_points, minimum=3)
         check_widths("widths", self.widths)
         check_number("dropout_rate", self.dropout_rate, below=1.0)
-        check_int("num_samples", self.num_samples)
-        check_choice("bootstrap_over", self.bootstrap_over, ("replicas", "examples"))
-        check_level("level", self.level)
+        check_bootstrap(self)
 
 
 def step_grid(total_steps: int, points: int) -> list[int]:

@@ -22,9 +22,8 @@ from jaxrepro.studies.base import (
     StudyConfig,
     bootstrap_kwargs,
     check_activation,
+    check_bootstrap,
     check_choice,
-    check_int,
-    check_level,
     check_number,
     check_settings,
     check_unique,
@@ -85,9 +84,7 @@ class IrreproducibilityConfig(StudyConfig):
         check_widths("widths", self.widths)
         check_number("dropout_rate", self.dropout_rate, below=1.0)
         check_number("perturb_scale", self.perturb_scale)
-        check_int("num_samples", self.num_samples)
-        check_choice("bootstrap_over", self.bootstrap_over, ("replicas", "examples"))
-        check_level("level", self.level)
+        check_bootstrap(self)
 
 
 def trials(config: IrreproducibilityConfig) -> list[Trial]:
