@@ -12,7 +12,7 @@ Modules, by concern:
 - ``render``: table cells, Markdown tables, intervals and verdicts shared by the reports.
 - One module per study (config, trials, a pure ``analyse``) and one ``*_report`` module per
   study (``render``: its report's text and plots): ``irreproducibility`` (the main job),
-  ``synthetic``, ``test_set_variance``, ``anti_distillation``, ``regularizers``, ``chaos``.
+  ``synthetic``, ``test_set_variance``, ``anti_distillation``, ``regularizers``.
 
 Nothing here is imported by ``import jaxrepro``; a study module is imported when it is run or
 looked up by name (``runner.study_module``, ``config_class``).
@@ -22,14 +22,7 @@ from __future__ import annotations
 
 import importlib
 
-NAMES = (
-    "irreproducibility",
-    "synthetic",
-    "test_set_variance",
-    "anti_distillation",
-    "regularizers",
-    "chaos",
-)
+NAMES = ("irreproducibility", "synthetic", "test_set_variance", "anti_distillation", "regularizers")
 """The studies, by ``StudyConfig.STUDY`` (each is the module ``jaxrepro.studies.<name>``)."""
 
 CONFIG_CLASSES = {
@@ -38,7 +31,6 @@ CONFIG_CLASSES = {
     "test_set_variance": "TestSetVarianceConfig",
     "anti_distillation": "AntiDistillationConfig",
     "regularizers": "RegularizersConfig",
-    "chaos": "ChaosConfig",
 }
 """The config class of each study, by name."""
 

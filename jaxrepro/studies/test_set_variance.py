@@ -21,8 +21,10 @@ from jaxrepro.studies.base import (
     SETTINGS,
     StudyConfig,
     bootstrap_kwargs,
-    check_bootstrap,
+    check_choice,
     check_choices,
+    check_int,
+    check_level,
     check_number,
     check_settings,
     check_widths,
@@ -89,7 +91,9 @@ class TestSetVarianceConfig(StudyConfig):
             "binary_classes",
             f"must be two different classes in 0..9, got {list(c)!r}",
         )
-        check_bootstrap(self)
+        check_int("num_samples", self.num_samples)
+        check_choice("bootstrap_over", self.bootstrap_over, ("replicas", "examples"))
+        check_level("level", self.level)
 
 
 def trials(config: TestSetVarianceConfig) -> list[Trial]:
