@@ -19,7 +19,9 @@ then count in ``ru_maxrss`` although the kernel can drop them).
 Measured on the project's 2-core CPU (shared, load average 3-5): case 1 compare 0.27-0.40 s
 against a 8.8-12.6 s pair loop (31-33x), compile about 1.2-2 s, bootstrap with 1000 samples
 12-19 s (replicas) and 1.3-2 s (examples); case 2 45-60 s wall (14-21 s of it generating the
-input) with a peak RSS of 0.5-0.65 GiB.
+input) with a peak RSS of 0.5-0.65 GiB. Those figures predate the multiplicity measures in
+``compare`` (issue 13); measured beside the previous code in one process afterwards (BUILD_NOTES
+"Metrics"), case 1's compare costs 1.15-1.2x and its example bootstrap about 5-6x (3-4 s).
 """
 
 from __future__ import annotations

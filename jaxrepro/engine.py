@@ -157,10 +157,21 @@ class FitConfig:
       epochs: passes over the training set.
       window: shuffling window w (``None``: the whole training set, a full shuffle; 1: one
         fixed order for every replica and epoch).
-      perturb_scale: relative size eps of the initial-weight perturbation
+      perturb_scale: relative size eps of the weight perturbation (of the initial weights, or
+        after ``perturb_step``)
         ``w0 + eps * rms(w0) * N(0, 1)`` per parameter array (rms taken as 1 for an all-zero
         array such as a fresh bias); ``None`` means ``DEFAULT_PERTURB_SCALE`` when ``perturb``
         is varied and 0 otherwise. Scaling by the array's rms is the project's choice.
+      perturb_step: the global step t after which the perturbation is applied (methods.md
+        section 1, "Perturbation during training"): 0 (the default) perturbs the initial
+        weights; t >= 1 leaves initialisation alone and applies
+        ``w <- w + eps * rms(w) * N(0, 1)`` to the parameters right after the t-th update
+        (global steps counted from 1 here; t = epochs * steps perturbs the final weights).
+        The draw is the one t = 0 makes (the replica's ``perturb`` key, split per array), so
+        runs that differ in t differ only in *when*; the optimizer state is not touched. t is
+        a traced value: one compilation serves every t. Needs a perturbation (``perturb``
+        varied, or ``perturb_scale`` given; an explicit ``perturb_scale=0`` perturbs nothing,
+        at any step).
       strategy: batching strategy over replicas, one of ``STRATEGIES``.
       epochs_per_call: epochs run per dispatch of the compiled function (more: fewer host
         round trips; fewer: more frequent callbacks and checkpoints).
@@ -199,6 +210,7 @@ class FitConfig:
     epochs: int = 10
     window: int | None = None
     perturb_scale: float | None = None
+    perturb_step: int = 0
     strategy: str = "auto"
     epochs_per_call: int = 1
     devices: int | None = None
@@ -232,6 +244,13 @@ class FitConfig:
         if self.perturb_scale is not None:
             scale = checks.number("perturb_scale", self.perturb_scale, minimum=0)
             object.__setattr__(self, "perturb_scale", scale)
+        step = checks.integer("perturb_step", self.perturb_step, minimum=0, maximum=MAX_REPLICA)
+        object.__setattr__(self, "perturb_step", step)
+        if step and self.perturb_scale is None and "perturb" not in self.vary:
+            raise ValueError(
+                f"perturb_step={step} but nothing is perturbed: vary 'perturb' (eps "
+                f"{DEFAULT_PERTURB_SCALE:g} per replica) or give perturb_scale"
+            )
         if self.divergence is not None:
             factor = checks.number("divergence", self.divergence, minimum=0, strict=True)
             object.__setattr__(self, "divergence", factor)
@@ -256,6 +275,11 @@ class FitConfig:
         if self.perturb_scale is not None:
             return float(self.perturb_scale)
         return DEFAULT_PERTURB_SCALE if "perturb" in self.vary else 0.0
+
+    @property
+    def initial_perturb_scale(self) -> float:
+        """eps of the perturbation of the initial weights: 0 when it comes at a later step."""
+        return self.effective_perturb_scale if self.perturb_step == 0 else 0.0
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -390,6 +414,7 @@ class ReplicaKeys(NamedTuple):
     order: Array
     dropout: Array
     augment: Array
+    perturb: Array
 
 
 def train_epochs(
@@ -405,6 +430,8 @@ def train_epochs(
     batch_size: int,
     loss_weights: Mapping[str, Array] | None = None,
     divergence: Array | float = DEFAULT_DIVERGENCE,
+    perturb_step: Array | int = 0,
+    perturb_scale: Array | float = 0.0,
 ) -> tuple[TrainState, dict[str, Array]]:
     """Trains one replica for the epochs listed in ``epochs_E``; metrics are per-epoch means.
 
@@ -413,6 +440,11 @@ def train_epochs(
     order are not visited in that epoch (with a shuffle they differ from epoch to epoch; with
     window 1 they are always the same examples, the end of the base order). Step ``s`` of epoch
     ``e`` is global step ``e * steps + s``, which the dropout and augment keys fold in.
+
+    ``perturb_step`` t >= 1 (traced): right after the update of global step t - 1 (the t-th
+    update), the parameters get ``perturb_params(params, keys.perturb, perturb_scale)``
+    (``FitConfig.perturb_step``; t = 0 is initialisation's business and never matches here).
+    A ``lax.cond`` on a value shared by all replicas, so no other step pays for the draw.
 
     After each epoch the divergence rule (``FitConfig.divergence``, factor ``divergence``,
     traced; ``inf`` for non-finite values only) is applied: a replica found diverged keeps the
@@ -429,7 +461,7 @@ def train_epochs(
 
         def step_body(state, inputs):
             idx_B, step = inputs
-            return train_step(
+            state, metrics = train_step(
                 task,
                 state,
                 x_N[idx_B],
@@ -439,6 +471,8 @@ def train_epochs(
                 randomness.step_key(keys.augment, step),
                 loss_weights,
             )
+            params = _perturb_after(state.params, step, keys.perturb, perturb_step, perturb_scale)
+            return state._replace(params=params), metrics
 
         step_T = epoch * steps + jnp.arange(steps)
         new, step_metrics = lax.scan(step_body, state, (order_TxB, step_T))
@@ -446,6 +480,17 @@ def train_epochs(
         return _apply_divergence_rule(state, new, metrics, step_metrics, epoch, divergence)
 
     return lax.scan(epoch_body, state, epochs_E)
+
+
+def _perturb_after(params, step, key, perturb_step, perturb_scale):
+    """The parameters after global step ``step`` (0-based): perturbed when this is the
+    ``perturb_step``-th update (``FitConfig.perturb_step``), else as they are."""
+    return lax.cond(
+        step + 1 == perturb_step,
+        lambda p: perturb_params(p, key, perturb_scale),
+        lambda p: p,
+        params,
+    )
 
 
 def _apply_divergence_rule(old, new, metrics, step_metrics, epoch, divergence):
@@ -791,7 +836,7 @@ def _keys_for(seed, replica: Array, varied_V: Array) -> ReplicaKeys:
     return ReplicaKeys(
         *(
             randomness.replica_key(seed, s, replica, varied=varied_V[randomness.SOURCE_IDS[s]])
-            for s in ("order", "dropout", "augment")
+            for s in ReplicaKeys._fields
         )
     )
 
@@ -828,6 +873,8 @@ def _train_epochs_R(
     window,
     first_epoch,
     divergence,
+    perturb_step,
+    perturb_scale,
     *,
     task,
     strategy,
@@ -839,7 +886,9 @@ def _train_epochs_R(
     base_N = randomness.base_order(seed, x_N.shape[0])
     epochs_E = first_epoch + jnp.arange(num_epochs, dtype=jnp.int32)
 
-    def one(state, r, weights, seed, varied_V, x_N, y_N, base_N, window, epochs_E, divergence):
+    def one(
+        state, r, weights, seed, varied_V, x_N, y_N, base_N, window, epochs_E, divergence, t, eps
+    ):
         return train_epochs(
             task,
             state,
@@ -852,6 +901,8 @@ def _train_epochs_R(
             batch_size=batch_size,
             loss_weights=weights,
             divergence=divergence,
+            perturb_step=t,
+            perturb_scale=eps,
         )
 
     return _over_replicas(
@@ -859,7 +910,18 @@ def _train_epochs_R(
         strategy,
         mesh,
         (state_R, ids_R, weights_R),
-        (seed, varied_V, x_N, y_N, base_N, window, epochs_E, divergence),
+        (
+            seed,
+            varied_V,
+            x_N,
+            y_N,
+            base_N,
+            window,
+            epochs_E,
+            divergence,
+            perturb_step,
+            perturb_scale,
+        ),
     )
 
 
@@ -1025,6 +1087,13 @@ class Engine:
                 f"({num_train} examples)"
             )
         self.steps_per_epoch = num_train // config.batch_size
+        total_steps = config.epochs * self.steps_per_epoch
+        if config.perturb_step > total_steps:
+            raise ValueError(
+                f"perturb_step={config.perturb_step} is after the last step: {config.epochs} "
+                f"epochs of {self.steps_per_epoch} steps make {total_steps} (perturb_step "
+                f"{total_steps} perturbs the final weights)"
+            )
         self.window = num_train if config.window is None else min(int(config.window), num_train)
         self._varied_V = randomness.varied_mask(config.vary)
         x_host = np.asarray(data.x_train)  # kept as JAX would keep it (float64 -> float32)
@@ -1122,7 +1191,7 @@ class Engine:
             jnp.uint32(c.seed),
             self._varied_V,
             self._x_example,
-            jnp.float32(c.effective_perturb_scale),
+            jnp.float32(c.initial_perturb_scale),
             self._hparams_R,
             task=init_task,
             strategy=self.strategy,
@@ -1185,6 +1254,8 @@ class Engine:
             jnp.int32(self.window),
             jnp.int32(first_epoch),
             jnp.float32(np.inf if c.divergence is None else c.divergence),
+            jnp.int32(c.perturb_step),
+            jnp.float32(c.effective_perturb_scale),
             task=self._compiled_task,
             strategy=self.strategy,
             mesh=self.mesh,

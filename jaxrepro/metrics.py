@@ -4,7 +4,7 @@ Synopsis::
 
     from jaxrepro import metrics
     report = metrics.compare(probs_RxNxC, labels_N)           # dict of Python floats
-    report["churn"], report["pd_abs"], report["var_ratio"]
+    report["churn"], report["pd_abs"], report["var_ratio"], report["churn_max"]
     report = metrics.compare(logits_RxNxC, labels_N, from_logits=True, key=jax.random.key(0))
     report["churn_ci"]                                        # [lo, hi], replicas resampled
     curve = metrics.ensemble_curve(probs_RxNxC, labels_N)     # PD against ensemble size k
@@ -15,8 +15,9 @@ Inputs are the predictions of R replicas on the same N examples: ``[R, N, C]`` c
 probabilities, ``[R, N, C]`` logits with ``from_logits=True``, or ``[R, N]`` positive-class
 probabilities (logits) of a binary task. A binary ``[R, N]`` input is treated exactly as the
 two-class distribution ``(1 - p, p)``, and any input with C = 2 counts as binary (class 1 is the
-positive class for ``pd_rel`` and ``var_cal``). Definitions and key names follow
-``methods.md`` sections 4-6.
+positive class for ``pd_rel``, ``pred_range`` and ``var_cal``). Definitions and key names
+follow ``methods.md`` sections 4-6, 9 (predictive multiplicity: ``ambiguity``,
+``discrepancy``, ``churn_max``, ``pred_range``) and 10 (``var_dist``).
 
 Two layers:
 
@@ -36,12 +37,17 @@ No metric loops over the R(R-1)/2 pairs: churn counts votes per class, the absol
 differences use the sorted-gap identity sum_{r<s} |x_r - x_s| = sum_k k (R - k) (x_(k+1) - x_(k))
 (sorted with a bitonic network, much faster than XLA's CPU sort on the short replica axis), and
 the squared and KL differences use the variance and covariance identities of methods.md.
+``churn_max`` (the worst pair) comes from the G x G agreement matrix, a product of the one-hot
+predictions accumulated over chunks of examples (for more than 32 classes, a vectorised
+comparison of the G x G pairs, C times less work).
 
 Project choices (methods.md leaves them open or names them the project's): TV normalisation
 of ``pd_abs``; ``pd_rel`` normalised by the replica mean; ``pd_l2``; ``js_ensemble``;
 ``churn_correctness``; the R/(R-1) factor of ``var_ind``; probabilities clipped to
 ``LOG_FLOOR`` inside logarithms (probability inputs only); consecutive ensemble groups; the
-bootstrap's distinct-pairs convention; the draw streams and p-value of :func:`difference`.
+bootstrap's distinct-pairs convention; the draw streams and p-value of :func:`difference`;
+the plurality vote (ties: lowest class) as the baseline of ``discrepancy``; intervals of the
+multiplicity measures over examples only.
 Each is stated where it is used.
 """
 
@@ -82,13 +88,34 @@ PAIR_KEYS = (
     "js_ensemble",
     "churn_correctness",
 )
-ACC_KEYS = ("acc_mean", "acc_std", "acc_min", "acc_max", "eta", "var_obs", "var_ind", "var_ratio")
-METRIC_KEYS = PAIR_KEYS + ACC_KEYS
+ACC_KEYS = (
+    "acc_mean",
+    "acc_std",
+    "acc_min",
+    "acc_max",
+    "eta",
+    "var_obs",
+    "var_ind",
+    "var_ratio",
+    "var_dist",
+)
+MULTIPLICITY_KEYS = ("ambiguity", "discrepancy", "churn_max", "pred_range")
+"""Predictive multiplicity over the replicas (methods.md section 9). They describe the replica
+set itself and grow with R, so their intervals (:func:`bootstrap`) always resample *examples*,
+with the example multiplicities of ``over="examples"``, whatever ``over`` is: resampling
+replicas with replacement leaves about 0.63 R distinct replicas and biases every one of them
+down (the reason ``acc_min`` / ``acc_max`` get no replica interval). Not in :func:`difference`."""
+
+METRIC_KEYS = PAIR_KEYS + ACC_KEYS + MULTIPLICITY_KEYS
 """Keys of :func:`compare` for every task; binary tasks add ``var_cal``."""
 
-CI_KEYS = tuple(k for k in METRIC_KEYS if k not in ("acc_min", "acc_max")) + ("var_cal",)
-"""Metrics that get bootstrap intervals (extremes are left out: the bootstrap is not
-consistent for a minimum or maximum)."""
+CI_KEYS = tuple(k for k in METRIC_KEYS if k not in ("acc_min", "acc_max") + MULTIPLICITY_KEYS) + (
+    "var_cal",
+)
+"""Metrics whose bootstrap intervals resample what ``over`` says, in :func:`compare`,
+:func:`bootstrap` and :func:`difference` (extremes are left out: the bootstrap is not
+consistent for a minimum or maximum). ``MULTIPLICITY_KEYS`` get intervals over examples
+only, from :func:`compare` and :func:`bootstrap`."""
 
 _TERMS = ("disagree", "tv", "rel", "sq", "kl", "js", "cc")
 _SUB_ELEMS = 1 << 15  # elements per inner sub-chunk: keeps the sort network in cache
@@ -774,10 +801,71 @@ def _sub_size(r, c):
     return 1 << (sub.bit_length() - 1)
 
 
+def _class_dtype(c: int):
+    """The smallest integer dtype that holds class indices 0 .. c - 1 (kept top-1 predictions
+    of the example bootstrap: G x N of them)."""
+    return jnp.int8 if c <= 127 else jnp.int16 if c <= 32767 else jnp.int32
+
+
+def _multiplicity_terms(f):
+    """Per-example multiplicity quantities of a sub-chunk of examples (methods.md section 9)
+    from :func:`_features`: the non-unanimity indicator ``amb``, the range ``range`` of q
+    (pd_rel's probability) over the groups, the plurality vote ``vote`` (ties: the lowest
+    class) and the top-1 predictions ``yhat`` ([G, n]; both as small integers)."""
+    yhat, q = f["yhat"], f["q"]
+    g, n, c = f["p"].shape
+    counts = jnp.sum(yhat[:, :, None] == jnp.arange(c)[None, None, :], axis=0, dtype=jnp.int32)
+    vote = _argmax(counts)  # the first maximum: the lowest class index among ties
+    return {
+        "amb": jnp.max(counts, axis=-1) < g,
+        "range": jnp.max(q, axis=0) - jnp.min(q, axis=0),
+        "vote": vote.astype(_class_dtype(c)),
+        "yhat": yhat.astype(_class_dtype(c)),
+    }
+
+
+_AGREE_ELEMS = 1 << 20
+"""Values per chunk of examples of the agreement matrix (one-hot values, or compared pairs):
+a few MiB, and products large enough to run near the matrix unit's peak."""
+
+_AGREE_ONEHOT_MAX_C = 32
+"""Up to this many classes the agreement matrix is a product of one-hot predictions; above,
+a direct comparison of the G x G pairs per example (C times fewer operations, which then
+outweighs the product's speed: about 3x faster at C = 100 on CPU, 2x slower at C = 10)."""
+
+
+def _agreement(yhat_GxN, valid_N, c: int):
+    """``[G, G]`` int32: the valid examples on which groups r and s predict the same class,
+    accumulated in int32 over chunks of m examples. Up to ``_AGREE_ONEHOT_MAX_C`` classes one
+    product of the one-hot predictions ([G, m C] by [m C, G], exact in float32: m < 2**24)
+    per chunk, above it a vectorised comparison of the [G, G, m] pairs. No pair loop."""
+    g, n = yhat_GxN.shape
+    onehot = c <= _AGREE_ONEHOT_MAX_C
+    m = max(1, min(n, _AGREE_ELEMS // (g * (c if onehot else g))))
+    pad = (-n) % m
+    # Invalid examples (and the chunks' padding) get class -1: they agree with nothing.
+    yhat = jnp.where(valid_N[None, :], yhat_GxN.astype(jnp.int32), -1)
+    yhat = jnp.pad(yhat, ((0, 0), (0, pad)), constant_values=-1)
+
+    def step(agree, i):
+        ys = lax.dynamic_slice_in_dim(yhat, i * m, m, axis=1)
+        if onehot:
+            hot = (ys[:, :, None] == jnp.arange(c)).astype(jnp.float32).reshape(g, m * c)
+            return agree + _dot(hot, hot.T).astype(jnp.int32), None
+        same = (ys[:, None, :] == ys[None, :, :]) & (ys >= 0)[None, :, :]
+        return agree + jnp.sum(same, axis=-1, dtype=jnp.int32), None
+
+    agree, _ = lax.scan(step, jnp.zeros((g, g), jnp.int32), jnp.arange((n + pad) // m))
+    return agree
+
+
 @functools.partial(jax.jit, static_argnames=("from_logits", "k", "sub", "batch"))
 def _block(x, labels, valid, w_SxG, v_SxB=None, *, from_logits, k, sub, batch):
-    """One block of examples: per-example terms, correctness, checks and (when ``w_SxG`` has
-    rows) per-sample weighted sums for the replica bootstrap.
+    """One block of examples: per-example terms, correctness, checks, the multiplicity
+    quantities (:func:`_multiplicity_terms` per example; over the valid examples, each group's
+    disagreements with the vote ``disc`` [G] and the agreement matrix ``agree`` [G, G], see
+    :func:`_agreement`) and (when ``w_SxG`` has rows) per-sample weighted sums for the replica
+    bootstrap.
 
     ``v_SxB`` (two-way bootstrap only): each sample's multiplicities of the block's examples.
     Each sample's per-example terms are then weighted by its v_n, and the sums gain ``cor``
@@ -791,7 +879,7 @@ def _block(x, labels, valid, w_SxG, v_SxB=None, *, from_logits, k, sub, batch):
         ys = lax.dynamic_slice_in_dim(labels, i * sub, sub)
         vs = lax.dynamic_slice_in_dim(valid, i * sub, sub).astype(jnp.float32)
         f = _features(xs, ys, from_logits=from_logits, k=k, index=index)
-        out = (_unweighted(f), f["correct"])
+        out = (_unweighted(f), f["correct"], _multiplicity_terms(f))
         if not index:
             return out + ({},)
 
@@ -819,11 +907,17 @@ def _block(x, labels, valid, w_SxG, v_SxB=None, *, from_logits, k, sub, batch):
         sums = lax.map(one_batch_two_way, (w_SxG.reshape(-1, batch, g), ve.reshape(-1, batch, sub)))
         return out + ({t: v.reshape((-1,) + v.shape[2:]) for t, v in sums.items()},)
 
-    terms, correct, boot = lax.map(body, jnp.arange(nb // sub))
+    terms, correct, multi, boot = lax.map(body, jnp.arange(nb // sub))
     terms = {t: v.reshape(nb) for t, v in terms.items()}
     correct = jnp.moveaxis(correct, 1, 0).reshape(correct.shape[1], nb)
     boot = {t: jnp.sum(v, axis=0) for t, v in boot.items()}
-    return terms, correct, boot, _check_stats(x, from_logits)
+    multi = {t: v.reshape(nb) for t, v in multi.items() if t != "yhat"} | {
+        "yhat": jnp.moveaxis(multi["yhat"], 1, 0).reshape(correct.shape[0], nb)
+    }
+    # Over the valid examples: each group's disagreements with the vote, the agreement matrix.
+    multi["disc"] = jnp.sum((multi["yhat"] != multi["vote"][None, :]) & valid[None, :], axis=1)
+    multi["agree"] = _agreement(multi["yhat"], valid, 2 if x.ndim == 2 else x.shape[2])
+    return terms, correct, boot, _check_stats(x, from_logits), multi
 
 
 class _Scan:
@@ -934,15 +1028,31 @@ class _Scan:
             yield a, b, blk, lab, np.arange(self.nb) < (b - a)
 
     def run(self, boot_w=None, keep_examples=False, boot_v=None):
-        """Returns, per ensemble size k: term sums, per-replica correct counts, optionally the
-        per-example terms and correctness, and the bootstrap sums. Block i + 1 is read from
-        the source while block i computes (jax dispatch is asynchronous).
+        """Returns, per ensemble size k: term sums, per-replica correct counts, the
+        multiplicity counts (``multi``: non-unanimous examples, summed q range, per-group
+        disagreements with the vote [G], agreement matrix [G, G]), optionally
+        (``keep_examples``) the per-example terms and correctness and the per-example
+        multiplicity data (``mex`` [n, 2]: amb, range; ``yhat`` [G, n]; ``vote`` [n], per
+        block), and the bootstrap sums. ``keep_examples`` and ``boot_w`` may be combined (one
+        pass serves a replica bootstrap and the example-resampled multiplicity intervals).
+        Block i + 1 is read from the source while block i computes (jax dispatch is
+        asynchronous).
 
         ``boot_v`` (with ``boot_w``; two-way bootstrap): ``[S, N]`` example multiplicities of
         each sample, sliced per block; the bootstrap sums then also hold ``cor`` ([S, G]) and
         ``dup`` (see :func:`_block`)."""
         res = {
-            k: {"sums": dict.fromkeys(_TERMS, 0.0), "correct": 0, "ex": [], "cor": [], "boot": None}
+            k: {
+                "sums": dict.fromkeys(_TERMS, 0.0),
+                "correct": 0,
+                "multi": {"amb": 0, "range": 0.0, "disc": 0, "agree": 0},
+                "ex": [],
+                "cor": [],
+                "mex": [],
+                "yhat": [],
+                "vote": [],
+                "boot": None,
+            }
             for k in self.ks
         }
         state = {
@@ -971,14 +1081,26 @@ class _Scan:
 
         def collect(nv, outs):
             for k, out in outs.items():
-                terms, correct, boot, checks = jax.device_get(out)
+                *out, multi = out
+                if not keep_examples:  # the kept predictions stay on the device
+                    multi = {t: v for t, v in multi.items() if t not in ("yhat", "vote")}
+                terms, correct, boot, checks, multi = jax.device_get((*out, multi))
                 acc = res[k]
                 for t in _TERMS:
                     acc["sums"][t] += np.sum(terms[t][:nv], dtype=np.float64)
                 acc["correct"] = acc["correct"] + np.sum(correct[:, :nv], axis=1, dtype=np.int64)
+                m = acc["multi"]
+                m["amb"] += int(np.sum(multi["amb"][:nv], dtype=np.int64))
+                m["range"] += np.sum(multi["range"][:nv], dtype=np.float64)
+                m["disc"] = m["disc"] + multi["disc"].astype(np.int64)
+                m["agree"] = m["agree"] + multi["agree"].astype(np.int64)
                 if keep_examples:
                     acc["ex"].append(np.stack([terms[t][:nv] for t in _TERMS], axis=1))
                     acc["cor"].append(correct[:, :nv])
+                    amb = multi["amb"][:nv].astype(np.float32)
+                    acc["mex"].append(np.stack([amb, multi["range"][:nv]], axis=1))
+                    acc["yhat"].append(multi["yhat"][:, :nv])
+                    acc["vote"].append(multi["vote"][:nv])
                 if len(w_arr[k]):
                     bs = {t: np.asarray(v[: len(boot_w)], np.float64) for t, v in boot.items()}
                     acc["boot"] = (
@@ -1097,6 +1219,9 @@ def _finalize(sums, acc_SxG, n, w_SxG, binary, var_excess=0.0):
             var_ind=sums["cc"] / (n * n * 2 * pairs),
         )
         out["var_ratio"] = out["var_obs"] / out["var_ind"]
+        # Jordan's distribution-wise variance (methods.md section 10); one example: NaN.
+        gap = out["var_obs"] - out["var_ind"]
+        out["var_dist"] = n / (n - 1) * gap if n > 1 else np.full_like(gap, np.nan)
         if binary:
             out["var_cal"] = (1.0 - mean) / (2 * n)
     return out
@@ -1175,12 +1300,72 @@ def _replica_values(res, scan, k, w):
     return values
 
 
-def _example_values(arms, key, num_samples):
+_PAIR_CHUNK_ELEMS = 1 << 22
+"""Pair-by-example elements per chunk of the multiplicity bootstrap (bounds its memory: 16 MiB
+of float32 pair disagreements)."""
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _multiplicity_sums(v_SxN, mex_NxT, idx_M, live_M, yhat_GxM, vote_M, *, chunk):
+    """Example-weighted multiplicity counts of a batch of samples, sum_n v_sn x_n: ``[S, 2]``
+    sums of the per-example ``amb`` and ``range`` (all N examples), and over the M (padded)
+    non-unanimous examples ``idx_M`` (``live_M``: 1 for a real one, 0 for padding; unanimous
+    examples add nothing to either count) ``[S, G]`` disagreements of each group with the vote
+    and ``[S, P]`` disagreements of each pair r < s (``np.triu_indices`` order). The pairs are
+    one vectorised gather of the top-1 predictions and a matrix product per chunk of ``chunk``
+    examples (no pair loop; memory O(P x chunk)); counts are exact in float32 per chunk and
+    accumulated in int32."""
+    s = v_SxN.shape[0]
+    g, m = yhat_GxM.shape
+    pair_r, pair_s = np.triu_indices(g, 1)
+    v = v_SxN.astype(jnp.float32)
+    terms = _dot(v, mex_NxT)
+    v = jnp.take(v, idx_M, axis=1) * live_M[None, :]
+
+    def step(carry, i):
+        disc, dis = carry
+        vs = lax.dynamic_slice_in_dim(v, i * chunk, chunk, axis=1)
+        ys = lax.dynamic_slice_in_dim(yhat_GxM, i * chunk, chunk, axis=1)
+        off = (ys != lax.dynamic_slice_in_dim(vote_M, i * chunk, chunk)[None, :]).astype(vs.dtype)
+        differ = (ys[pair_r] != ys[pair_s]).astype(vs.dtype)  # [P, chunk]
+        disc = disc + _dot(vs, off.T).astype(jnp.int32)
+        dis = dis + _dot(vs, differ.T).astype(jnp.int32)
+        return (disc, dis), None
+
+    init = (jnp.zeros((s, g), jnp.int32), jnp.zeros((s, len(pair_r)), jnp.int32))
+    (disc, dis), _ = lax.scan(step, init, jnp.arange(m // chunk))
+    return terms, disc, dis
+
+
+def _multiplicity_data(scan, k, res):
+    """Device arguments of :func:`_multiplicity_sums` from ``res`` (kept examples) and its
+    static ``chunk``. Only the non-unanimous examples take part in the pair products; their
+    count is padded up to a multiple of 1/8 of the next power of two: under 25% more work, and
+    few compiles (8 sizes per doubling) across data sets."""
+    g = scan.r // k
+    mex = np.concatenate(res["mex"])
+    idx = np.flatnonzero(mex[:, 0] > 0).astype(np.int32)
+    per_chunk = max(1, _PAIR_CHUNK_ELEMS // (g * (g - 1) // 2))
+    step = max(1, (1 << max(len(idx) - 1, 0).bit_length()) // 8)
+    chunk = min(step, 1 << (per_chunk.bit_length() - 1))  # powers of two: chunk divides step
+    m = max(step, -(-len(idx) // step) * step)
+    live = np.zeros(m, np.float32)
+    live[: len(idx)] = 1.0
+    idx = np.concatenate([idx, np.zeros(m - len(idx), np.int32)])
+    yhat = np.concatenate(res["yhat"], axis=1)[:, idx]
+    vote = np.concatenate(res["vote"])[idx]
+    return tuple(jnp.asarray(a) for a in (mex, idx, live, yhat, vote)), chunk
+
+
+def _example_values(arms, key, num_samples, multiplicity=None):
     """Per-sample metric values of the example bootstrap for each ``(scan, k, res)`` of
     ``arms`` (``res`` from ``scan.run(keep_examples=True)[k]``; all arms on the same N
     examples), all with the same example multiplicities: sample i is
-    ``_resample_counts(key, i, size=N)``."""
-    n = arms[0][0].n
+    ``_resample_counts(key, i, size=N)``.
+
+    ``multiplicity``: an optional ``(scan, k, res)`` (``res`` kept its examples) whose
+    ``MULTIPLICITY_KEYS`` values are computed from the same draws and appended to the list."""
+    n = (arms[0] if arms else multiplicity)[0].n
     data = [
         (
             jnp.asarray(np.concatenate(res["ex"]).astype(np.float32)),
@@ -1189,10 +1374,15 @@ def _example_values(arms, key, num_samples):
         for _, _, res in arms
     ]
     parts = [[] for _ in arms]
+    multi_parts, multi_data = [], None
+    if multiplicity is not None:
+        multi_data, chunk = _multiplicity_data(*multiplicity)
     for s in range(0, num_samples, 64):  # fixed batches of 64: one compile
         v = _resample_counts(key, s, size=n, count=64)
         for part, (ex, cor) in zip(parts, data, strict=True):
             part.append(jax.device_get(_weighted_example_sums(v, ex, cor)))
+        if multi_data is not None:
+            multi_parts.append(jax.device_get(_multiplicity_sums(v, *multi_data, chunk=chunk)))
     out = []
     for (scan, k, _), part in zip(arms, parts, strict=True):
         g = scan.r // k
@@ -1206,6 +1396,12 @@ def _example_values(arms, key, num_samples):
             n * n * g * (g - 1)
         )
         out.append(_finalize(sums, acc, n, np.ones((num_samples, g)), scan.binary, dup))
+    if multi_data is not None:
+        terms, disc, pair_dis = (
+            np.concatenate([p[i] for p in multi_parts])[:num_samples] for i in range(3)
+        )
+        terms = terms.astype(np.float64)
+        out.append(_multiplicity(terms[:, 0], terms[:, 1], disc, pair_dis, n))
     return out
 
 
@@ -1216,19 +1412,42 @@ def _bootstrap_from_scan(scan, k, key, num_samples, level, over):
     g = scan.r // k
     if over == "replicas":
         w = np.asarray(_resample_counts(key, 0, size=g, count=num_samples), np.float32)
-        res = scan.run(boot_w=w)[k]
+        # One pass: the replica bootstrap's sums, and the examples the multiplicity
+        # intervals resample.
+        res = scan.run(boot_w=w, keep_examples=True)[k]
         values = _replica_values(res, scan, k, w.astype(np.float64))
+        (multi,) = _example_values([], key, num_samples, multiplicity=(scan, k, res))
     else:
         res = scan.run(keep_examples=True)[k]
-        values = _example_values([(scan, k, res)], key, num_samples)[0]
+        values, multi = _example_values(
+            [(scan, k, res)], key, num_samples, multiplicity=(scan, k, res)
+        )
     cis = {name: _interval(values[name], level) for name in CI_KEYS if name in values}
+    cis.update({name: _interval(multi[name], level) for name in MULTIPLICITY_KEYS})
     return _point(res, scan, k), cis
+
+
+def _multiplicity(amb, rng, disc_xG, dis_xP, n):
+    """The measures of ``MULTIPLICITY_KEYS`` from (weighted) example counts, vectorised over
+    leading sample axes: non-unanimous examples ``amb``, summed q range ``rng``, each group's
+    disagreements with the vote ``disc_xG`` and each pair's disagreements ``dis_xP`` (pairs
+    r < s)."""
+    return {
+        "ambiguity": np.asarray(amb, np.float64) / n,
+        "discrepancy": np.asarray(disc_xG, np.float64).max(-1) / n,
+        "churn_max": np.asarray(dis_xP, np.float64).max(-1) / n,
+        "pred_range": np.asarray(rng, np.float64) / n,
+    }
 
 
 def _point(res, scan, k=1):
     g = scan.r // k
     ones = np.ones(g)
     out = _finalize(res["sums"], res["correct"] / scan.n, scan.n, ones, scan.binary)
+    m = res["multi"]
+    pair_r, pair_s = np.triu_indices(g, 1)
+    dis = scan.n - m["agree"][pair_r, pair_s]
+    out.update(_multiplicity(m["amb"], m["range"], m["disc"], dis, scan.n))
     report = {key: float(out[key]) for key in METRIC_KEYS + ("var_cal",) if key in out}
     report.update(
         num_replicas=int(g), num_examples=int(scan.n), num_excluded=int(scan.num_excluded)
@@ -1271,16 +1490,23 @@ def compare(
         :func:`ensemble`); counts then refer to groups.
       key: a jax PRNG key; when given, adds ``<metric>_ci`` = [lo, hi] bootstrap intervals
         (see :func:`bootstrap`) from ``num_samples`` samples at ``level``, resampling
-        ``over`` "replicas" or "examples".
+        ``over`` "replicas" or "examples" (the ``MULTIPLICITY_KEYS`` always over examples).
       atol: tolerance of the probability checks.
       chunk_size: examples per streamed block.
 
     Returns:
       ``{churn, pd_abs, pd_rel, pd_l2, kl_pairwise, js_ensemble, churn_correctness, acc_mean,
-      acc_std, acc_min, acc_max, eta, var_obs, var_ind, var_ratio}`` (plus ``var_cal`` for
-      binary tasks) as floats, ``num_replicas``, ``num_examples``, ``num_excluded`` as ints
-      and, with a key, the ``*_ci`` intervals and ``ci_level``, ``ci_over``,
-      ``ci_num_samples``. ``var_ratio`` is NaN when no example has disagreeing correctness.
+      acc_std, acc_min, acc_max, eta, var_obs, var_ind, var_ratio, var_dist, ambiguity,
+      discrepancy, churn_max, pred_range}`` (``METRIC_KEYS``; plus ``var_cal`` for binary
+      tasks) as floats, ``num_replicas``, ``num_examples``, ``num_excluded`` as ints and, with
+      a key, the ``*_ci`` intervals and ``ci_level``, ``ci_over``, ``ci_num_samples``,
+      ``multiplicity_ci_over`` (always ``"examples"``: see :func:`bootstrap`). ``var_ratio``
+      is NaN when no example has disagreeing correctness; ``var_dist`` =
+      N / (N - 1) (``var_obs`` - ``var_ind``) (methods.md section 10; may be negative by
+      sampling error, NaN for N = 1). The multiplicity measures (methods.md section 9; the
+      definitions of :func:`ambiguity`, :func:`discrepancy`, :func:`churn_max` and
+      :func:`pred_range`) are computed among the groups when ``ensemble_size`` > 1 and grow
+      with the number of replicas: report ``num_replicas`` beside them.
 
     Not jit-compatible (a host loop over blocks); inside jit use the per-metric functions.
 
@@ -1292,7 +1518,8 @@ def compare(
 
     References:
       Bhojanapalli et al. 2021; Shamir, Lin & Coviello 2020; Jordan 2023 (arXiv 2304.01910);
-      apurvakokate/Reproducibility ``ex_mlp.py`` (Effective Test Accuracy).
+      apurvakokate/Reproducibility ``ex_mlp.py`` (Effective Test Accuracy); Marx, Calmon &
+      Ustun 2020 and Watson-Daniels, Parkes & Ustun 2023 (predictive multiplicity).
     """
     scan = _Scan(
         probs,
@@ -1307,7 +1534,12 @@ def compare(
         return _point(scan.run()[ensemble_size], scan, ensemble_size)
     report, cis = _bootstrap_from_scan(scan, ensemble_size, key, num_samples, level, over)
     report.update({f"{k}_ci": v for k, v in cis.items()})
-    report.update(ci_level=float(level), ci_over=over, ci_num_samples=int(num_samples))
+    report.update(
+        ci_level=float(level),
+        ci_over=over,
+        ci_num_samples=int(num_samples),
+        multiplicity_ci_over="examples",
+    )
     return report
 
 
@@ -1363,8 +1595,24 @@ def bootstrap(
       d_rsn^2] / (N^2 G (G - 1)) with d_rsn = correct_rn - correct_sn, and a resulting
       negative variance is clipped to 0.
 
-    ``acc_std``, ``eta``, ``var_ratio`` and ``var_cal`` follow from a sample's values as in
-    :func:`compare`. Interval: [lo, hi] are the 100 (1 - level) / 2 and 100 (1 + level) / 2
+    ``acc_std``, ``eta``, ``var_ratio``, ``var_dist`` and ``var_cal`` follow from a sample's
+    values as in :func:`compare` (``var_dist`` = N / (N - 1) (``var_obs`` - ``var_ind``) with
+    the sample's ``var_obs`` and ``var_ind`` as above).
+
+    Multiplicity measures (``MULTIPLICITY_KEYS``: ``ambiguity``, ``discrepancy``,
+    ``churn_max``, ``pred_range``; project's choice): their intervals always resample
+    *examples*, with the example multiplicities of ``over="examples"`` (sample i drawn from
+    ``fold_in(key, i)`` with M = N), even when ``over="replicas"``. These measures describe the
+    replica set itself: resampling replicas with replacement leaves about 0.63 R distinct
+    replicas and biases every one of them down (the reason ``acc_min`` and ``acc_max`` get no
+    replica interval). A sample's value is the measure on the examples repeated v_n times
+    (each example's vote, unanimity and range do not change; ``discrepancy`` and
+    ``churn_max`` are maxima over groups and pairs of v-weighted counts). A maximum's
+    bootstrap distribution lies above its point value on average, so the point of
+    ``discrepancy`` or ``churn_max`` may fall below its interval: read the interval as the
+    spread due to the finite test set, not as a bias-corrected range.
+
+    Interval: [lo, hi] are the 100 (1 - level) / 2 and 100 (1 + level) / 2
     percentiles of a metric's finite sample values, linearly interpolated between order
     statistics (``np.percentile``'s default method); non-finite values (no pair, or
     ``var_ratio`` with ``var_ind`` = 0) are left out, and [nan, nan] is returned when none is
@@ -1372,7 +1620,11 @@ def bootstrap(
 
     Cost: the replica bootstrap makes one pass over the data and evaluates all samples on each
     block (a few matrix products and a scan over sorted replicas per sample); the example
-    bootstrap keeps per-example terms and costs a matrix product per batch of samples.
+    bootstrap keeps per-example terms and costs a matrix product per batch of samples. The
+    multiplicity intervals keep the top-1 predictions ([G, N] small integers, in the same
+    pass as a replica bootstrap) and cost, per batch of 64 samples, a [64, M] by
+    [M, G (G - 1) / 2] product chunked over examples, M the number of non-unanimous examples
+    (a unanimous example changes no count).
 
     Args:
       probs, labels, from_logits, mask, ensemble_size, atol, chunk_size: as in
@@ -1384,7 +1636,7 @@ def bootstrap(
 
     Returns:
       ``{metric: [lo, hi]}`` for every key of ``CI_KEYS`` that applies (``var_cal`` for
-      binary tasks only).
+      binary tasks only) and of ``MULTIPLICITY_KEYS`` (over examples).
 
     Example:
       >>> p = jax.random.dirichlet(jax.random.key(0), jnp.ones(3), (8, 50))
@@ -1621,7 +1873,9 @@ def difference(
     Returns:
       ``{"paired", "over", "num_samples", "level", "num_replicas": [G_a, G_b],
       "num_examples": N, "num_excluded": [e_a, e_b]}`` and, for every key of ``CI_KEYS`` that
-      applies (``var_cal`` for binary tasks only), ``{metric: {"a", "b", "diff", "ci",
+      applies (``var_cal`` for binary tasks only; ``var_dist`` included; the
+      ``MULTIPLICITY_KEYS`` are left out: they describe one replica set and their intervals
+      resample examples only, see :func:`bootstrap`), ``{metric: {"a", "b", "diff", "ci",
       "p_value", "significant"}}``: the point values of each arm (as :func:`compare`), their
       difference a - b, the interval [lo, hi] of the differences over the samples where both
       arms are finite, the two-sided bootstrap p-value min(1, 2 (min(#{d <= 0}, #{d >= 0}) +
@@ -1698,7 +1952,8 @@ def ensemble_curve(
     R mod k replicas are left out (project's choice, see :func:`ensemble`).
 
     Returns:
-      A list of :func:`compare`-style dicts with ``k`` and ``num_groups`` added.
+      A list of :func:`compare`-style dicts (every key of ``METRIC_KEYS``, the multiplicity
+      measures among the k-ensembles included) with ``k`` and ``num_groups`` added.
 
     Example:
       >>> p = jax.random.dirichlet(jax.random.key(0), jnp.ones(3), (8, 50))

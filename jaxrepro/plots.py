@@ -70,6 +70,7 @@ def grouped_bars(
     ylabel: str,
     xlabel: str = "",
     title: str = "",
+    errors: Mapping[str, Sequence[Sequence[float | None] | None]] | None = None,
 ) -> Path:
     """Bars of each series side by side per category (e.g. churn per setting, per activation).
 
@@ -78,6 +79,8 @@ def grouped_bars(
       categories: labels of the groups along x.
       series: ``{name: one value per category}``.
       ylabel, xlabel, title: axis labels and title.
+      errors: optional ``{name: one interval [lo, hi] (or None) per category}``, drawn as
+        error bars (e.g. bootstrap intervals).
 
     Returns:
       The path written.
@@ -87,7 +90,14 @@ def grouped_bars(
     width = 0.8 / n
     for i, (name, values) in enumerate(series.items()):
         xs = [j + (i - (n - 1) / 2) * width for j in range(len(categories))]
-        ax.bar(xs, [_num(v) for v in values], width=width, label=str(name))
+        ys = [_num(v) for v in values]
+        ax.bar(xs, ys, width=width, label=str(name))
+        cis = (errors or {}).get(name)
+        if cis is not None:
+            for x, y, ci in zip(xs, ys, cis, strict=True):
+                bar = error_bar(y, ci)
+                if bar is not None:
+                    ax.errorbar([x], [y], yerr=bar, fmt="none", ecolor="black", capsize=3)
     ax.set_xticks(range(len(categories)), [str(c) for c in categories])
     ax.set_ylabel(ylabel)
     ax.set_xlabel(xlabel)
@@ -231,6 +241,72 @@ def scatter_intervals(
     ax.grid(alpha=0.3)
     if points:
         ax.legend(fontsize="x-small", ncols=2)
+    return save(fig, path)
+
+
+def band_panels(
+    path: str | os.PathLike,
+    panels: Mapping[str, Mapping[str, Sequence[Sequence[float | None]]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    xscale: str = "linear",
+    references: Mapping[str, Sequence[Any]] | None = None,
+    title: str = "",
+) -> Path:
+    """One panel per group, one line per series with its interval drawn as a shaded band.
+
+    Args:
+      path: the PNG file to write.
+      panels: ``{panel title: {series name: [(x, y, lo, hi), ...]}}``; ``lo``/``hi`` may be
+        None (no band at that point). Points with an undefined x or y are left out.
+      xlabel, ylabel: axis labels (shared by the panels).
+      xscale: ``"linear"``, ``"log"`` or ``"symlog"`` (log with a linear stretch around 0, so
+        x = 0 can be drawn; its linear range is [-1, 1]).
+      references: optional ``{panel title: (label, y, lo, hi)}``: a horizontal line with its
+        band (e.g. the figure of a reference trial).
+      title: a title over all panels.
+    """
+    if xscale not in ("linear", "log", "symlog"):
+        raise ValueError(f"xscale must be 'linear', 'log' or 'symlog', got {xscale!r}")
+    fig, axes = figure(max(len(panels), 1), width=5.2, height=4.0)
+    references = references or {}
+    for ax, (name, series) in zip(axes, panels.items(), strict=False):
+        for i, (label, points) in enumerate(series.items()):
+            pts = [
+                tuple(map(_num, (p[0], p[1], p[2], p[3])))
+                for p in points
+                if p[0] is not None and p[1] is not None
+            ]
+            pts = [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
+            if not pts:
+                continue
+            xs, ys, lo, hi = zip(*pts, strict=True)
+            color = f"C{i % 10}"
+            ax.plot(xs, ys, marker="o", markersize=3, color=color, label=str(label))
+            band = [(x, a, b) for x, a, b in zip(xs, lo, hi, strict=True) if math.isfinite(a + b)]
+            if band:
+                bx, blo, bhi = zip(*band, strict=True)
+                ax.fill_between(bx, blo, bhi, color=color, alpha=0.2, linewidth=0)
+        ref = references.get(name)
+        if ref is not None and ref[1] is not None and math.isfinite(_num(ref[1])):
+            label, y, lo, hi = ref[0], _num(ref[1]), _num(ref[2]), _num(ref[3])
+            ax.axhline(y, color="gray", linestyle="--", linewidth=1, label=str(label))
+            if math.isfinite(lo + hi):
+                ax.axhspan(lo, hi, color="gray", alpha=0.15, linewidth=0)
+        if xscale == "symlog":
+            ax.set_xscale("symlog", linthresh=1.0)
+        else:
+            ax.set_xscale(xscale)
+        ax.set_title(str(name))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="x-small")
+    if title:
+        fig.suptitle(title)
     return save(fig, path)
 
 

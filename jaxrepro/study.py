@@ -43,7 +43,7 @@ block of each trial's replicas and computes the same results; process 0 alone wr
 workdir, orbax writes the checkpoints from every process, and results.json is byte for byte
 the one a single process writes.
 
-The five studies (``jaxrepro.studies.<name>``; the binaries in ``experiments/`` are flags over
+The six studies (``jaxrepro.studies.<name>``; the binaries in ``experiments/`` are flags over
 the configs):
 
 - ``IrreproducibilityConfig``: which source of randomness makes replicas disagree, per
@@ -56,6 +56,9 @@ the configs):
   codistilled, against ensembles of independent replicas (Shamir & Coviello).
 - ``RegularizersConfig``: do weight decay, dropout, LayerNorm, BatchNorm, residual connections
   or label smoothing make MLPs more reproducible, per depth and optimizer (paired tests)?
+- ``ChaosConfig``: when in training a tiny perturbation of the weights stops changing the
+  model: churn against the perturbation step t and size eps, per activation (Kwok et al.
+  2025; Jordan).
 
 References:
   Snapp & Shamir, arXiv 2102.10696; Jordan, arXiv 2304.01910; Shamir & Coviello, arXiv
@@ -104,6 +107,7 @@ from jaxrepro.studies.workdir import (
 
 if TYPE_CHECKING:  # imported lazily by __getattr__ below
     from jaxrepro.studies.anti_distillation import AntiDistillationConfig
+    from jaxrepro.studies.chaos import ChaosConfig
     from jaxrepro.studies.irreproducibility import IrreproducibilityConfig
     from jaxrepro.studies.regularizers import RegularizersConfig
     from jaxrepro.studies.synthetic import SyntheticConfig
@@ -114,6 +118,7 @@ __all__ = [
     "SETTINGS",
     "Analysis",
     "AntiDistillationConfig",
+    "ChaosConfig",
     "ConfigError",
     "IrreproducibilityConfig",
     "Predictions",

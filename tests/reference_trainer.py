@@ -127,16 +127,25 @@ def keys(seed: int, replica: int, vary) -> dict[str, jax.Array]:
     return {s: source_key(seed, s, replica, s in vary) for s in SOURCE_IDS}
 
 
-def initial_params(model, x_train, *, replica, seed, vary, perturb_scale=None):
+def perturb_scale_of(vary, perturb_scale):
+    """(8) eps: the scale given, else 1e-6 when ``perturb`` is varied, else 0."""
+    if perturb_scale is None:
+        return DEFAULT_PERTURB_SCALE if "perturb" in vary else 0.0
+    return float(perturb_scale)
+
+
+def initial_params(model, x_train, *, replica, seed, vary, perturb_scale=None, perturb_step=0):
     """(7) Initialisation: the replica's init key as Flax's "params" stream, on the first
-    training example, in eval mode; then (8) the perturbation. Returns (params, batch_stats)."""
+    training example, in eval mode; then (8) the perturbation, unless (8a) it comes at a later
+    step. Returns (params, batch_stats)."""
     key = keys(seed, replica, vary)
     x_1 = jnp.asarray(np.asarray(x_train[:1], np.float32))
     variables = _init_jit(model)({"params": key["init"]}, x_1)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    if perturb_scale is None:
-        perturb_scale = DEFAULT_PERTURB_SCALE if "perturb" in vary else 0.0
-    return _perturb_jit()(params, key["perturb"], float(perturb_scale)), batch_stats
+    if perturb_step:
+        return params, batch_stats
+    scale = perturb_scale_of(vary, perturb_scale)
+    return _perturb_jit()(params, key["perturb"], scale), batch_stats
 
 
 def train(
@@ -152,6 +161,7 @@ def train(
     epochs: int,
     window: int | None = None,
     perturb_scale: float | None = None,
+    perturb_step: int = 0,
     augment=None,
 ):
     """Replica ``replica`` trained alone; returns (params, batch_stats, loss per step)."""
@@ -160,7 +170,13 @@ def train(
     n = x_train.shape[0]
     key = keys(seed, replica, vary)
     params, batch_stats = initial_params(
-        model, x_train, replica=replica, seed=seed, vary=vary, perturb_scale=perturb_scale
+        model,
+        x_train,
+        replica=replica,
+        seed=seed,
+        vary=vary,
+        perturb_scale=perturb_scale,
+        perturb_step=perturb_step,
     )
     opt_state = tx.init(params)
 
@@ -183,4 +199,10 @@ def train(
                 step_key(key["augment"], t),
             )
             losses.append(float(loss))
+            if perturb_step and t + 1 == perturb_step:
+                # (8a) The perturbation at step t >= 1: after the t-th update (global step
+                # t - 1), the same draw as at initialisation; the optimizer state untouched.
+                params = _perturb_jit()(
+                    params, key["perturb"], perturb_scale_of(vary, perturb_scale)
+                )
     return params, batch_stats, np.asarray(losses, np.float32)

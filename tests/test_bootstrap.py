@@ -44,7 +44,9 @@ CI = (
     "var_obs",
     "var_ind",
     "var_ratio",
+    "var_dist",
 )
+MULTIPLICITY = ("ambiguity", "discrepancy", "churn_max", "pred_range")  # intervals over examples
 RTOL, ATOL = 2e-6, 1e-7  # the library computes per-example terms in float32
 
 
@@ -136,6 +138,8 @@ def sample_values(x, labels, w, v):
         var_ind=np.mean(np.sum(d * d, 1) / n**2) / 2,
     )
     out["acc_std"] = math.sqrt(out["var_obs"])
+    # methods.md section 10, with the sample's var_obs and var_ind (N: the original count).
+    out["var_dist"] = n / (n - 1) * (out["var_obs"] - out["var_ind"]) if n > 1 else math.nan
     out["eta"] = acc_mean - out["churn"]
     with np.errstate(divide="ignore", invalid="ignore"):
         out["var_ratio"] = np.float64(out["var_obs"]) / np.float64(out["var_ind"])
@@ -230,7 +234,8 @@ def test_compare_intervals_match_reference(over, num):
     assert report["ci_over"] == over and report["ci_num_samples"] == num
     assert report["ci_level"] == 0.95
     # The documented keys only (intervals, no standard error).
-    assert set(report) == set(CI) | {f"{k}_ci" for k in CI} | {
+    keys = CI + MULTIPLICITY
+    assert set(report) == set(keys) | {f"{k}_ci" for k in keys} | {
         "acc_min",
         "acc_max",
         "num_replicas",
@@ -239,7 +244,9 @@ def test_compare_intervals_match_reference(over, num):
         "ci_level",
         "ci_over",
         "ci_num_samples",
+        "multiplicity_ci_over",
     }
+    assert report["multiplicity_ci_over"] == "examples"
     for name in CI:
         np.testing.assert_allclose(report[name], point[name], rtol=RTOL, atol=ATOL, err_msg=name)
         np.testing.assert_allclose(

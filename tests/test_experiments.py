@@ -80,6 +80,14 @@ def test_main_binary_quick_end_to_end(tmp_path):
     assert "| activation | setting | acc_mean | acc_std | churn |" in proc.stdout
     assert "config 2/2 relu/all epoch 2/2" in proc.stderr
     assert plots.is_png(workdir / "churn.png")
+    # Intervals on the table's churn, pd_abs, eta and var_ratio, and the multiplicity section.
+    m = varied
+    lo, hi = m["churn_ci"]
+    assert lo <= m["churn"] <= hi
+    assert f"{m['churn']:.3f} [{lo:.3f}, {hi:.3f}]" in proc.stdout
+    assert "## Multiplicity and the variance of accuracy" in proc.stdout
+    for key in ("eta", "var_ratio", "var_dist", "ambiguity", "churn_max"):
+        assert len(m[f"{key}_ci"]) == 2, key
     assert any((workdir / "checkpoints").iterdir())
     assert not [p for p in workdir.rglob("*.tmp")]
     # One record recomputed here from the documented recipe, without the study code: the
@@ -128,6 +136,7 @@ def test_main_binary_quick_end_to_end(tmp_path):
         ("test_set_variance", "--bootstrap_over"),
         ("anti_distillation", "--lambdas"),
         ("regularizers", "--regularizers"),
+        ("chaos", "--scales"),
     ],
 )
 def test_every_binary_starts_and_lists_its_flags(name, flag):
@@ -225,3 +234,56 @@ def test_test_set_variance_binary_quick(tmp_path, binary_body):
     assert "var_cal" in report and "errors" in report
     assert plots.is_png(tmp_path / "phat_hist.png")
     assert plots.is_png(tmp_path / "std_observed_vs_predicted.png")
+
+
+def test_main_job_compares_activations_with_a_paired_bootstrap():
+    """The main job's analysis: each trial's intervals, and for the second activation in each
+    setting but the control, the paired difference against the first over the replicas kept
+    in both (a diverged replica of either arm leaves the pair out)."""
+    from jaxrepro import randomness
+    from jaxrepro.studies import irreproducibility
+
+    config = study.IrreproducibilityConfig.quick(
+        activations=("relu", "smelu"), settings=("nothing", "all"), num_samples=50
+    )
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 60).astype(np.int32)
+
+    def pred(act, setting, keep):
+        probs = rng.dirichlet(np.ones(10), (4, 60)).astype(np.float32)
+        return study.Predictions(
+            info={"activation": act, "setting": setting},
+            probs=probs,
+            labels=labels,
+            replica_ids=np.arange(4, dtype=np.int32),
+            keep=np.asarray(keep),
+            train_loss=np.zeros(4, np.float32),
+            train_accuracy=np.zeros(4, np.float32),
+            measures={},
+            diverged_epoch=np.full(4, -1, np.int32),
+        )
+
+    preds = {
+        "relu/nothing": pred("relu", "nothing", [True] * 4),
+        "relu/all": pred("relu", "all", [True, True, False, True]),
+        "smelu/nothing": pred("smelu", "nothing", [True] * 4),
+        "smelu/all": pred("smelu", "all", [True, True, True, False]),
+    }
+    records = irreproducibility.analyse(config, preds).records
+    assert "churn_ci" in records["relu/all"]["metrics"]
+    assert "ambiguity_ci" in records["relu/all"]["metrics"]
+    assert all("difference" not in records[k] for k in ("relu/nothing", "relu/all"))
+    assert "difference" not in records["smelu/nothing"]
+    got = records["smelu/all"]["difference"]
+    want = metrics.difference(
+        preds["smelu/all"].probs,
+        preds["relu/all"].probs,
+        labels,
+        randomness.bootstrap_key(config.seed, irreproducibility.DIFFERENCE_STREAM, 3),
+        paired=True,
+        num_samples=50,
+        mask=np.asarray([True, True, False, False]),
+    )
+    assert got["against"] == "relu" and got["num_replicas"] == [2, 2]
+    for key in ("churn", "pd_abs", "acc_mean", "var_dist"):
+        assert got[key]["diff"] == want[key]["diff"] and got[key]["ci"] == want[key]["ci"], key

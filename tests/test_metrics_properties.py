@@ -1,7 +1,7 @@
 """Property-based tests (hypothesis) of jaxrepro.metrics: bounds of every figure of
 ``compare``, invariance to the order of replicas and to a relabelling of the classes,
 agreement of ``compare`` and the per-metric functions with an explicit loop over replica pairs
-(methods.md sections 4-5), the ``from_logits`` guard, and ``finite_replicas`` as a mask.
+(methods.md sections 4-5, 9-10), the ``from_logits`` guard, and ``finite_replicas`` as a mask.
 
 ``compare`` compiles one block function per input shape, so shapes come from the small fixed
 set ``SHAPES`` and values from a drawn seed; every test is derandomized (the same examples on
@@ -70,6 +70,13 @@ def _top_margin(x):
     return float(np.min(top[..., -1] - top[..., -2]))
 
 
+def _vote_tied(x):
+    """Whether the plurality vote of some example ties between classes."""
+    p = np.stack([1 - x, x], -1) if x.ndim == 2 else x
+    counts = np.eye(p.shape[-1], dtype=int)[np.argmax(p, -1)].sum(0)  # [N, C]
+    return bool(((counts == counts.max(-1, keepdims=True)).sum(-1) > 1).any())
+
+
 def assert_reports_equal(got, want, rtol, atol, keys=REPORT_KEYS):
     assert set(got) == set(want)
     for key in ("num_replicas", "num_examples", "num_excluded"):
@@ -115,6 +122,7 @@ def pair_loop(x, labels):
     acc = correct.mean(1)
     phat = correct.mean(0)
     var_ind = np.sum(phat * (1 - phat)) / n**2 * r / (r - 1)
+    vote = [np.bincount(yhat[:, i], minlength=c).argmax() for i in range(n)]  # lowest on ties
     return {
         "churn": churn / m,
         "pd_abs": tv / m,
@@ -130,6 +138,11 @@ def pair_loop(x, labels):
         "eta": acc.mean() - churn / m,
         "var_obs": acc.var(ddof=1),
         "var_ind": var_ind,
+        "var_dist": n / (n - 1) * (acc.var(ddof=1) - var_ind) if n > 1 else math.nan,
+        "ambiguity": np.mean([len(set(yhat[:, i])) > 1 for i in range(n)]),
+        "discrepancy": max(np.mean(yhat[a] != vote) for a in range(r)),
+        "churn_max": max(np.mean(yhat[a] != yhat[b]) for a, b in pairs),
+        "pred_range": np.mean(q.max(0) - q.min(0)),
     }
 
 
@@ -148,6 +161,11 @@ def pure_metrics(x, labels):
         "eta": metrics.eta(x, labels),
         "var_obs": metrics.var_obs(x, labels),
         "var_ind": metrics.var_ind(x, labels),
+        "var_dist": metrics.var_dist(x, labels),
+        "ambiguity": metrics.ambiguity(x),
+        "discrepancy": metrics.discrepancy(x),
+        "churn_max": metrics.churn_max(x),
+        "pred_range": metrics.pred_range(x, labels),
     }
 
 
@@ -190,6 +208,20 @@ def test_bounds_of_every_metric(case):
     assert rep["acc_std"] == pytest.approx(math.sqrt(rep["var_obs"]), rel=1e-12, abs=1e-15)
     if c == 2:
         assert rep["var_cal"] == pytest.approx((1 - rep["acc_mean"]) / (2 * n), rel=1e-12)
+    if n > 1:
+        gap = rep["var_obs"] - rep["var_ind"]
+        assert rep["var_dist"] == pytest.approx(n / (n - 1) * gap, rel=1e-12, abs=1e-18)
+    else:
+        assert math.isnan(rep["var_dist"])
+    # Multiplicity (methods.md section 9): a pair that disagrees makes the example ambiguous,
+    # the worst pair churns at least as much as the mean pair, and every ambiguous example has
+    # a replica off the vote (exact counts: no rounding slack).
+    assert 0.0 <= rep["churn"] <= rep["churn_max"] <= rep["ambiguity"] <= 1.0
+    assert rep["ambiguity"] / r <= rep["discrepancy"] + 1e-12
+    assert rep["discrepancy"] <= rep["ambiguity"]
+    assert 0.0 <= rep["pred_range"] <= 1.0 + EPS
+    if c == 2:  # |q_r - q_s| <= max q - min q, and TV = |q_r - q_s| for two classes
+        assert rep["pd_abs"] <= rep["pred_range"] + EPS
 
 
 @_settings(20)
@@ -201,7 +233,8 @@ def test_replica_order_changes_nothing(case, data):
     want = metrics.compare(x, labels)
     assert_reports_equal(got, want, rtol=1e-6, atol=1e-6)
     # Per-replica extremes and counts do not round at all.
-    for key in ("churn", "churn_correctness", "acc_mean", "acc_min", "acc_max", "var_ind"):
+    counts = ("churn", "churn_correctness", "acc_mean", "acc_min", "acc_max", "var_ind")
+    for key in counts + ("ambiguity", "discrepancy", "churn_max"):
         assert got[key] == pytest.approx(want[key], rel=1e-12, abs=0), key
 
 
@@ -221,8 +254,12 @@ def test_relabelling_classes_changes_nothing(case, data):
     got = metrics.compare(x_new, new_labels)
     want = metrics.compare(x, labels)
     # pd_rel of a two-class task uses the positive class (class 1), not the label's class, so
-    # swapping the classes changes it by design; every other figure is unchanged.
-    keys = [k for k in REPORT_KEYS if not (k == "pd_rel" and c == 2)]
+    # swapping the classes changes it by design (pred_range, a range, stays); so does
+    # discrepancy where the vote ties (broken by the lowest class index); every other figure
+    # is unchanged.
+    positive = ("pd_rel",) if c == 2 else ()
+    tied = ("discrepancy",) if _vote_tied(x) else ()
+    keys = [k for k in REPORT_KEYS if k not in positive + tied]
     assert_reports_equal(got, want, rtol=1e-6, atol=1e-6, keys=keys)
     if c > 2:
         assert got["pd_rel"] == pytest.approx(want["pd_rel"], rel=1e-6, abs=1e-6)

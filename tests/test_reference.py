@@ -80,6 +80,15 @@ CASES = {
         augment=None,
         cfg=dict(replicas=(1, 4), seed=3_000_000_007, vary=("init", "dropout", "perturb")),
     ),
+    # The perturbation at global step 5 (after the fifth update, inside the first epoch)
+    # instead of at initialisation; every other source varied too.
+    "perturb_step": dict(
+        model=MODEL,
+        augment=AUG,
+        cfg=dict(
+            replicas=(0, 1, 2), seed=11, vary=ALL, window=10, perturb_scale=1e-3, perturb_step=5
+        ),
+    ),
 }
 
 
@@ -151,6 +160,7 @@ def test_initial_parameters_equal_the_reference(ds, name):
             seed=kw["seed"],
             vary=kw["vary"],
             perturb_scale=kw.get("perturb_scale"),
+            perturb_step=kw.get("perturb_step", 0),
         )
         assert _max_ulps(_at(state.params, i), params) <= 1, (name, r)
         assert _max_diff(_at(state.batch_stats, i), batch_stats) == 0.0
@@ -159,7 +169,7 @@ def test_initial_parameters_equal_the_reference(ds, name):
         unperturbed = ref.initial_params(
             case["model"], ds.x_train, replica=r, seed=kw["seed"], vary=("init",)
         )[0]
-        no_perturb = dataclasses.replace(config, vary=("init",), perturb_scale=None)
+        no_perturb = dataclasses.replace(config, vary=("init",), perturb_scale=None, perturb_step=0)
         plain = engine.Engine(engine.Task(case["model"], TX), ds, no_perturb).init()
         assert _max_ulps(_at(plain.params, i), unperturbed) <= 1
 
@@ -218,13 +228,24 @@ def _fixed_source_uses_its_own_replica(monkeypatch):
         _step_key_is_the_epoch,
         _batch_gather_off_by_one,
         _fixed_source_uses_its_own_replica,
+        "perturbation one step late",
+        "perturbation one step early",
     ],
 )
 def test_each_wrong_fact_moves_the_result_far_beyond_the_bound(ds, fitted, monkeypatch, fault):
     """The reference with one documented fact changed ends far from the engine: the bound
     cannot hide a wrong window, swapped sources, a step key that does not advance (or advances
-    per epoch), an off-by-one batch gather, or a fixed source keyed by its own replica."""
+    per epoch), an off-by-one batch gather, a fixed source keyed by its own replica, or a
+    perturbation during training one step late or early."""
     kw = _ref_kwargs(CASES["all"])
+    if isinstance(fault, str):  # the perturbation at step 5 applied at 6 or 4
+        kw = _ref_kwargs(CASES["perturb_step"])
+        kw["perturb_step"] += 1 if "late" in fault else -1
+        want = _at(fitted["perturb_step"].state.params, 1)
+        params = ref.train(MODEL, TX, ds.x_train, ds.y_train, replica=1, augment=AUG, **kw)[0]
+        # A 1e-3 perturbation moved by one step ends about 4e-4 away: 400 times the bound.
+        assert _max_diff(want, params) > 100 * BOUND
+        return
     if fault is _fixed_source_uses_its_own_replica:
         kw["vary"] = ("init",)  # every other source fixed: each must take replica 0's key
         want = _at(_fit(ds, vary=("init",), seed=7, window=10, perturb_scale=1e-3).params, 1)

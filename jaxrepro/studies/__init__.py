@@ -12,7 +12,7 @@ Modules, by concern:
 - ``render``: table cells, Markdown tables, intervals and verdicts shared by the reports.
 - One module per study (config, trials, a pure ``analyse``) and one ``*_report`` module per
   study (``render``: its report's text and plots): ``irreproducibility`` (the main job),
-  ``synthetic``, ``test_set_variance``, ``anti_distillation``, ``regularizers``.
+  ``synthetic``, ``test_set_variance``, ``anti_distillation``, ``regularizers``, ``chaos``.
 
 Nothing here is imported by ``import jaxrepro``; a study module is imported when it is run or
 looked up by name (``runner.study_module``, ``config_class``).
@@ -22,7 +22,14 @@ from __future__ import annotations
 
 import importlib
 
-NAMES = ("irreproducibility", "synthetic", "test_set_variance", "anti_distillation", "regularizers")
+NAMES = (
+    "irreproducibility",
+    "synthetic",
+    "test_set_variance",
+    "anti_distillation",
+    "regularizers",
+    "chaos",
+)
 """The studies, by ``StudyConfig.STUDY`` (each is the module ``jaxrepro.studies.<name>``)."""
 
 CONFIG_CLASSES = {
@@ -31,6 +38,7 @@ CONFIG_CLASSES = {
     "test_set_variance": "TestSetVarianceConfig",
     "anti_distillation": "AntiDistillationConfig",
     "regularizers": "RegularizersConfig",
+    "chaos": "ChaosConfig",
 }
 """The config class of each study, by name."""
 

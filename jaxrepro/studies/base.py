@@ -98,6 +98,14 @@ def check_level(field: str, level) -> None:
     require(is_number(level) and 0.0 < level < 1.0, field, f"must be in (0, 1), got {level!r}")
 
 
+def check_bootstrap(config) -> None:
+    """The interval fields of a study that reports bootstrap intervals over one axis:
+    ``num_samples`` (an int >= 1), ``bootstrap_over`` (replicas or examples) and ``level``."""
+    check_int("num_samples", config.num_samples)
+    check_choice("bootstrap_over", config.bootstrap_over, ("replicas", "examples"))
+    check_level("level", config.level)
+
+
 def check_int(field: str, value, minimum: int = 1, maximum: int | None = None) -> None:
     """An int in ``[minimum, maximum]`` (no upper bound when ``maximum`` is None)."""
     ok = is_int(value) and value >= minimum and (maximum is None or value <= maximum)

@@ -1,8 +1,10 @@
 """The main job: which source of randomness makes replicas disagree, per activation.
 
 Each (activation, setting) trains ``replicas`` replicas of an MLP that differ only in the
-sources the setting varies, then compares their test predictions (``metrics.compare``). The
-binary ``experiments/irreproducibility.py`` is flags over ``IrreproducibilityConfig``; the
+sources the setting varies, then compares their test predictions (``metrics.compare``, with
+bootstrap intervals); each activation after the first is compared with the first, setting by
+setting, with a paired bootstrap (``metrics.difference``: replica r of both shares its keys).
+The binary ``experiments/irreproducibility.py`` is flags over ``IrreproducibilityConfig``; the
 report is ``irreproducibility_report.render``.
 """
 
@@ -12,11 +14,15 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from jaxrepro import engine
+import numpy as np
+
+from jaxrepro import engine, metrics, randomness
 from jaxrepro.studies.base import (
     SETTINGS,
     StudyConfig,
+    bootstrap_kwargs,
     check_activation,
+    check_bootstrap,
     check_choice,
     check_number,
     check_settings,
@@ -50,6 +56,7 @@ class IrreproducibilityConfig(StudyConfig):
         widths=(32,),
         num_train=512,
         num_test=256,
+        num_samples=100,
     )
 
     dataset: str = flag_field("mnist1d", "dataset: mnist1d or digits")
@@ -64,6 +71,9 @@ class IrreproducibilityConfig(StudyConfig):
     perturb_scale: float = flag_field(
         engine.DEFAULT_PERTURB_SCALE, "relative size of the initial-weight perturbation"
     )
+    num_samples: int = flag_field(1000, "bootstrap samples for the intervals")
+    bootstrap_over: str = flag_field("replicas", "bootstrap resamples replicas or examples")
+    level: float = flag_field(0.95, "confidence level of the intervals")
 
     def check(self):
         check_choice("dataset", self.dataset, ("mnist1d", "digits"))
@@ -74,6 +84,7 @@ class IrreproducibilityConfig(StudyConfig):
         check_widths("widths", self.widths)
         check_number("dropout_rate", self.dropout_rate, below=1.0)
         check_number("perturb_scale", self.perturb_scale)
+        check_bootstrap(self)
 
 
 def trials(config: IrreproducibilityConfig) -> list[Trial]:
@@ -97,6 +108,41 @@ def trials(config: IrreproducibilityConfig) -> list[Trial]:
     return out
 
 
+DIFFERENCE_STREAM = 0x8000_0020
+"""``randomness.bootstrap_key(seed, DIFFERENCE_STREAM, i)`` draws the paired bootstrap of the
+i-th trial's comparison with the first activation; a trial's own intervals use
+``bootstrap_key(seed)``, whose sample s is ``fold_in(., s)`` with s below 2^31, so the two never
+share a stream (as ``stats.POOLED_STREAM``)."""
+
+
 def analyse(config: IrreproducibilityConfig, predictions: Mapping[str, Predictions]) -> Analysis:
-    """Every trial's ``metrics.compare`` of its kept replicas."""
-    return Analysis(records={name: record(pred) for name, pred in predictions.items()})
+    """Every trial's ``metrics.compare`` of its kept replicas, with bootstrap intervals; and
+    for each activation after the first, in each setting, ``difference``: ``{"against": the
+    first activation, **metrics.difference(this, first, paired=True)}`` over the replicas
+    kept in both (this minus the first, e.g. smelu - relu), or None when fewer than 2 are."""
+    records = {
+        name: record(pred, **bootstrap_kwargs(config, over=config.bootstrap_over))
+        for name, pred in predictions.items()
+    }
+    base = config.activations[0]
+    for i, (name, pred) in enumerate(predictions.items()):
+        act, setting = pred.info["activation"], pred.info["setting"]
+        if act == base or setting == "nothing":
+            continue
+        other = predictions[f"{base}/{setting}"]
+        keep = pred.keep & other.keep
+        diff = None
+        if keep.sum() >= 2:
+            diff = metrics.difference(
+                pred.probs,
+                other.probs,
+                pred.labels,
+                randomness.bootstrap_key(config.seed, DIFFERENCE_STREAM, i),
+                paired=True,
+                over=config.bootstrap_over,
+                num_samples=config.num_samples,
+                level=config.level,
+                mask=np.asarray(keep),
+            )
+        records[name]["difference"] = None if diff is None else {"against": base, **diff}
+    return Analysis(records=records)

@@ -21,10 +21,8 @@ from jaxrepro.studies.base import (
     SETTINGS,
     StudyConfig,
     bootstrap_kwargs,
-    check_choice,
+    check_bootstrap,
     check_choices,
-    check_int,
-    check_level,
     check_number,
     check_settings,
     check_widths,
@@ -91,9 +89,7 @@ class TestSetVarianceConfig(StudyConfig):
             "binary_classes",
             f"must be two different classes in 0..9, got {list(c)!r}",
         )
-        check_int("num_samples", self.num_samples)
-        check_choice("bootstrap_over", self.bootstrap_over, ("replicas", "examples"))
-        check_level("level", self.level)
+        check_bootstrap(self)
 
 
 def trials(config: TestSetVarianceConfig) -> list[Trial]:

@@ -108,8 +108,14 @@ def _prepare(workdir: Path, config: StudyConfig, deterministic: bool, portable: 
                 f"{config.STUDY!r}; use another workdir",
             )
         old = held.get("config", {})
+        # A field added to the study after this workdir was written (absent from its
+        # config.json) matches when it is asked for at its default: the run it holds is the
+        # one that default describes, so an upgrade does not orphan a workdir.
+        defaults = type(config)().to_dict()
         diff = sorted(
-            k for k in set(old) | set(wanted["config"]) if old.get(k) != wanted["config"].get(k)
+            k
+            for k in set(old) | set(wanted["config"])
+            if old.get(k, defaults.get(k) if k not in old else None) != wanted["config"].get(k)
         )
         if diff:
             detail = "; ".join(
