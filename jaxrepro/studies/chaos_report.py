@@ -15,11 +15,6 @@ from jaxrepro.studies.render import fmt, markdown_table, with_ci
 TABLE_METRICS = ("churn", "pd_abs", "ambiguity", "discrepancy", "churn_max", "pred_range")
 
 
-def _steps(config, records) -> list[int]:
-    info = next(r["info"] for r in records.values() if r["info"].get("setting") == "perturb")
-    return steps_of(config, info["steps_per_epoch"])
-
-
 def _epoch_text(step, epoch) -> str:
     return f"step {step} (epoch {fmt(epoch, 2)})"
 
@@ -58,12 +53,12 @@ def _finding(eps_text: str, entry: Mapping[str, Any]) -> str:
 
 def render(config, analysis, workdir: Path) -> list[str]:
     records = analysis.records
-    steps = _steps(config, records)
-    summary = summarise(config, records)
-    pct = int(round(config.level * 100))
     per_epoch = next(
         r["info"]["steps_per_epoch"] for r in records.values() if "steps_per_epoch" in r["info"]
     )
+    steps = steps_of(config, per_epoch)
+    summary = summarise(config, records)
+    pct = int(round(config.level * 100))
     lines = [
         f"Each trial trains {config.replicas} replicas of an MLP {list(config.widths)} "
         f"(dropout {config.dropout_rate}) for {config.epochs} epochs ({per_epoch} steps each) on "

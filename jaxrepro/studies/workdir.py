@@ -115,7 +115,7 @@ def _prepare(workdir: Path, config: StudyConfig, deterministic: bool, portable: 
         diff = sorted(
             k
             for k in set(old) | set(wanted["config"])
-            if old.get(k, defaults.get(k) if k not in old else None) != wanted["config"].get(k)
+            if old.get(k, defaults.get(k)) != wanted["config"].get(k)
         )
         if diff:
             detail = "; ".join(
