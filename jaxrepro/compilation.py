@@ -315,3 +315,53 @@ def configure_cache(setting: str) -> Path | None:
     if setting == "off":
         return None
     return enable_cache(None if setting == "default" else setting)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled programs held in memory, against the kernel's limit on memory mappings.
+
+MAP_FRACTION = 0.5
+"""``release_near_map_limit`` drops the compiled programs past this fraction of the limit."""
+
+
+def mapped_regions() -> int | None:
+    """How many memory mappings this process holds (the lines of ``/proc/self/maps``), or None
+    where the system does not say (not Linux)."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+
+def map_limit() -> int | None:
+    """The kernel's limit on one process's memory mappings (``vm.max_map_count``), or None where
+    the system does not say."""
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def release_near_map_limit(fraction: float = MAP_FRACTION) -> bool:
+    """Drops JAX's in-memory compiled programs (``jax.clear_caches``) when this process holds
+    more than ``fraction`` of the kernel's limit on memory mappings; True when it did.
+
+    Why: XLA loads every program it compiles for the CPU as JIT code, in memory mappings of its
+    own (code, read-only data and data, for each of a program's kernels: about a dozen for a
+    tiny jitted function, hundreds for a training step), held for as long as JAX caches the
+    program. A process that compiles thousands of programs (a long study, a long notebook
+    session, the test suite) reaches Linux's default limit of 65,530 mappings, and the next
+    compilation then fails inside XLA: the process aborts or segfaults, with no Python error.
+    The engine calls this before every run (``Engine.run``), where reading the mappings costs
+    milliseconds against a fit's seconds. Programs needed again are compiled again, or read
+    from the persistent cache; no result changes. Elsewhere (Windows, macOS) the count is
+    unknown and nothing is dropped.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction!r}")
+    limit, held = map_limit(), mapped_regions()
+    if not limit or held is None or held <= fraction * limit:
+        return False
+    jax.clear_caches()
+    return True

@@ -1334,6 +1334,7 @@ class Engine:
                         f"history[{k!r}] must be [R, first_epoch] = "
                         f"({self.num_replicas}, {first_epoch}), got {shape}"
                     )
+        compilation.release_near_map_limit()  # a long process's programs, before this one's
         start = time.perf_counter()
         compile_start = compilation.compile_seconds()
         state = (

@@ -371,3 +371,32 @@ def test_a_sweep_trial_saves_its_parts_and_long_studies_release_programs(ds, tmp
     assert np.array_equal(alone.predict(ds.x_test)[0], preds["eps-0.2"].probs[1])
     again = runner.train_trials([sweep], tmp_path, progress=None)  # saved: nothing trained
     assert np.array_equal(again["eps-0"].probs, preds["eps-0"].probs)
+
+
+@pytest.mark.skipif(compilation.map_limit() is None, reason="the system does not report mappings")
+def test_programs_are_released_near_the_limit_on_memory_mappings(ds, monkeypatch):
+    """XLA's JIT code is held in memory mappings of its own; past the fraction of the kernel's
+    limit, ``release_near_map_limit`` drops the compiled programs and their mappings with them,
+    and ``Engine.run`` asks before every run."""
+    fns = [jax.jit(lambda x, i=i: jnp.tanh(x * i).sum()) for i in range(12)]
+    base = compilation.mapped_regions()
+    for f in fns:
+        f(jnp.ones(5)).block_until_ready()
+    held = compilation.mapped_regions()
+    assert held > base + 12  # each program holds mappings of its own
+    assert compilation.release_near_map_limit(1.0) is False  # far below the limit: kept
+    assert fns[0]._cache_size() == 1
+    assert compilation.release_near_map_limit(held / compilation.map_limit() / 2) is True
+    assert fns[0]._cache_size() == 0
+    assert compilation.mapped_regions() < held - 12
+    with pytest.raises(ValueError, match="fraction"):
+        compilation.release_near_map_limit(1.5)
+    calls = []
+    monkeypatch.setattr(compilation, "release_near_map_limit", lambda: calls.append(1) or False)
+    eng = engine.Engine(
+        engine.Task(MODEL, optax.sgd(0.1)),
+        ds,
+        engine.FitConfig(replicas=2, epochs=1, batch_size=32),
+    )
+    eng.run()
+    assert calls == [1]
