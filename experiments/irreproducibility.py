@@ -12,6 +12,15 @@ the activations, and writes results.json, report.md and churn.png to the workdir
 same command to resume after an interruption. ``--quick`` shrinks it to a smoke run (relu;
 nothing and all; 4 replicas, 2 epochs, 512 training examples, MLP [32]).
 
+CIFAR-10 from your own copy (never downloaded: extract the official cifar-10-python.tar.gz and
+pass its cifar-10-batches-py directory; it holds pickles, so use only a trusted copy)::
+
+    python experiments/irreproducibility.py --dataset cifar10 \
+        --data_dir ~/data/cifar-10-batches-py --widths 64,256,256 --workdir runs/cifar10
+
+trains ``models.AirbenchNet`` (``--widths``: its block widths) with random crops and flips
+drawn from the ``augment`` source.
+
 Expected runtime on a 2-core CPU: about 2 minutes (50 s to 99 s measured in the host's mode,
 compilation included; portable mode, the default, costs up to 1.5x on the training itself;
 1m34s measured in portable mode with the bootstrap intervals and paired differences);

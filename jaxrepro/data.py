@@ -1,4 +1,5 @@
-"""Datasets: a validated in-memory `Dataset` and loaders for MNIST-1D, sklearn digits and `.npz`.
+"""Datasets: a validated in-memory `Dataset` and loaders for MNIST-1D, sklearn digits, CIFAR-10
+from the user's own files, and `.npz`.
 
 Synopsis::
 
@@ -17,7 +18,9 @@ Synopsis::
 
 Every loader returns host (NumPy) arrays checked once, so the rest of the library can trust their
 shapes, dtypes and label ranges. Nothing is downloaded: MNIST-1D is generated with the `mnist1d`
-package's own generator and cached as ``.npz`` (set ``JAXREPRO_CACHE`` to move the cache).
+package's own generator and cached as ``.npz`` (set ``JAXREPRO_CACHE`` to move the cache);
+CIFAR-10 is read from the official ``cifar-10-batches-py`` directory the user already has
+(`cifar10`, or ``load(that_directory)``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import pickle
 import random
 import uuid
 import zipfile
@@ -36,7 +40,7 @@ import numpy as np
 
 from jaxrepro import checks
 
-LOADERS = ("mnist1d", "digits", "digits_images")
+LOADERS = ("mnist1d", "digits", "digits_images", "cifar10")
 _SPLIT_KEYS = ("x_train", "y_train", "x_test", "y_test")
 # Bump when the cached file layout or the generation procedure here changes.
 _MNIST1D_CACHE_VERSION = 1
@@ -338,6 +342,245 @@ def digits(*, images: bool = False, test_fraction: float = 0.2, seed: int = 0) -
     )
 
 
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+"""Per-channel (R, G, B) mean and standard deviation of CIFAR-10's 50,000 training images
+scaled to [0, 1], to 4 digits (the constants airbench and most CIFAR code use): what `cifar10`
+normalises with."""
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+"""The class names, label 0 to 9 (``batches.meta``'s ``label_names``)."""
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_FILE = "test_batch"
+CIFAR10_META_FILE = "batches.meta"
+_CIFAR10_PIXELS = 3 * 32 * 32
+_CIFAR10_HINT = (
+    "give the cifar-10-batches-py directory extracted from the official cifar-10-python.tar.gz "
+    "(https://www.cs.toronto.edu/~kriz/cifar.html)"
+)
+
+
+def _numpy_global(module: str, name: str):
+    """The NumPy object a pickle names, from ``numpy._core`` on NumPy 2 (where ``numpy.core``,
+    which older pickles name, is a deprecated alias) or ``numpy.core`` on NumPy 1."""
+    if module == "numpy":
+        return getattr(np, name)
+    core = getattr(np, "_core", None) or np.core
+    return getattr(getattr(core, module.rsplit(".", 1)[1]), name)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles containers, strings, numbers and NumPy arrays, and nothing else.
+
+    A pickle runs code by naming a global (a class or function) for the unpickler to import
+    and call; this one refuses every global but the few that rebuild an ndarray, a dtype or a
+    NumPy scalar (and ``_codecs.encode``, which protocol-2 pickles written by Python 3 use for
+    bytes). It narrows what a hostile file can do; it is no licence to load untrusted files.
+    """
+
+    ALLOWED = frozenset(
+        [("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")]
+        + [
+            (f"numpy.{core}.{module}", name)
+            for core in ("core", "_core")
+            for module, name in (
+                ("multiarray", "_reconstruct"),
+                ("multiarray", "scalar"),
+                ("numeric", "_frombuffer"),
+            )
+        ]
+    )
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"it asks for the global {module}.{name}, which a CIFAR-10 file never holds "
+                "(only NumPy arrays, lists and strings); refused"
+            )
+        if module == "_codecs":
+            import codecs
+
+            return codecs.encode
+        return _numpy_global(module, name)
+
+
+def _unpickle(path: Path) -> dict:
+    """One CIFAR-10 file: a pickled dict (keys bytes, as Python 2 wrote them, or str)."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"CIFAR-10 file {path} does not exist (or is not a file); {_CIFAR10_HINT}"
+        )
+    try:
+        with open(path, "rb") as f:
+            obj = _ArrayUnpickler(f, encoding="bytes").load()
+    # Bytes that are not a pickle fail in the unpickler's every way (UnpicklingError,
+    # EOFError, ValueError, KeyError, TypeError, UnicodeDecodeError, ...): one message for all.
+    except Exception as e:
+        raise ValueError(
+            f"{path} is not a readable CIFAR-10 pickle ({type(e).__name__}: {e}); {_CIFAR10_HINT}"
+        ) from None
+    if not isinstance(obj, dict):
+        raise ValueError(
+            f"{path} holds a pickled {type(obj).__name__}, not the dict of a CIFAR-10 file"
+        )
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _entry(path: Path, batch: dict, key: str):
+    if key not in batch:
+        raise ValueError(
+            f"{path} has no {key!r} entry (it has {sorted(map(str, batch))}); "
+            f"is it a CIFAR-10 file? {_CIFAR10_HINT}"
+        )
+    return batch[key]
+
+
+def _cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A batch file's images ``uint8 [N, 3072]`` and labels ``int64 [N]``, checked."""
+    batch = _unpickle(path)
+    x_Nx3072 = _entry(path, batch, "data")
+    if (
+        not isinstance(x_Nx3072, np.ndarray)
+        or x_Nx3072.dtype != np.uint8
+        or x_Nx3072.ndim != 2
+        or x_Nx3072.shape[1] != _CIFAR10_PIXELS
+    ):
+        got = (
+            f"a {x_Nx3072.dtype} array of shape {x_Nx3072.shape}"
+            if isinstance(x_Nx3072, np.ndarray)
+            else f"a {type(x_Nx3072).__name__}"
+        )
+        raise ValueError(
+            f"{path}: 'data' must be a uint8 array [N, {_CIFAR10_PIXELS}] (32x32 pixels of 3 "
+            f"channels, one image a row), got {got}"
+        )
+    try:
+        y_N = np.asarray(_entry(path, batch, "labels"))
+    except ValueError as e:  # ragged lists
+        raise ValueError(f"{path}: 'labels' is not a list of integers ({e})") from None
+    if y_N.ndim != 1 or (y_N.size and y_N.dtype.kind not in "iu"):
+        raise ValueError(
+            f"{path}: 'labels' must be a list of integers, got {y_N.dtype} values of shape "
+            f"{y_N.shape}"
+        )
+    if len(y_N) != len(x_Nx3072):
+        raise ValueError(
+            f"{path}: {len(x_Nx3072)} images but {len(y_N)} labels; they must match one to one"
+        )
+    if y_N.size and (y_N.min() < 0 or y_N.max() >= len(CIFAR10_CLASSES)):
+        raise ValueError(
+            f"{path}: labels must be in [0, 10) (CIFAR-10's 10 classes), got min {y_N.min()}, "
+            f"max {y_N.max()}"
+        )
+    return x_Nx3072, y_N.astype(np.int64)
+
+
+def _cifar10_images(x_Nx3072: np.ndarray, normalize: bool) -> np.ndarray:
+    """``uint8 [N, 3072]`` rows (the R plane, then G, then B, each 32x32 row-major) to float32
+    NHWC images ``[N, 32, 32, 3]`` in [0, 1], then normalised per channel if asked."""
+    x_NxHxWxC = x_Nx3072.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype(np.float32, order="C")
+    x_NxHxWxC /= np.float32(255.0)
+    if normalize:
+        x_NxHxWxC -= np.asarray(CIFAR10_MEAN, np.float32)
+        x_NxHxWxC /= np.asarray(CIFAR10_STD, np.float32)
+    return x_NxHxWxC
+
+
+def cifar10(
+    data_dir: str | os.PathLike,
+    *,
+    num_train: int = 0,
+    num_test: int = 0,
+    normalize: bool = True,
+) -> Dataset:
+    """CIFAR-10 read from the user's own copy of the official Python version; never downloads.
+
+    ``data_dir`` is the ``cifar-10-batches-py`` directory extracted from
+    ``cifar-10-python.tar.gz``: ``data_batch_1`` to ``data_batch_5`` (the training set, in that
+    order), ``test_batch`` and ``batches.meta``, each a pickled dict. A batch file's ``data`` is
+    a uint8 array ``[N, 3072]``, one image a row: the red plane, then green, then blue, each
+    32x32 row-major; its ``labels`` is a list of N integers in [0, 10). ``batches.meta``'s
+    ``label_names`` must list 10 names. The official files hold 10,000 images each; smaller
+    files in the same format are read the same way. Every file must be present: a missing batch
+    is an error, never a smaller training set.
+
+    These files are pickles, and unpickling can run code. The files are read with an unpickler
+    that refuses every global but NumPy's array constructors, which stops the usual attacks,
+    but point ``data_dir`` only at files you trust (your own download of the official archive).
+
+    Pixels are scaled to [0, 1], then (``normalize=True``, the default) each channel is
+    normalised with `CIFAR10_MEAN` and `CIFAR10_STD`, the statistics of the full training set:
+    ``x = (pixel / 255 - mean[c]) / std[c]`` in float32. Fixed constants rather than the
+    statistics of the images loaded are the project's choice: an input then means the same
+    whatever subset (``num_train``) or file set is loaded, and the numbers are the ones other
+    CIFAR-10 code uses.
+
+    Example::
+
+        ds = data.cifar10("~/data/cifar-10-batches-py")   # or data.load(that directory)
+        ds.x_train.shape, ds.x_test.shape                 # ((50000, 32, 32, 3), (10000, 32, 32, 3))
+
+    Args:
+        data_dir: the ``cifar-10-batches-py`` directory (``~`` is expanded).
+        num_train: keep the first ``num_train`` training images (file order); 0: all.
+        num_test: keep the first ``num_test`` test images; 0: all.
+        normalize: normalise per channel (see above); False leaves the pixels in [0, 1].
+
+    Returns:
+        A `Dataset` named ``"cifar10"``: x float32 NHWC ``[N, 32, 32, 3]``, 10 classes (named
+        by `CIFAR10_CLASSES`).
+
+    Raises:
+        FileNotFoundError: ``data_dir`` is not a directory, or one of its files is missing
+            (named).
+        ValueError: a file that is not a readable pickle, asks for a global other than NumPy's
+            array constructors, lacks ``data`` or ``labels``, has ``data`` not uint8
+            ``[N, 3072]``, labels not integers in [0, 10) or not one per image, a
+            ``batches.meta`` without 10 ``label_names`` (each message names the file); or
+            ``num_train`` / ``num_test`` above what the files hold.
+    """
+    checks.integer("num_train", num_train, minimum=0)
+    checks.integer("num_test", num_test, minimum=0)
+    checks.boolean("normalize", normalize)
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"CIFAR-10 directory {root} does not exist (or is not a directory); {_CIFAR10_HINT}"
+        )
+    meta_path = root / CIFAR10_META_FILE
+    names = _entry(meta_path, _unpickle(meta_path), "label_names")
+    if not isinstance(names, (list, tuple)) or len(names) != len(CIFAR10_CLASSES):
+        raise ValueError(
+            f"{meta_path}: 'label_names' must list CIFAR-10's 10 class names, got {names!r:.200}"
+        )
+    splits = {}
+    for split, file_names, wanted in (
+        ("train", CIFAR10_TRAIN_FILES, num_train),
+        ("test", (CIFAR10_TEST_FILE,), num_test),
+    ):
+        parts = [_cifar10_batch(root / name) for name in file_names]
+        x_Nx3072 = np.concatenate([x for x, _ in parts])
+        y_N = np.concatenate([y for _, y in parts])
+        if wanted > len(y_N):
+            raise ValueError(
+                f"num_{split}={wanted} asks for more {split} images than {root} holds "
+                f"({len(y_N)} in {', '.join(file_names)}); use at most {len(y_N)} (0: all)"
+            )
+        n = wanted or len(y_N)
+        splits[split] = (_cifar10_images(x_Nx3072[:n], normalize), y_N[:n])
+    return Dataset(*splits["train"], *splits["test"], num_classes=10, name="cifar10")
+
+
 def to_npz(dataset: Dataset, path: str | os.PathLike) -> Path:
     """Saves `dataset`'s four arrays to `path` (atomically), readable by `from_npz`.
 
@@ -416,26 +659,33 @@ def from_npz(
 
 
 def load(name_or_path: str | os.PathLike, **kwargs) -> Dataset:
-    """Loads a dataset by name (``"mnist1d"``, ``"digits"``, ``"digits_images"``) or ``.npz`` path.
+    """Loads a dataset by name (``"mnist1d"``, ``"digits"``, ``"digits_images"``, ``"cifar10"``)
+    or path (an ``.npz`` file, or a CIFAR-10 ``cifar-10-batches-py`` directory).
 
     Example:
         >>> load("digits").input_shape
         (64,)
 
+    ``load("cifar10", data_dir=d)`` and ``load(d)`` are both ``cifar10(d)``: CIFAR-10 is never
+    downloaded, so the name needs the directory of the user's copy.
+
     Args:
-        name_or_path: one of `LOADERS`, or a path ending in ``.npz``.
-        **kwargs: passed to the loader (e.g. ``seed``, ``cache_dir``, ``num_classes``).
+        name_or_path: one of `LOADERS`, a path ending in ``.npz``, or a directory (read as
+            CIFAR-10 by `cifar10`).
+        **kwargs: passed to the loader (e.g. ``seed``, ``cache_dir``, ``num_classes``;
+            ``data_dir``, ``num_train``, ``num_test`` for ``"cifar10"``).
 
     Raises:
-        ValueError: anything else (the message lists the choices), or a file that is not a
-            readable ``.npz`` of numeric arrays (the message names the file and the fix).
-        FileNotFoundError: a path that does not exist.
+        ValueError: anything else (the message lists the choices), ``"cifar10"`` without
+            ``data_dir``, or a file that is not a readable ``.npz`` of numeric arrays or
+            CIFAR-10 batch (the message names the file and the fix).
+        FileNotFoundError: a path that does not exist, or a CIFAR-10 directory missing a file.
         jaxrepro.checks.BadType: ``name_or_path`` is neither a string nor a path.
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise checks.BadType(
-            f"name_or_path must be a dataset name ({', '.join(LOADERS)}) or a path to an .npz "
-            f"file, got {name_or_path!r}"
+            f"name_or_path must be a dataset name ({', '.join(LOADERS)}), a path to an .npz "
+            f"file or a CIFAR-10 directory, got {name_or_path!r}"
         )
     key = os.fspath(name_or_path)
     if key == "mnist1d":
@@ -444,8 +694,18 @@ def load(name_or_path: str | os.PathLike, **kwargs) -> Dataset:
         return digits(**kwargs)
     if key == "digits_images":
         return digits(images=True, **kwargs)
+    if key == "cifar10":
+        if kwargs.get("data_dir") is None:
+            raise ValueError(
+                "cifar10 is read from your own copy, never downloaded: pass "
+                "data_dir=<the cifar-10-batches-py directory> (or load that directory's path)"
+            )
+        return cifar10(**kwargs)
     if key.endswith(".npz"):
         return from_npz(key, **kwargs)
+    if os.path.isdir(key):
+        return cifar10(key, **kwargs)
     raise ValueError(
-        f"unknown dataset {key!r}: choose one of {', '.join(LOADERS)} or a path ending in .npz"
+        f"unknown dataset {key!r}: choose one of {', '.join(LOADERS)}, a path ending in .npz or "
+        "a CIFAR-10 directory (cifar-10-batches-py)"
     )

@@ -48,16 +48,27 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxrepro import checks, compilation, distributed, losses, models, portable, randomness
+from jaxrepro import (
+    checks,
+    compilation,
+    distributed,
+    losses,
+    models,
+    nnx_models,
+    portable,
+    randomness,
+)
 
 Array = jax.Array
 PyTree = Any
@@ -124,7 +135,10 @@ class Task:
 
     Attributes:
       model: a Flax linen module called as ``model(x, train=...)`` returning logits ``[B, C]``,
-        or a ``models.Ensemble`` returning its K components' logits ``[K, B, C]``.
+        or a ``models.Ensemble`` returning its K components' logits ``[K, B, C]``; a Flax NNX
+        model as ``nnx_models.FromNNX.of(ModelClass, *args)`` (each replica draws its own
+        parameters), or an ``nnx.Module`` instance (its parameters start every replica; see
+        ``nnx_models``).
       tx: any optax ``GradientTransformation``.
       loss_fn: ``(logits_KxBxC, batch) -> scalar`` (``jaxrepro.losses``: a plain model's
         logits get a leading axis of 1); default: softmax cross-entropy.
@@ -135,6 +149,10 @@ class Task:
     tx: optax.GradientTransformation
     loss_fn: losses.Loss = DEFAULT_LOSS
     augment: Callable[[Array, Array], Array] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.model, nnx.Module):  # an NNX instance: its parameters, every replica
+            object.__setattr__(self, "model", nnx_models.from_nnx(self.model))
 
     @property
     def num_components(self) -> int | None:
@@ -381,6 +399,9 @@ def train_step(
             logits = task.model.apply(variables, x_B, train=True, rngs={"dropout": dropout_key})
             batch_stats = state.batch_stats
         logits_KxBxC = logits if ensemble else logits[None]
+        # Trace-time invariants (no run-time cost): what the losses are written against.
+        chex.assert_shape(logits_KxBxC, (task.num_components or 1, y_B.shape[0], None))
+        chex.assert_rank(y_B, 1)
         batch = losses.Batch(
             x_B, y_B, jax.nn.one_hot(y_B, logits.shape[-1], dtype=jnp.float32), idx_B
         )
@@ -1096,6 +1117,14 @@ class Engine:
             )
         self.window = num_train if config.window is None else min(int(config.window), num_train)
         self._varied_V = randomness.varied_mask(config.vary)
+        if getattr(task.model, "fixed_init", False) and "init" in randomness.check_sources(
+            config.vary
+        ):
+            raise ValueError(
+                "vary includes 'init' but the model is an nnx.Module instance, which carries "
+                "one set of initial parameters; pass nnx_models.FromNNX.of(ModelClass, *args) so "
+                "each replica draws its own from the init source, or leave 'init' fixed"
+            )
         x_host = np.asarray(data.x_train)  # kept as JAX would keep it (float64 -> float32)
         x_host = x_host.astype(jax.dtypes.canonicalize_dtype(x_host.dtype), copy=False)
         y_host = np.asarray(data.y_train)
@@ -1300,6 +1329,7 @@ class Engine:
         history: Mapping[str, np.ndarray] | None = None,
         callback: Callable[[int, TrainState, dict[str, np.ndarray]], None] | None = None,
         callback_state: Callable[[int], bool] | None = None,
+        progress: bool | str = False,
     ) -> Run:
         """Trains to the config's last epoch, from the start or from a saved point.
 
@@ -1320,12 +1350,18 @@ class Engine:
             padded or multi-process run the ``[R, ...]`` state is a copy gathered onto every
             device, which a callback that checkpoints every few epochs need not pay for at
             every epoch.
+          progress: show a progress bar (``progress_bar``) over the epochs, with the replica
+            count and the replicas' mean training loss of the last epoch; a string is the bar's
+            label. Reading the loss waits for each dispatch, so a run with a bar cannot queue
+            its next dispatch before the last one ends (a negligible cost per epoch).
 
         Returns:
           A ``Run`` with the whole history ``[R, epochs]``.
         """
         c = self.config
         first_epoch = checks.integer("first_epoch", first_epoch, minimum=0, maximum=c.epochs)
+        if not isinstance(progress, (bool, str)):
+            raise checks.BadType(f"progress must be a bool or a label, got {progress!r}")
         if history is not None:
             for k in ("loss", "accuracy"):
                 shape = np.shape(history[k]) if k in history else None
@@ -1348,10 +1384,18 @@ class Engine:
         }
         done = first_epoch
         pending = []  # without a callback, the metrics stay on the device until the end
+        bar = progress_bar(progress, c.epochs, first_epoch, self.num_replicas)
         while done < c.epochs:
             n = min(c.epochs_per_call, c.epochs - done)
             state, metrics = self._train_padded(state, done, n, to_host=callback is not None)
             done += n
+            if bar is not None:
+                loss = (
+                    metrics["loss"]
+                    if callback is not None
+                    else self.placement.to_host(metrics)["loss"]
+                )
+                _advance(bar, n, np.asarray(loss, np.float32)[:, -1])
             if callback is None:
                 pending.append(metrics)
             else:
@@ -1368,6 +1412,8 @@ class Engine:
             for k in past:
                 past[k].append(np.asarray(metrics[k], np.float32))
         jax.block_until_ready(state)
+        if bar is not None:
+            bar.close()
         return Run(
             task=self.task,
             config=c,
@@ -1380,6 +1426,29 @@ class Engine:
             loss_weights=dict(self.loss_weights),
             input_shape=self.input_shape,
         )
+
+
+def progress_bar(progress: bool | str, total: int, initial: int, num_replicas: int):
+    """A tqdm bar over ``total`` epochs (``tqdm.auto``: a widget in a notebook, text on a
+    terminal), or None when ``progress`` is False or this is not process 0 of a multi-process
+    run. A string ``progress`` is the bar's label (default: the replica count)."""
+    if progress is False or not distributed.is_writer():
+        return None
+    from tqdm.auto import tqdm
+
+    label = progress if isinstance(progress, str) else f"{num_replicas} replicas"
+    return tqdm(
+        total=total, initial=initial, unit="epoch", desc=label, dynamic_ncols=True, leave=True
+    )
+
+
+def _advance(bar, epochs: int, last_loss_R: np.ndarray) -> None:
+    """Moves the bar on by ``epochs`` and shows the finite replicas' mean loss."""
+    finite = last_loss_R[np.isfinite(last_loss_R)]
+    loss = f"{float(finite.mean()):.4f}" if finite.size else "nan"
+    diverged = int(last_loss_R.size - finite.size)
+    bar.set_postfix(loss=loss, **({"diverged": diverged} if diverged else {}), refresh=False)
+    bar.update(epochs)
 
 
 @dataclasses.dataclass
@@ -1562,6 +1631,7 @@ def fit(
     augment: Callable[[Array, Array], Array] | None = None,
     hparams: Mapping[str, Sequence[float]] | None = None,
     callback: Callable[[int, TrainState, dict[str, np.ndarray]], None] | None = None,
+    progress: bool | str = False,
     **config_kwargs,
 ) -> Run:
     """Trains R replicas of ``model`` with ``tx`` on ``data`` at once.
@@ -1584,6 +1654,8 @@ def fit(
         ``"anchor_distillation"``, ``"min_entropy"``, ``"label_smoothing"``). Either kind is
         a traced argument: a sweep trains in one run and one compilation.
       callback: called after each dispatch as ``callback(epochs_done, state, history)``.
+      progress: a progress bar over the epochs (tqdm's, a widget in a notebook) with the
+        replica count and the mean training loss; a string labels it (``Engine.run``).
 
     Returns:
       A ``Run``; ``run.predict(x)`` gives stacked probabilities ``[R, N, C]``.
@@ -1612,4 +1684,4 @@ def fit(
     elif config_kwargs:
         config = dataclasses.replace(config, **config_kwargs)
     task = Task(model=model, tx=tx, loss_fn=loss_fn, augment=augment)
-    return Engine(task, data, config, hparams=hparams).run(callback=callback)
+    return Engine(task, data, config, hparams=hparams).run(callback=callback, progress=progress)

@@ -400,3 +400,24 @@ def test_programs_are_released_near_the_limit_on_memory_mappings(ds, monkeypatch
     )
     eng.run()
     assert calls == [1]
+
+
+def test_a_refit_traces_the_users_loss_once(ds):
+    """chex counts the traces of the user's own loss: an equal refit (fresh optimizer and model
+    objects) reuses the compiled step, so the loss is traced once in all."""
+    import chex
+
+    @chex.assert_max_traces(n=1)
+    def loss(logits_KxBxC, batch):
+        return optax.softmax_cross_entropy_with_integer_labels(logits_KxBxC[0], batch.labels).mean()
+
+    def fit():
+        return engine.fit(
+            models.MLP(widths=(8,), num_classes=3), optax.sgd(0.1), ds, loss_fn=loss, **BASE
+        )
+
+    first, second = fit(), fit()  # a second trace would raise chex's AssertionError
+    assert _equal(first.state, second.state)
+    with pytest.raises(AssertionError, match="traced"):  # another computation: traced again
+        engine.fit(models.MLP(widths=(8,), num_classes=3), optax.sgd(0.2), ds, loss_fn=loss, **BASE)
+    chex.clear_trace_counter()

@@ -276,6 +276,6 @@ def test_load_dispatch(tmp_path):
     assert data.load(path).num_train == 10
     assert data.load(str(path), name="n").name == "n"
     with pytest.raises(ValueError) as info:
-        data.load("cifar10")
+        data.load("cifar100")
     for choice in ("cifar10", "mnist1d", "digits", "digits_images", ".npz"):
         assert choice in str(info.value)

@@ -3,6 +3,7 @@
 import itertools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -205,24 +206,29 @@ def test_pure_functions_match_pair_loop(r, n, c, from_logits):
     np.testing.assert_allclose(got["phat"], correct.mean(0), rtol=1e-6)
 
 
-def test_jitted_and_not_jitted_agree():
-    x, y = make(5, 6, 3, False, seed=2)
-    fns = {
-        "churn": (metrics.churn, (x,)),
-        "pd_abs": (metrics.pd_abs, (x,)),
-        "pd_rel": (metrics.pd_rel, (x, y)),
-        "pd_l2": (metrics.pd_l2, (x,)),
-        "kl_pairwise": (metrics.kl_pairwise, (x,)),
-        "js_ensemble": (metrics.js_ensemble, (x,)),
-        "churn_correctness": (metrics.churn_correctness, (x, y)),
-        "eta": (metrics.eta, (x, y)),
-        "var_ratio": (metrics.var_ratio, (x, y)),
-    }
-    jitted = jax.jit(lambda: {k: fn(*a) for k, (fn, a) in fns.items()})()
-    with jax.disable_jit():
-        plain = {k: fn(*a) for k, (fn, a) in fns.items()}
-    assert_report_close(plain, jitted, rtol=1e-6, atol=0)
-    assert_report_close(plain, reference(x, y), fns, rtol=2e-5)
+class JitVariants(chex.TestCase):
+    """The metrics compiled and run op by op (chex's variants: ``self.variant`` is ``jax.jit``
+    in one, the plain function in the other) agree, and both agree with the loops."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_jitted_and_not_jitted_agree(self):
+        x, y = make(5, 6, 3, False, seed=2)
+        fns = {
+            "churn": (metrics.churn, (x,)),
+            "pd_abs": (metrics.pd_abs, (x,)),
+            "pd_rel": (metrics.pd_rel, (x, y)),
+            "pd_l2": (metrics.pd_l2, (x,)),
+            "kl_pairwise": (metrics.kl_pairwise, (x,)),
+            "js_ensemble": (metrics.js_ensemble, (x,)),
+            "churn_correctness": (metrics.churn_correctness, (x, y)),
+            "eta": (metrics.eta, (x, y)),
+            "var_ratio": (metrics.var_ratio, (x, y)),
+        }
+        got = self.variant(lambda: {k: fn(*a) for k, (fn, a) in fns.items()})()
+        with jax.disable_jit():
+            plain = {k: fn(*a) for k, (fn, a) in fns.items()}
+        assert_report_close(plain, got, rtol=1e-6, atol=0)
+        assert_report_close(plain, reference(x, y), fns, rtol=2e-5)
 
 
 # --------------------------------------------------------------------------------------------

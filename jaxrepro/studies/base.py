@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from jaxrepro import activations, checks, data, engine, models, randomness, synthetic
+from jaxrepro import activations, augment, checks, data, engine, models, randomness, synthetic
 
 # ---------------------------------------------------------------------------------------------
 # Errors and config fields.
@@ -146,6 +146,35 @@ def check_synthetic(make_spec, fields: Mapping[str, str]) -> None:
     except ValueError as e:
         knob = str(e).split(":")[0].replace("synthetic ", "")
         raise ConfigError(fields.get(knob, knob), str(e)) from None
+
+
+FILE_DATASETS = ("cifar10",)
+"""Datasets read from the user's own files (``data_dir``), never downloaded or generated."""
+
+
+def check_data_dir(config, datasets) -> None:
+    """``data_dir`` is given (a non-empty string) exactly when one of ``datasets`` is read from
+    files (`FILE_DATASETS`): a dataset without its files, or files no dataset reads, is a
+    ``ConfigError`` naming ``data_dir``. Whether the directory holds the files is checked where
+    the dataset is loaded (``load_dataset``)."""
+    value = config.data_dir
+    require(isinstance(value, str), "data_dir", f"must be a path (a string), got {value!r}")
+    wanted = [d for d in datasets if d in FILE_DATASETS]
+    if wanted:
+        require(
+            bool(value),
+            "data_dir",
+            f"the {wanted[0]} dataset is read from your own copy, never downloaded: give its "
+            "directory (for cifar10 the cifar-10-batches-py directory extracted from the "
+            "official cifar-10-python.tar.gz)",
+        )
+    else:
+        require(
+            not value,
+            "data_dir",
+            f"only {', '.join(FILE_DATASETS)} read files, and the dataset(s) asked for "
+            f"({', '.join(datasets)}) do not; drop --data_dir or choose {FILE_DATASETS[0]}",
+        )
 
 
 # The randomness settings of the studies: name -> the sources varied per replica.
@@ -302,12 +331,27 @@ def load_dataset(
     *,
     binary_classes: Sequence[int] = (2, 7),
     synthetic_spec: synthetic.Synthetic | None = None,
+    data_dir: str = "",
 ) -> data.Dataset:
     """A study's dataset by name, cut to ``num_train`` / ``num_test`` examples (0: all).
 
     ``mnist1d`` and ``digits`` (``data.load``); ``mnist1d_binary``: the two MNIST-1D classes
-    ``binary_classes``; ``synthetic``: ``synthetic_spec.dataset()`` (its own sizes).
+    ``binary_classes``; ``synthetic``: ``synthetic_spec.dataset()`` (its own sizes);
+    ``cifar10``: ``data.cifar10(data_dir)``, normalised, the first examples of each split.
+
+    Raises:
+      ConfigError: asking for more examples than the split has (naming ``num_train`` or
+        ``num_test``); for ``cifar10``, a missing ``data_dir`` or one whose files are missing
+        or unreadable (naming ``data_dir``, with the loader's message naming the file).
     """
+    if name == "cifar10":
+        require(bool(data_dir), "data_dir", "cifar10 needs the cifar-10-batches-py directory")
+        try:
+            return data.cifar10(data_dir, num_train=num_train, num_test=num_test)
+        except (FileNotFoundError, ValueError) as e:
+            # The loader's size check names its argument first ("num_train=...").
+            field = next((f for f in ("num_train", "num_test") if str(e).startswith(f)), None)
+            raise ConfigError(field or "data_dir", str(e)) from None
     if name == "synthetic":
         if synthetic_spec is None:
             raise ValueError("the synthetic dataset needs its synthetic_spec")
@@ -342,6 +386,43 @@ def mlp_task(
         dropout_rate=dropout_rate,
     )
     return engine.Task(model=model, tx=adam(learning_rate))
+
+
+@functools.cache
+def airbench_task(
+    widths: tuple[int, ...],
+    num_classes: int,
+    activation: str,
+    dropout_rate: float,
+    learning_rate: float,
+) -> engine.Task:
+    """``models.AirbenchNet`` with blocks of ``widths``, trained with Adam, the default loss
+    and the standard CIFAR-10 augmentation ``augment.RandomCropFlip(pad=4)`` (reflect
+    padding), which draws from the ``augment`` source (cached: equal arguments, one task)."""
+    model = models.AirbenchNet(
+        widths=tuple(widths),
+        num_classes=num_classes,
+        activation=activation,
+        dropout_rate=dropout_rate,
+    )
+    return engine.Task(model=model, tx=adam(learning_rate), augment=augment.RandomCropFlip(pad=4))
+
+
+def model_task(
+    dataset: str,
+    widths: tuple[int, ...],
+    num_classes: int,
+    activation: str,
+    dropout_rate: float,
+    learning_rate: float,
+) -> engine.Task:
+    """The task a study trains on ``dataset``: ``airbench_task`` (``widths`` the blocks'
+    widths) for the images of ``cifar10``, ``mlp_task`` (``widths`` the hidden widths) for the
+    others. Choosing the network by dataset, with the augmentation it is trained with, is the
+    project's choice: an MLP on CIFAR-10 is far from the networks whose irreproducibility
+    matters there."""
+    make = airbench_task if dataset == "cifar10" else mlp_task
+    return make(tuple(widths), num_classes, activation, dropout_rate, learning_rate)
 
 
 def bootstrap_kwargs(config: StudyConfig, **extra) -> dict[str, Any]:

@@ -1,11 +1,12 @@
 """The main job: which source of randomness makes replicas disagree, per activation.
 
-Each (activation, setting) trains ``replicas`` replicas of an MLP that differ only in the
-sources the setting varies, then compares their test predictions (``metrics.compare``, with
-bootstrap intervals); each activation after the first is compared with the first, setting by
-setting, with a paired bootstrap (``metrics.difference``: replica r of both shares its keys).
-The binary ``experiments/irreproducibility.py`` is flags over ``IrreproducibilityConfig``; the
-report is ``irreproducibility_report.render``.
+Each (activation, setting) trains ``replicas`` replicas of an MLP (on CIFAR-10, of
+``models.AirbenchNet`` with the standard crop-and-flip augmentation; ``base.model_task``) that
+differ only in the sources the setting varies, then compares their test predictions
+(``metrics.compare``, with bootstrap intervals); each activation after the first is compared
+with the first, setting by setting, with a paired bootstrap (``metrics.difference``: replica r
+of both shares its keys). The binary ``experiments/irreproducibility.py`` is flags over
+``IrreproducibilityConfig``; the report is ``irreproducibility_report.render``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from jaxrepro.studies.base import (
     check_activation,
     check_bootstrap,
     check_choice,
+    check_data_dir,
     check_number,
     check_settings,
     check_unique,
@@ -31,7 +33,7 @@ from jaxrepro.studies.base import (
     fit_config,
     flag_field,
     load_dataset,
-    mlp_task,
+    model_task,
 )
 from jaxrepro.studies.runner import Analysis, Trial, record
 from jaxrepro.studies.workdir import Predictions
@@ -43,8 +45,10 @@ TITLE = "Irreproducibility by source of randomness"
 class IrreproducibilityConfig(StudyConfig):
     """The main job: which source of randomness makes replicas disagree, per activation.
 
-    Each (activation, setting) trains ``replicas`` replicas of the MLP that differ only in the
-    sources the setting varies, then compares their test predictions.
+    Each (activation, setting) trains ``replicas`` replicas of the MLP (``cifar10``:
+    ``models.AirbenchNet`` with blocks of ``widths`` and ``augment.RandomCropFlip(pad=4)``)
+    that differ only in the sources the setting varies, then compares their test predictions.
+    ``--dataset cifar10`` reads the user's copy in ``--data_dir`` (nothing is downloaded).
     """
 
     STUDY: ClassVar[str] = "irreproducibility"
@@ -59,13 +63,22 @@ class IrreproducibilityConfig(StudyConfig):
         num_samples=100,
     )
 
-    dataset: str = flag_field("mnist1d", "dataset: mnist1d or digits")
+    dataset: str = flag_field(
+        "mnist1d", "dataset: mnist1d, digits or cifar10 (your own copy, see --data_dir)"
+    )
+    data_dir: str = flag_field(
+        "", "cifar10 only: the cifar-10-batches-py directory of the official Python version"
+    )
     activations: tuple[str, ...] = flag_field(("relu", "smelu"), "activation specs to compare")
     settings: tuple[str, ...] = flag_field(
         ("nothing", "init", "order", "dropout", "perturb", "all"),
         "randomness settings (nothing = control, or a source, both, all)",
     )
-    widths: tuple[int, ...] = flag_field((128, 128), "hidden widths of the MLP")
+    widths: tuple[int, ...] = flag_field(
+        (128, 128),
+        "hidden widths of the MLP (cifar10: the AirbenchNet blocks' widths; 64,256,256 is "
+        "airbench94)",
+    )
     dropout_rate: float = flag_field(0.1, "dropout rate (so the dropout source has an effect)")
     learning_rate: float = flag_field(3e-3, "Adam learning rate")
     perturb_scale: float = flag_field(
@@ -76,7 +89,8 @@ class IrreproducibilityConfig(StudyConfig):
     level: float = flag_field(0.95, "confidence level of the intervals")
 
     def check(self):
-        check_choice("dataset", self.dataset, ("mnist1d", "digits"))
+        check_choice("dataset", self.dataset, ("mnist1d", "digits", "cifar10"))
+        check_data_dir(self, (self.dataset,))
         check_unique("activations", self.activations)
         for spec in self.activations:
             check_activation("activations", spec)
@@ -88,11 +102,16 @@ class IrreproducibilityConfig(StudyConfig):
 
 
 def trials(config: IrreproducibilityConfig) -> list[Trial]:
-    ds = load_dataset(config.dataset, config.num_train, config.num_test)
+    ds = load_dataset(config.dataset, config.num_train, config.num_test, data_dir=config.data_dir)
     out = []
     for act in config.activations:
-        task = mlp_task(
-            config.widths, ds.num_classes, act, config.dropout_rate, config.learning_rate
+        task = model_task(
+            config.dataset,
+            config.widths,
+            ds.num_classes,
+            act,
+            config.dropout_rate,
+            config.learning_rate,
         )
         for setting in config.settings:
             vary = SETTINGS[setting]

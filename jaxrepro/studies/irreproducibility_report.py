@@ -39,8 +39,13 @@ def render(config, analysis, workdir: Path) -> list[str]:
     lines = [
         "## Replicas by source of randomness",
         "",
-        f"Each row trains {config.replicas} replicas of an MLP {list(config.widths)} "
-        f"(dropout {config.dropout_rate}) for {config.epochs} epochs on {config.dataset} "
+        f"Each row trains {config.replicas} replicas of "
+        + (
+            f"an AirbenchNet {list(config.widths)} with random crops and flips"
+            if config.dataset == "cifar10"
+            else f"an MLP {list(config.widths)}"
+        )
+        + f" (dropout {config.dropout_rate}) for {config.epochs} epochs on {config.dataset} "
         "that differ only in the sources the setting varies ('nothing' is the control: "
         "identical replicas, every PD exactly 0); churn is the fraction of test examples "
         "on which two replicas disagree, pd_abs the mean total-variation distance of their "

@@ -199,6 +199,7 @@ def train_trial(
         history=history,
         callback=after_dispatch,
         callback_state=checkpoints_now,
+        progress=f"{index[0]}/{index[1]} {trial.name}" if progress and progress.bar else False,
     )
 
 

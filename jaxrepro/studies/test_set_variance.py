@@ -1,11 +1,12 @@
 """The test-set variance study (Jordan): is the spread of test accuracy across runs what
 independent errors predict, and how much does each source of randomness contribute?
 
-Each (dataset, source) trains ``replicas`` replicas of a relu MLP differing only in that source;
-the analysis records ``metrics.compare`` with bootstrap intervals, the histogram of the
-per-example accuracy phat and every replica's accuracy. The binary
-``experiments/test_set_variance.py`` is flags over ``TestSetVarianceConfig``; the report is
-``test_set_variance_report.render``.
+Each (dataset, source) trains ``replicas`` replicas of a relu MLP (on CIFAR-10, of
+``models.AirbenchNet`` with the standard crop-and-flip augmentation; ``base.model_task``)
+differing only in that source; the analysis records ``metrics.compare`` with bootstrap
+intervals, the histogram of the per-example accuracy phat and every replica's accuracy. The
+binary ``experiments/test_set_variance.py`` is flags over ``TestSetVarianceConfig``; the report
+is ``test_set_variance_report.render``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from jaxrepro.studies.base import (
     bootstrap_kwargs,
     check_bootstrap,
     check_choices,
+    check_data_dir,
     check_number,
     check_settings,
     check_widths,
@@ -30,7 +32,7 @@ from jaxrepro.studies.base import (
     flag_field,
     is_int,
     load_dataset,
-    mlp_task,
+    model_task,
     require,
 )
 from jaxrepro.studies.runner import Analysis, Trial, record
@@ -39,6 +41,9 @@ from jaxrepro.studies.workdir import Predictions
 TITLE = "Test-set variance across runs"
 
 TSV_DATASETS = ("mnist1d", "digits", "mnist1d_binary")
+"""The datasets of a default run."""
+TSV_CHOICES = (*TSV_DATASETS, "cifar10")
+"""Every dataset the study accepts (``cifar10`` from the user's own copy, ``--data_dir``)."""
 
 PHAT_BINS = 20
 """Bins of the per-example accuracy histograms (equal width over [0, 1])."""
@@ -64,11 +69,19 @@ class TestSetVarianceConfig(StudyConfig):
     )
 
     replicas: int = flag_field(128, "replicas per trial (the study needs >= 64; >= 2 allowed)")
-    datasets: tuple[str, ...] = flag_field(TSV_DATASETS, "datasets (mnist1d_binary: two classes)")
+    datasets: tuple[str, ...] = flag_field(
+        TSV_DATASETS,
+        "datasets (mnist1d_binary: two classes; cifar10: your own copy, see --data_dir)",
+    )
+    data_dir: str = flag_field(
+        "", "cifar10 only: the cifar-10-batches-py directory of the official Python version"
+    )
     sources: tuple[str, ...] = flag_field(
         ("all", "init", "order", "perturb"), "randomness settings to compare"
     )
-    widths: tuple[int, ...] = flag_field((128, 128), "hidden widths of the MLP")
+    widths: tuple[int, ...] = flag_field(
+        (128, 128), "hidden widths of the MLP (cifar10: the AirbenchNet blocks' widths)"
+    )
     dropout_rate: float = flag_field(0.0, "dropout rate")
     learning_rate: float = flag_field(3e-3, "Adam learning rate")
     binary_classes: tuple[int, ...] = flag_field(
@@ -79,7 +92,8 @@ class TestSetVarianceConfig(StudyConfig):
     level: float = flag_field(0.95, "confidence level of the intervals")
 
     def check(self):
-        check_choices("datasets", self.datasets, TSV_DATASETS, "dataset")
+        check_choices("datasets", self.datasets, TSV_CHOICES, "dataset")
+        check_data_dir(self, self.datasets)
         check_settings("sources", self.sources)
         check_widths("widths", self.widths)
         check_number("dropout_rate", self.dropout_rate, below=1.0)
@@ -96,10 +110,14 @@ def trials(config: TestSetVarianceConfig) -> list[Trial]:
     out = []
     for name in config.datasets:
         ds = load_dataset(
-            name, config.num_train, config.num_test, binary_classes=config.binary_classes
+            name,
+            config.num_train,
+            config.num_test,
+            binary_classes=config.binary_classes,
+            data_dir=config.data_dir,
         )
-        task = mlp_task(
-            config.widths, ds.num_classes, "relu", config.dropout_rate, config.learning_rate
+        task = model_task(
+            name, config.widths, ds.num_classes, "relu", config.dropout_rate, config.learning_rate
         )
         for source in config.sources:
             out.append(

@@ -197,6 +197,10 @@ class Progress:
         self.stream = sys.stderr if stream is None else stream
         self.log_path, self.echo = log_path, echo
         self.lines: list[str] = []
+        isatty = getattr(self.stream, "isatty", None)
+        self.bar = bool(echo and callable(isatty) and isatty())
+        """Whether training shows a progress bar too (``Engine.run(progress=...)``): on a
+        terminal only, so logs and captured output keep the plain lines alone."""
 
     def skip(self, units: float) -> None:
         """Work that needs no doing this session (finished earlier, or restored)."""
@@ -223,7 +227,11 @@ class Progress:
         self.lines.append(line)
         if not distributed.is_writer():  # one copy of the progress, from process 0
             return
-        if self.echo:
+        if self.echo and self.bar:  # above the bar, which is redrawn below the line
+            from tqdm.auto import tqdm
+
+            tqdm.write(line, file=self.stream)
+        elif self.echo:
             print(line, file=self.stream, flush=True)
         if self.log_path is not None:
             with open(self.log_path, "a") as f:
