@@ -701,10 +701,13 @@ def load(name_or_path: str | os.PathLike, **kwargs) -> Dataset:
                 "data_dir=<the cifar-10-batches-py directory> (or load that directory's path)"
             )
         return cifar10(**kwargs)
+    key = os.path.expanduser(key)
     if key.endswith(".npz"):
         return from_npz(key, **kwargs)
     if os.path.isdir(key):
         return cifar10(key, **kwargs)
+    if os.sep in key or key.startswith("."):
+        raise FileNotFoundError(f"no such file or directory: {key!r}")
     raise ValueError(
         f"unknown dataset {key!r}: choose one of {', '.join(LOADERS)}, a path ending in .npz or "
         "a CIFAR-10 directory (cifar-10-batches-py)"

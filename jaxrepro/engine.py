@@ -153,6 +153,9 @@ class Task:
     def __post_init__(self):
         if isinstance(self.model, nnx.Module):  # an NNX instance: its parameters, every replica
             object.__setattr__(self, "model", nnx_models.from_nnx(self.model))
+        if isinstance(getattr(self.model, "model", None), nnx.Module):  # Ensemble(instance)
+            inner = nnx_models.from_nnx(self.model.model)
+            object.__setattr__(self, "model", self.model.clone(model=inner))
 
     @property
     def num_components(self) -> int | None:
@@ -1117,9 +1120,9 @@ class Engine:
             )
         self.window = num_train if config.window is None else min(int(config.window), num_train)
         self._varied_V = randomness.varied_mask(config.vary)
-        if getattr(task.model, "fixed_init", False) and "init" in randomness.check_sources(
-            config.vary
-        ):
+        inner = getattr(task.model, "model", None)  # an Ensemble's component
+        fixed_init = getattr(task.model, "fixed_init", False) or getattr(inner, "fixed_init", False)
+        if fixed_init and "init" in randomness.check_sources(config.vary):
             raise ValueError(
                 "vary includes 'init' but the model is an nnx.Module instance, which carries "
                 "one set of initial parameters; pass nnx_models.FromNNX.of(ModelClass, *args) so "
@@ -1385,35 +1388,34 @@ class Engine:
         done = first_epoch
         pending = []  # without a callback, the metrics stay on the device until the end
         bar = progress_bar(progress, c.epochs, first_epoch, self.num_replicas)
-        while done < c.epochs:
-            n = min(c.epochs_per_call, c.epochs - done)
-            state, metrics = self._train_padded(state, done, n, to_host=callback is not None)
-            done += n
+        try:
+            while done < c.epochs:
+                n = min(c.epochs_per_call, c.epochs - done)
+                to_host = callback is not None or progress is not False
+                state, metrics = self._train_padded(state, done, n, to_host=to_host)
+                done += n
+                if bar is not None:  # the loss came to the host on every process (collective)
+                    _advance(bar, n, np.asarray(metrics["loss"], np.float32)[:, -1])
+                if not to_host:
+                    pending.append(metrics)
+                else:
+                    for k in past:
+                        past[k].append(np.asarray(metrics[k], np.float32))
+                if callback is not None:
+                    wanted = callback_state is None or callback_state(done)
+                    callback(
+                        done,
+                        self.placement.unpad(state) if wanted else None,
+                        {k: np.concatenate(v, axis=1) for k, v in past.items()},
+                    )
+        finally:
             if bar is not None:
-                loss = (
-                    metrics["loss"]
-                    if callback is not None
-                    else self.placement.to_host(metrics)["loss"]
-                )
-                _advance(bar, n, np.asarray(loss, np.float32)[:, -1])
-            if callback is None:
-                pending.append(metrics)
-            else:
-                for k in past:
-                    past[k].append(metrics[k])
-                wanted = callback_state is None or callback_state(done)
-                callback(
-                    done,
-                    self.placement.unpad(state) if wanted else None,
-                    {k: np.concatenate(v, axis=1) for k, v in past.items()},
-                )
+                bar.close()
         for metrics in pending:
             metrics = self.placement.to_host(metrics)
             for k in past:
                 past[k].append(np.asarray(metrics[k], np.float32))
         jax.block_until_ready(state)
-        if bar is not None:
-            bar.close()
         return Run(
             task=self.task,
             config=c,

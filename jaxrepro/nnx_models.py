@@ -9,24 +9,27 @@ and inside every call merges the replica's arrays back into a fresh model, so th
 function stays pure:
 
 - **parameters** (``nnx.Param``) are the linen ``params`` collection, one array per path
-  (``"l1.kernel"``), drawn by ``make(..., rngs=nnx.Rngs(params=k, dropout=k, default=k))``, ``k``
-  the replica's ``init`` key: varying ``init`` varies them, fixing it fixes them, exactly as
-  for a linen model;
+  (``"l1.kernel"``), drawn by ``make(..., rngs=nnx.Rngs(...))`` whose streams all derive from
+  the replica's ``init`` key (``params`` is the key itself, others fold in their name):
+  varying ``init`` varies them, fixing it fixes them, exactly as for a linen model;
 - **BatchNorm statistics** (``nnx.BatchStat``) are the ``batch_stats`` collection, kept per
   replica and updated by training steps, read by evaluation;
 - **random streams** (``nnx.RngStream``, e.g. the one ``nnx.Dropout(rate, rngs=rngs)`` keeps)
-  are reseeded at every step from the replica's ``dropout`` key, so dropout masks vary with
-  the ``dropout`` source and with nothing else;
+  are reseeded at every step from the replica's ``dropout`` key (each stream folding in its
+  name), so dropout masks vary with the ``dropout`` source and with nothing else; a dropout
+  layer built without ``rngs`` is refused by name;
 - **train and evaluation mode** is ``nnx.view(model, deterministic=not train,
   use_running_average=not train)``: dropout on and batch statistics used while training,
-  running averages and no dropout in evaluation, whatever the model was built with.
+  running averages and no dropout in evaluation, whatever the layers were built with. The
+  model is called as ``model(x)`` and returns logits ``[B, C]``.
 
 Any other NNX state (a custom ``nnx.Variable``, a cache) is refused by name: the engine would
 have nowhere to keep it per replica (the project's choice, over silently resetting it).
 
-An ``nnx.Module`` *instance* passed to ``fit`` is accepted too (``from_nnx``): its current
-parameters become every replica's initial parameters, so ``init`` cannot be varied (an
-instance carries one draw; give the factory for per-replica draws). Everything downstream
+An ``nnx.Module`` *instance* passed to ``fit`` is accepted too (``from_nnx``): a copy of its
+parameters, taken when the ``Task`` is made, starts every replica, so ``init`` cannot be varied
+(pass ``vary`` without it: the default varies it); an instance carries one draw; give the
+factory for per-replica draws. Everything downstream
 (``Ensemble``, ``predict``, checkpoints, the studies) sees a linen module and works as with any
 other model. Equal factories (the same class and arguments) give equal modules, so a refit
 does not compile again.
@@ -52,6 +55,7 @@ Synopsis::
 from __future__ import annotations
 
 import functools
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -108,10 +112,17 @@ def _structure(make: Callable, args: tuple, kwargs: tuple, x_shape: tuple, x_dty
     )
 
 
+def _stream_key(key: Array, tag: str) -> Array:
+    """Stream ``tag``'s key from ``key``: ``params`` is ``key`` itself, any other stream folds
+    in a stable hash of its name (crc32), so two streams never draw the same numbers."""
+    return key if tag == "params" else jax.random.fold_in(key, zlib.crc32(tag.encode()))
+
+
 def _rngs(key: Array) -> nnx.Rngs:
-    """The ``Rngs`` a factory is called with: every stream from the replica's ``init`` key
-    (streams kept by the model are reseeded from the ``dropout`` key at every step)."""
-    return nnx.Rngs(default=key, params=key, dropout=key)
+    """The ``Rngs`` a factory is called with: the ``params``, ``dropout`` and ``default``
+    streams from the replica's ``init`` key, each its own (``_stream_key``); streams kept by
+    the model are reseeded from the ``dropout`` key at every step."""
+    return nnx.Rngs(**{t: _stream_key(key, t) for t in ("default", "params", "dropout")})
 
 
 def _flat(state: nnx.State) -> dict[str, Array]:
@@ -164,8 +175,24 @@ class FromNNX(nn.Module):
 
     @classmethod
     def of(cls, make: Callable[..., nnx.Module], *args, **kwargs) -> FromNNX:
-        """``FromNNX(make, args, sorted kwargs)``: the model ``make(*args, rngs=..., **kwargs)``."""
-        return cls(make, tuple(args), tuple(sorted(kwargs.items())))
+        """``FromNNX(make, args, sorted kwargs)``: the model ``make(*args, rngs=..., **kwargs)``.
+        Lists become tuples; other unhashable arguments are refused (the module is a static,
+        hashed part of the compiled step)."""
+
+        def frozen(name, v):
+            v = tuple(frozen(name, x) for x in v) if isinstance(v, list) else v
+            try:
+                hash(v)
+            except TypeError:
+                raise checks.BadType(
+                    f"FromNNX.of's argument {name} must be hashable (a number, string, tuple...), "
+                    f"got {type(v).__name__}"
+                ) from None
+            return v
+
+        args = tuple(frozen(f"#{i}", a) for i, a in enumerate(args))
+        kwargs = tuple(sorted((k, frozen(k, v)) for k, v in kwargs.items()))
+        return cls(make, args, kwargs)
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
@@ -194,8 +221,10 @@ class FromNNX(nn.Module):
             streams,
         )
         if key is not None and rngs_t:
-            tags = {var.tag for _, var in rngs_t}
-            nnx.reseed(module, **{t: key for t in tags})
+            tags = sorted({var.tag for _, var in rngs_t})
+            nnx.reseed(module, **{t: _stream_key(key, t) for t in tags})
+        if train:
+            _check_dropout(module)
         module = nnx.view(
             module, deterministic=not train, use_running_average=not train, raise_if_not_found=False
         )
@@ -210,6 +239,18 @@ class FromNNX(nn.Module):
             for name, value in _flat(new_stats).items():
                 stats[name].value = value
         return logits
+
+
+def _check_dropout(module: nnx.Module) -> None:
+    """A dropout layer built without ``rngs`` has no stream for the engine to reseed."""
+    for path, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.Dropout) and node.rate > 0 and node.rngs is None:
+            raise ValueError(
+                f"the NNX model's dropout layer at {_name(path)!r} was built without rngs: build "
+                f"it as nnx.Dropout(rate, rngs=rngs) with the factory's rngs, so the engine can "
+                f"draw its masks from the replica's dropout key (the model is called as "
+                f"model(x), with train and evaluation mode set by nnx.view)"
+            )
 
 
 def _instance_factory(graphdef, state) -> Callable[[nnx.Rngs], nnx.Module]:
@@ -231,5 +272,6 @@ def from_nnx(model: Any) -> FromNNX:
         return model
     if isinstance(model, nnx.Module):
         graphdef, state = nnx.split(model)
+        state = jax.tree.map(lambda a: a, state)  # new Variables: later changes are not seen
         return FromNNX(_instance_factory(graphdef, state), fixed_init=True)
     raise checks.BadType(f"expected an nnx.Module or FromNNX, got {type(model).__name__}")

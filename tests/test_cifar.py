@@ -130,8 +130,12 @@ def test_cifar10_reads_the_official_format_exactly(cifar_dir):
     np.testing.assert_allclose(normed.x_test, (ds.x_test - mean) / std, rtol=1e-6, atol=1e-6)
 
 
-def test_cifar10_subsets_and_load_dispatch(cifar_dir):
+def test_cifar10_subsets_and_load_dispatch(cifar_dir, monkeypatch):
     root, _ = cifar_dir
+    monkeypatch.setenv("HOME", str(root.parent))  # "~/<dir>" is the user's home's directory
+    assert data.load(f"~/{root.name}").num_train == 40
+    with pytest.raises(FileNotFoundError, match="no-such-dir"):
+        data.load(str(root.parent / "no-such-dir"))
     full = data.cifar10(root)
     small = data.cifar10(root, num_train=12, num_test=5)
     np.testing.assert_array_equal(small.x_train, full.x_train[:12])  # first n, across files

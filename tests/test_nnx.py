@@ -163,6 +163,16 @@ def test_an_nnx_instance_starts_every_replica_from_its_parameters(ds):
     assert run.history["loss"].shape == (3, 1)
     with pytest.raises(ValueError, match="nnx.Module instance.*FromNNX.of"):
         engine.fit(instance, TX, ds, vary=("init",), **BASE)
+    with pytest.raises(ValueError, match="nnx.Module instance"):  # inside an Ensemble too
+        engine.fit(models.Ensemble(instance, num_components=2), TX, ds, vary="all", **BASE)
+    # The instance's parameters are copied when the task is made: later changes are not seen.
+    task = engine.Task(instance, TX)
+    kernel = np.array(instance.hidden.kernel[...])
+    instance.hidden.kernel[...] = instance.hidden.kernel[...] + 1.0
+    cfg = engine.FitConfig(vary=("order",), **BASE)
+    np.testing.assert_array_equal(
+        engine.Engine(task, ds, cfg).init().params["hidden.kernel"][0], kernel
+    )
 
 
 def test_a_refit_with_an_equal_factory_does_not_compile_again(ds):
@@ -185,5 +195,19 @@ def test_unsupported_nnx_state_and_bad_factories_are_named(ds):
 
     with pytest.raises(ValueError, match="calls.*Variable"):
         engine.fit(nnx_models.FromNNX.of(WithCounter), TX, ds, **dict(BASE, epochs=1))
+
+    class DropoutWithoutRngs(nnx.Module):
+        def __init__(self, *, rngs):
+            self.lin = nnx.Linear(12, 3, rngs=rngs)
+            self.drop = nnx.Dropout(0.5)
+
+        def __call__(self, x):
+            return self.drop(self.lin(x))
+
+    with pytest.raises(ValueError, match="'drop'.*built without rngs"):
+        engine.fit(nnx_models.FromNNX.of(DropoutWithoutRngs), TX, ds, **dict(BASE, epochs=1))
+    with pytest.raises(TypeError, match="hashable"):
+        nnx_models.FromNNX.of(MLP, 12, {"a": 1}, 3)
+    assert nnx_models.FromNNX.of(MLP, [12, 8]) == nnx_models.FromNNX.of(MLP, (12, 8))
     with pytest.raises(ValueError, match="must return an nnx.Module"):
         engine.fit(nnx_models.FromNNX(lambda rngs: 3), TX, ds, **dict(BASE, epochs=1))

@@ -53,8 +53,13 @@ def render(config, analysis, workdir: Path) -> list[str]:
     pct = int(round(config.level * 100))
     lines = [
         f"Each trial trains {config.replicas} replicas of a relu MLP "
-        f"{list(config.widths)} (on cifar10: an AirbenchNet of those block widths, with random "
-        f"crops and flips) for {config.epochs} epochs, differing only in the named "
+        f"{list(config.widths)}"
+        + (
+            " (on cifar10: an AirbenchNet of those block widths, with random crops and flips)"
+            if "cifar10" in config.datasets
+            else ""
+        )
+        + f" for {config.epochs} epochs, differing only in the named "
         "source. var_obs is the variance of test accuracy across replicas; var_ind the "
         "variance that independent per-example errors would give (from the per-example "
         "accuracies phat); their ratio near 1 means the replicas' errors look independent "
