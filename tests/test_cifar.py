@@ -206,8 +206,10 @@ def test_cifar10_refuses_a_bad_batch_naming_the_file(tmp_path, spoil, error, mat
 def test_cifar10_refuses_missing_and_unreadable_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="CIFAR-10 directory .*nowhere"):
         data.cifar10(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="no such file or directory.*nowhere"):
+        data.load(tmp_path / "nowhere")  # a path (not a name) that does not exist
     with pytest.raises(ValueError, match="unknown dataset"):
-        data.load(tmp_path / "nowhere")  # neither a name, an .npz nor a directory
+        data.load("nowhere")  # neither a name, an .npz nor a path
     root = tmp_path / "c"
     _make_cifar(root)
     (root / "data_batch_4").unlink()
